@@ -1,0 +1,533 @@
+//! `read_receipt.v1`: the normalized event other teams consume (contract §5).
+//!
+//! One event per message read: one per `GroupMsgReceiptList` item, one per
+//! `C2CMsgInfo` item, one per `C2C.CallbackAfterMsgReport`. Each event knows
+//! its topic (group or one-to-one) and its key (GroupId, or `c2c:<a>:<b>` with
+//! the two accounts in byte order), so every conversation lands in one
+//! partition, in order.
+//!
+//! `event_id` is a hash of the callback's content, not of its arrival: the
+//! same receipt gets the same id on whichever replica receives it and however
+//! often Tencent (or a replay after a crash) delivers it, which is what lets
+//! consumers drop duplicates.
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::record::{EventId, Record, TopicRole};
+use crate::tencent::payload::Callback;
+use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
+
+pub const SCHEMA: &str = "read_receipt.v1";
+
+/// What the HTTP request adds to the body: who sent it, when it arrived, and
+/// the query string's client details.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub sdk_app_id: u64,
+    pub received_at_ms: u64,
+    pub client_ip: Option<&'a str>,
+    pub platform: Option<&'a str>,
+}
+
+/// The event as it is serialized; field order is the contract's.
+#[derive(Debug, Serialize)]
+struct Event<'a> {
+    schema: &'static str,
+    event_id: &'a str,
+    kind: &'static str,
+    sdk_app_id: u64,
+    callback_command: &'static str,
+    conversation_type: &'static str,
+    conversation_id: &'a str,
+    group_id: Option<&'a str>,
+    group_type: Option<&'a str>,
+    msg_seq: Option<u64>,
+    msg_key: Option<&'a str>,
+    msg_id: Option<&'a str>,
+    read_count: Option<u64>,
+    unread_count: Option<u64>,
+    readers: &'a [&'a str],
+    peer: Option<&'a str>,
+    read_up_to_ms: Option<u64>,
+    unread_total: Option<u64>,
+    event_time_ms: u64,
+    received_at_ms: u64,
+    client_ip: Option<&'a str>,
+    platform: Option<&'a str>,
+}
+
+/// The conversation id of a one-to-one chat: `c2c:<a>:<b>`, `a` ≤ `b` in byte
+/// order, so both directions of a chat share one key and one partition.
+pub fn c2c_conversation_id(x: &str, y: &str) -> String {
+    let (a, b) = if x.as_bytes() <= y.as_bytes() {
+        (x, y)
+    } else {
+        (y, x)
+    };
+    let mut id = String::with_capacity(5 + a.len() + b.len());
+    id.push_str("c2c:");
+    id.push_str(a);
+    id.push(':');
+    id.push_str(b);
+    id
+}
+
+/// Tencent's `OptPlatform` spellings vary (`iOS`, `IOS`; `Mac`, `macOS`):
+/// known values get one spelling, unknown ones are kept as sent.
+pub fn canonical_platform(p: &str) -> &str {
+    const KNOWN: [&str; 8] = [
+        "RESTAPI", "Web", "Android", "iOS", "Windows", "Mac", "iPad", "Unknown",
+    ];
+    if p.eq_ignore_ascii_case("macos") {
+        return "Mac";
+    }
+    KNOWN
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(p))
+        .copied()
+        .unwrap_or(p)
+}
+
+/// The parts of an event that identify it; `received_at_ms` is not one.
+struct Identity<'a> {
+    sdk_app_id: u64,
+    command: &'a str,
+    conversation_id: &'a str,
+    message_ref: &'a str,
+    readers: &'a [&'a str],
+    event_time_ms: u64,
+}
+
+impl Identity<'_> {
+    /// The first 16 bytes of a SHA-256 over the parts, each length-prefixed so
+    /// that no two different part lists hash the same bytes.
+    fn event_id(&self) -> EventId {
+        let mut h = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        };
+        part(SCHEMA.as_bytes());
+        part(&self.sdk_app_id.to_le_bytes());
+        part(self.command.as_bytes());
+        part(self.conversation_id.as_bytes());
+        part(self.message_ref.as_bytes());
+        part(&(self.readers.len() as u64).to_le_bytes());
+        for r in self.readers {
+            part(r.as_bytes());
+        }
+        part(&self.event_time_ms.to_le_bytes());
+        let digest = h.finalize();
+        let mut id = [0u8; 32];
+        // 16 bytes → 32 hex characters; cannot fail with these lengths.
+        let _ = hex::encode_to_slice(&digest[..16], &mut id);
+        EventId(id)
+    }
+}
+
+/// Turns a checked callback into its Kafka records, appending to `out`.
+pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
+    let platform = env.platform.map(canonical_platform);
+    match cb {
+        Callback::Group(g) => {
+            for item in &g.receipts {
+                let readers: Vec<&str> = item.members.iter().map(|m| m.account.as_ref()).collect();
+                let msg_ref = item.msg_seq.to_string();
+                let event_id = Identity {
+                    sdk_app_id: env.sdk_app_id,
+                    command: GROUP_READ_RECEIPT,
+                    conversation_id: &g.group_id,
+                    message_ref: &msg_ref,
+                    readers: &readers,
+                    event_time_ms: g.event_time_ms,
+                }
+                .event_id();
+                let event = Event {
+                    schema: SCHEMA,
+                    event_id: event_id.as_str(),
+                    kind: "group_message",
+                    sdk_app_id: env.sdk_app_id,
+                    callback_command: GROUP_READ_RECEIPT,
+                    conversation_type: "group",
+                    conversation_id: &g.group_id,
+                    group_id: Some(&g.group_id),
+                    group_type: g.group_type.as_deref(),
+                    msg_seq: Some(item.msg_seq),
+                    msg_key: None,
+                    msg_id: None,
+                    read_count: Some(item.read_num),
+                    unread_count: Some(item.unread_num),
+                    readers: &readers,
+                    peer: None,
+                    read_up_to_ms: None,
+                    unread_total: None,
+                    event_time_ms: g.event_time_ms,
+                    received_at_ms: env.received_at_ms,
+                    client_ip: env.client_ip,
+                    platform,
+                };
+                out.push(record(
+                    TopicRole::Group,
+                    g.group_id.as_bytes(),
+                    event_id,
+                    GROUP_READ_RECEIPT,
+                    env.sdk_app_id,
+                    &event,
+                ));
+            }
+        }
+        Callback::C2cReceipt(c) => {
+            let conversation_id = c2c_conversation_id(&c.operator, &c.peer);
+            let readers = [c.operator.as_ref()];
+            for item in &c.messages {
+                let event_id = Identity {
+                    sdk_app_id: env.sdk_app_id,
+                    command: C2C_READ_RECEIPT,
+                    conversation_id: &conversation_id,
+                    message_ref: &item.msg_key,
+                    readers: &readers,
+                    event_time_ms: c.event_time_ms,
+                }
+                .event_id();
+                let event = Event {
+                    schema: SCHEMA,
+                    event_id: event_id.as_str(),
+                    kind: "c2c_message",
+                    sdk_app_id: env.sdk_app_id,
+                    callback_command: C2C_READ_RECEIPT,
+                    conversation_type: "c2c",
+                    conversation_id: &conversation_id,
+                    group_id: None,
+                    group_type: None,
+                    msg_seq: None,
+                    msg_key: Some(&item.msg_key),
+                    msg_id: item.msg_id.as_deref(),
+                    read_count: None,
+                    unread_count: None,
+                    readers: &readers,
+                    peer: Some(&c.peer),
+                    read_up_to_ms: None,
+                    unread_total: None,
+                    event_time_ms: c.event_time_ms,
+                    received_at_ms: env.received_at_ms,
+                    client_ip: env.client_ip,
+                    platform,
+                };
+                out.push(record(
+                    TopicRole::C2c,
+                    conversation_id.as_bytes(),
+                    event_id,
+                    C2C_READ_RECEIPT,
+                    env.sdk_app_id,
+                    &event,
+                ));
+            }
+        }
+        Callback::C2cReport(r) => {
+            let conversation_id = c2c_conversation_id(&r.reporter, &r.peer);
+            let readers = [r.reporter.as_ref()];
+            let read_up_to_ms = r.last_read_time_s.saturating_mul(1000);
+            let event_time_ms = r.event_time_ms.unwrap_or(read_up_to_ms);
+            let msg_ref = read_up_to_ms.to_string();
+            let event_id = Identity {
+                sdk_app_id: env.sdk_app_id,
+                command: C2C_REPORT,
+                conversation_id: &conversation_id,
+                message_ref: &msg_ref,
+                readers: &readers,
+                event_time_ms,
+            }
+            .event_id();
+            let event = Event {
+                schema: SCHEMA,
+                event_id: event_id.as_str(),
+                kind: "c2c_watermark",
+                sdk_app_id: env.sdk_app_id,
+                callback_command: C2C_REPORT,
+                conversation_type: "c2c",
+                conversation_id: &conversation_id,
+                group_id: None,
+                group_type: None,
+                msg_seq: None,
+                msg_key: None,
+                msg_id: None,
+                read_count: None,
+                unread_count: None,
+                readers: &readers,
+                peer: Some(&r.peer),
+                read_up_to_ms: Some(read_up_to_ms),
+                unread_total: r.unread_msg_num,
+                event_time_ms,
+                received_at_ms: env.received_at_ms,
+                client_ip: env.client_ip,
+                platform,
+            };
+            out.push(record(
+                TopicRole::C2c,
+                conversation_id.as_bytes(),
+                event_id,
+                C2C_REPORT,
+                env.sdk_app_id,
+                &event,
+            ));
+        }
+    }
+}
+
+/// The `kind` label of an event record, for metrics.
+pub fn kind_of(command: &str) -> &'static str {
+    match command {
+        GROUP_READ_RECEIPT => "group_message",
+        C2C_READ_RECEIPT => "c2c_message",
+        C2C_REPORT => "c2c_watermark",
+        _ => "raw",
+    }
+}
+
+fn record(
+    topic: TopicRole,
+    key: &[u8],
+    event_id: EventId,
+    command: &'static str,
+    sdk_app_id: u64,
+    event: &Event<'_>,
+) -> Record {
+    // Serializing a struct of strings and integers into a Vec cannot fail.
+    let value = serde_json::to_vec(event).unwrap_or_default();
+    Record {
+        topic,
+        key: key.to_vec(),
+        value,
+        event_id: Some(event_id),
+        command: command.into(),
+        sdk_app_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tencent::payload::parse;
+    use serde_json::{Value, json};
+
+    const ENV: Envelope<'static> = Envelope {
+        sdk_app_id: 1400000000,
+        received_at_ms: 1670574414130,
+        client_ip: Some("127.0.0.1"),
+        platform: Some("iOS"),
+    };
+
+    fn events(command: &str, body: &str, env: &Envelope) -> Vec<(Record, Value)> {
+        let cb = parse(command, body.as_bytes()).unwrap().unwrap();
+        let mut out = Vec::new();
+        normalize(&cb, env, &mut out);
+        out.into_iter()
+            .map(|r| {
+                let v: Value = serde_json::from_slice(&r.value).unwrap();
+                (r, v)
+            })
+            .collect()
+    }
+
+    const GROUP: &str = r#"{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"@TGS#2TTV7VSII","Type":"Public",
+        "GroupMsgReceiptList":[
+          {"MsgSeq":1,"ReadNum":1,"UnreadNum":6,"ReadReceiptMembers":[{"Member_Account":"user0"}]},
+          {"MsgSeq":2,"ReadNum":2,"UnreadNum":5,"ReadReceiptMembers":[{"Member_Account":"user0"},{"Member_Account":"user1"}]}],
+        "EventTime":"1670574414123"}"#;
+
+    #[test]
+    fn group_receipt_gives_one_event_per_item_with_every_field() {
+        let evs = events(GROUP_READ_RECEIPT, GROUP, &ENV);
+        assert_eq!(evs.len(), 2);
+        let (r, v) = &evs[0];
+        assert_eq!(r.topic, TopicRole::Group);
+        assert_eq!(r.key, b"@TGS#2TTV7VSII");
+        assert_eq!(r.event_id.as_ref().unwrap().as_str(), v["event_id"]);
+        let id = v["event_id"].as_str().unwrap();
+        assert_eq!(id.len(), 32);
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        let mut expected = json!({
+            "schema": "read_receipt.v1",
+            "event_id": id,
+            "kind": "group_message",
+            "sdk_app_id": 1400000000u64,
+            "callback_command": "Group.CallbackAfterReadReceipt",
+            "conversation_type": "group",
+            "conversation_id": "@TGS#2TTV7VSII",
+            "group_id": "@TGS#2TTV7VSII",
+            "group_type": "Public",
+            "msg_seq": 1,
+            "msg_key": null,
+            "msg_id": null,
+            "read_count": 1,
+            "unread_count": 6,
+            "readers": ["user0"],
+            "peer": null,
+            "read_up_to_ms": null,
+            "unread_total": null,
+            "event_time_ms": 1670574414123u64,
+            "received_at_ms": 1670574414130u64,
+            "client_ip": "127.0.0.1",
+            "platform": "iOS"
+        });
+        assert_eq!(v, &expected);
+        // Field order is the contract's.
+        let text = String::from_utf8(r.value.clone()).unwrap();
+        assert!(text.starts_with("{\"schema\":\"read_receipt.v1\",\"event_id\":"));
+        expected["msg_seq"] = json!(2);
+        expected["read_count"] = json!(2);
+        expected["unread_count"] = json!(5);
+        expected["readers"] = json!(["user0", "user1"]);
+        expected["event_id"] = evs[1].1["event_id"].clone();
+        assert_eq!(evs[1].1, expected);
+        assert_ne!(evs[0].1["event_id"], evs[1].1["event_id"]);
+    }
+
+    #[test]
+    fn c2c_receipt_gives_one_event_per_message() {
+        let body = r#"{"Operator_Account":"zed","Peer_Account":"amy","C2CMsgInfo":[
+            {"From_Account":"amy","To_Account":"zed","MsgKey":"1_2_3","MsgId":"m-1"},
+            {"From_Account":"amy","To_Account":"zed","MsgKey":"4_5_6"}],"EventTime":1670574414123}"#;
+        let env = Envelope {
+            client_ip: None,
+            platform: None,
+            ..ENV
+        };
+        let evs = events(C2C_READ_RECEIPT, body, &env);
+        assert_eq!(evs.len(), 2);
+        let (r, v) = &evs[0];
+        assert_eq!(r.topic, TopicRole::C2c);
+        assert_eq!(r.key, b"c2c:amy:zed");
+        let expected = json!({
+            "schema": "read_receipt.v1",
+            "event_id": v["event_id"],
+            "kind": "c2c_message",
+            "sdk_app_id": 1400000000u64,
+            "callback_command": "C2C.CallbackAfterMsgReadReceipt",
+            "conversation_type": "c2c",
+            "conversation_id": "c2c:amy:zed",
+            "group_id": null,
+            "group_type": null,
+            "msg_seq": null,
+            "msg_key": "1_2_3",
+            "msg_id": "m-1",
+            "read_count": null,
+            "unread_count": null,
+            "readers": ["zed"],
+            "peer": "amy",
+            "read_up_to_ms": null,
+            "unread_total": null,
+            "event_time_ms": 1670574414123u64,
+            "received_at_ms": 1670574414130u64,
+            "client_ip": null,
+            "platform": null
+        });
+        assert_eq!(v, &expected);
+        assert_eq!(evs[1].1["msg_key"], "4_5_6");
+        assert_eq!(evs[1].1["msg_id"], Value::Null);
+    }
+
+    #[test]
+    fn c2c_report_gives_one_watermark_event() {
+        let body = r#"{"Report_Account":"amy","Peer_Account":"zed","LastReadTime":1670574414,"UnreadMsgNum":3}"#;
+        let evs = events(C2C_REPORT, body, &ENV);
+        assert_eq!(evs.len(), 1);
+        let (r, v) = &evs[0];
+        assert_eq!(r.topic, TopicRole::C2c);
+        assert_eq!(r.key, b"c2c:amy:zed");
+        let expected = json!({
+            "schema": "read_receipt.v1",
+            "event_id": v["event_id"],
+            "kind": "c2c_watermark",
+            "sdk_app_id": 1400000000u64,
+            "callback_command": "C2C.CallbackAfterMsgReport",
+            "conversation_type": "c2c",
+            "conversation_id": "c2c:amy:zed",
+            "group_id": null,
+            "group_type": null,
+            "msg_seq": null,
+            "msg_key": null,
+            "msg_id": null,
+            "read_count": null,
+            "unread_count": null,
+            "readers": ["amy"],
+            "peer": "zed",
+            "read_up_to_ms": 1670574414000u64,
+            "unread_total": 3,
+            // No EventTime in the body: LastReadTime × 1000.
+            "event_time_ms": 1670574414000u64,
+            "received_at_ms": 1670574414130u64,
+            "client_ip": "127.0.0.1",
+            "platform": "iOS"
+        });
+        assert_eq!(v, &expected);
+        let with_time = r#"{"Report_Account":"amy","Peer_Account":"zed","LastReadTime":1670574414,"EventTime":"1670574415000"}"#;
+        let evs = events(C2C_REPORT, with_time, &ENV);
+        assert_eq!(evs[0].1["event_time_ms"], 1670574415000u64);
+        assert_eq!(evs[0].1["unread_total"], Value::Null);
+    }
+
+    #[test]
+    fn event_id_is_deterministic_and_ignores_arrival() {
+        let a = events(GROUP_READ_RECEIPT, GROUP, &ENV);
+        let later = Envelope {
+            received_at_ms: ENV.received_at_ms + 5000,
+            client_ip: Some("10.0.0.9"),
+            ..ENV
+        };
+        let b = events(GROUP_READ_RECEIPT, GROUP, &later);
+        assert_eq!(a[0].1["event_id"], b[0].1["event_id"]);
+        assert_eq!(a[1].1["event_id"], b[1].1["event_id"]);
+        // Content changes change it.
+        let other_app = Envelope {
+            sdk_app_id: 1400000001,
+            ..ENV
+        };
+        let c = events(GROUP_READ_RECEIPT, GROUP, &other_app);
+        assert_ne!(a[0].1["event_id"], c[0].1["event_id"]);
+        let d = events(
+            GROUP_READ_RECEIPT,
+            &GROUP.replace("1670574414123", "1670574414124"),
+            &ENV,
+        );
+        assert_ne!(a[0].1["event_id"], d[0].1["event_id"]);
+        let e = events(GROUP_READ_RECEIPT, &GROUP.replace("user1", "user2"), &ENV);
+        assert_eq!(a[0].1["event_id"], e[0].1["event_id"]);
+        assert_ne!(a[1].1["event_id"], e[1].1["event_id"]);
+    }
+
+    #[test]
+    fn c2c_key_is_ordered_by_bytes_whoever_reads() {
+        assert_eq!(c2c_conversation_id("bob", "alice"), "c2c:alice:bob");
+        assert_eq!(c2c_conversation_id("alice", "bob"), "c2c:alice:bob");
+        // Byte order, not case-insensitive or locale order: 'Z' < 'a'.
+        assert_eq!(c2c_conversation_id("alice", "Zoe"), "c2c:Zoe:alice");
+        assert_eq!(c2c_conversation_id("same", "same"), "c2c:same:same");
+        let body_ab = r#"{"Report_Account":"amy","Peer_Account":"zed","LastReadTime":1}"#;
+        let body_ba = r#"{"Report_Account":"zed","Peer_Account":"amy","LastReadTime":1}"#;
+        let ab = events(C2C_REPORT, body_ab, &ENV);
+        let ba = events(C2C_REPORT, body_ba, &ENV);
+        assert_eq!(ab[0].0.key, ba[0].0.key);
+        // Different readers: different events.
+        assert_ne!(ab[0].1["event_id"], ba[0].1["event_id"]);
+    }
+
+    #[test]
+    fn platform_spellings_are_canonical_and_unknown_ones_kept() {
+        assert_eq!(canonical_platform("IOS"), "iOS");
+        assert_eq!(canonical_platform("ios"), "iOS");
+        assert_eq!(canonical_platform("macOS"), "Mac");
+        assert_eq!(canonical_platform("android"), "Android");
+        assert_eq!(canonical_platform("HarmonyOS"), "HarmonyOS");
+    }
+
+    #[test]
+    fn an_empty_list_gives_no_events() {
+        let body = r#"{"GroupId":"g","GroupMsgReceiptList":[],"EventTime":1}"#;
+        assert!(events(GROUP_READ_RECEIPT, body, &ENV).is_empty());
+    }
+}

@@ -1,0 +1,182 @@
+//! A Kafka record as it waits in the spool: which topic, key, value, and what
+//! the headers are made of.
+//!
+//! The topic is stored as its role (group, one-to-one, raw), not its name, so
+//! a record replayed after a restart goes to the topic configured now. The
+//! encoding is a small versioned binary layout; the spool adds its own
+//! framing and checksum around it.
+
+/// An event id: 32 lower-case hex characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId(pub [u8; 32]);
+
+impl EventId {
+    pub fn as_str(&self) -> &str {
+        // Built from hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TopicRole {
+    Group = 1,
+    C2c = 2,
+    Raw = 3,
+}
+
+impl TopicRole {
+    pub fn label(self) -> &'static str {
+        match self {
+            TopicRole::Group => "group",
+            TopicRole::C2c => "c2c",
+            TopicRole::Raw => "raw",
+        }
+    }
+}
+
+/// One record bound for Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: TopicRole,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// Set for `read_receipt.v1` events; raw forwards have none.
+    pub event_id: Option<EventId>,
+    pub command: String,
+    pub sdk_app_id: u64,
+}
+
+const VERSION: u8 = 1;
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "spooled record is malformed ({0}); it was written by an incompatible timbridge version or the file is damaged"
+)]
+pub struct DecodeError(&'static str);
+
+impl Record {
+    /// Appends the encoded record to `out` (one buffer per request, reused).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(48 + self.command.len() + self.key.len() + self.value.len());
+        out.push(VERSION);
+        out.push(self.topic as u8);
+        out.extend_from_slice(&self.sdk_app_id.to_le_bytes());
+        match &self.event_id {
+            Some(id) => {
+                out.push(1);
+                out.extend_from_slice(&id.0);
+            }
+            None => out.push(0),
+        }
+        let command = &self.command.as_bytes()[..self.command.len().min(u16::MAX as usize)];
+        out.extend_from_slice(&(command.len() as u16).to_le_bytes());
+        out.extend_from_slice(command);
+        out.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.key);
+        out.extend_from_slice(&self.value);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    pub fn decode(mut b: &[u8]) -> Result<Record, DecodeError> {
+        let version = take(&mut b, 1)?[0];
+        if version != VERSION {
+            return Err(DecodeError("unknown version"));
+        }
+        let topic = match take(&mut b, 1)?[0] {
+            1 => TopicRole::Group,
+            2 => TopicRole::C2c,
+            3 => TopicRole::Raw,
+            _ => return Err(DecodeError("unknown topic role")),
+        };
+        let sdk_app_id = u64::from_le_bytes(array(take(&mut b, 8)?)?);
+        let event_id = match take(&mut b, 1)?[0] {
+            0 => None,
+            1 => {
+                let id: [u8; 32] = array(take(&mut b, 32)?)?;
+                if !id.iter().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(DecodeError("event id is not hex"));
+                }
+                Some(EventId(id))
+            }
+            _ => return Err(DecodeError("bad event id flag")),
+        };
+        let cmd_len = u16::from_le_bytes(array(take(&mut b, 2)?)?) as usize;
+        let command = std::str::from_utf8(take(&mut b, cmd_len)?)
+            .map_err(|_| DecodeError("command is not UTF-8"))?
+            .to_owned();
+        let key_len = u32::from_le_bytes(array(take(&mut b, 4)?)?) as usize;
+        let key = take(&mut b, key_len)?.to_vec();
+        Ok(Record {
+            topic,
+            key,
+            value: b.to_vec(),
+            event_id,
+            command,
+            sdk_app_id,
+        })
+    }
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], DecodeError> {
+    if b.len() < n {
+        return Err(DecodeError("truncated"));
+    }
+    let (head, tail) = b.split_at(n);
+    *b = tail;
+    Ok(head)
+}
+
+fn array<const N: usize>(b: &[u8]) -> Result<[u8; N], DecodeError> {
+    b.try_into().map_err(|_| DecodeError("truncated"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(event_id: Option<EventId>) -> Record {
+        Record {
+            topic: TopicRole::C2c,
+            key: b"c2c:a:b".to_vec(),
+            value: br#"{"x":1}"#.to_vec(),
+            event_id,
+            command: "C2C.CallbackAfterMsgReport".into(),
+            sdk_app_id: 1400000000,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        for r in [sample(Some(EventId([b'a'; 32]))), sample(None)] {
+            assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        }
+        let raw = Record {
+            topic: TopicRole::Raw,
+            key: vec![],
+            value: vec![],
+            ..sample(None)
+        };
+        assert_eq!(Record::decode(&raw.encode()).unwrap(), raw);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_not_a_panic() {
+        let bytes = sample(Some(EventId([b'f'; 32]))).encode();
+        let header_len = bytes.len() - br#"{"x":1}"#.len();
+        for cut in 0..header_len {
+            assert!(Record::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = bytes.clone();
+        bad[0] = 9;
+        assert!(Record::decode(&bad).is_err());
+        let mut bad = bytes;
+        bad[1] = 9;
+        assert!(Record::decode(&bad).is_err());
+    }
+}

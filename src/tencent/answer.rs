@@ -1,0 +1,127 @@
+//! The answer Tencent expects: `{"ActionStatus","ErrorCode","ErrorInfo"}`,
+//! all three mandatory, with the HTTP status from the contract's table.
+//!
+//! Tencent counts a delivery as failed when the status is not 200 or the body
+//! is not JSON, and ignores the codes of "after" callbacks; the statuses and
+//! codes are for people and monitors reading the traffic.
+
+use hyper::StatusCode;
+
+/// Why a callback was not accepted. Each maps to one row of the contract's
+/// answer table and to one `outcome` label of `timbridge_callbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// Body not JSON, missing fields, wrong types: 400.
+    Invalid,
+    /// Sign/RequestTime missing, wrong or stale: 401.
+    Unauthorized,
+    /// SdkAppid missing or not configured: 403.
+    UnknownApp,
+    /// Body over max_body_bytes: 413.
+    TooLarge,
+    /// Spool full, disk error or shutting down: 503.
+    Overloaded,
+    /// The client did not send the body in time: 408.
+    Timeout,
+}
+
+impl RejectKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            RejectKind::Invalid => StatusCode::BAD_REQUEST,
+            RejectKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            RejectKind::UnknownApp => StatusCode::FORBIDDEN,
+            RejectKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RejectKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            RejectKind::Timeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    /// A stable, distinct non-zero ErrorCode per kind, so a log reader can
+    /// tell them apart without the status line. (The C2C pages say 1 means
+    /// error; Tencent ignores the value for after-callbacks.)
+    pub fn error_code(self) -> u32 {
+        match self {
+            RejectKind::Invalid => 1,
+            RejectKind::Unauthorized => 2,
+            RejectKind::UnknownApp => 3,
+            RejectKind::TooLarge => 4,
+            RejectKind::Overloaded => 5,
+            RejectKind::Timeout => 6,
+        }
+    }
+
+    /// The `outcome` label of `timbridge_callbacks_total`.
+    pub fn outcome(self) -> &'static str {
+        match self {
+            RejectKind::Invalid | RejectKind::Timeout => "invalid",
+            RejectKind::Unauthorized => "unauthorized",
+            RejectKind::UnknownApp => "unknown_app",
+            RejectKind::TooLarge => "too_large",
+            RejectKind::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// A rejection with the text that goes into ErrorInfo (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: RejectKind,
+    pub info: String,
+}
+
+impl Rejection {
+    pub fn new(kind: RejectKind, info: impl Into<String>) -> Rejection {
+        Rejection {
+            kind,
+            info: info.into(),
+        }
+    }
+}
+
+/// The body of an OK answer; a constant, so the hot path does not build it.
+pub const OK_BODY: &[u8] = br#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#;
+
+/// The body of a FAIL answer.
+pub fn fail_body(r: &Rejection) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "ActionStatus": "FAIL",
+        "ErrorCode": r.kind.error_code(),
+        "ErrorInfo": r.info,
+    }))
+    // Serializing a json! value cannot fail; never answer OK by accident if it did.
+    .unwrap_or_else(|_| br#"{"ActionStatus":"FAIL","ErrorCode":1,"ErrorInfo":""}"#.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ok_body_is_tencents_format() {
+        let v: serde_json::Value = serde_json::from_slice(OK_BODY).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""})
+        );
+    }
+
+    #[test]
+    fn fail_bodies_carry_non_zero_codes_and_the_reason() {
+        for kind in [
+            RejectKind::Invalid,
+            RejectKind::Unauthorized,
+            RejectKind::UnknownApp,
+            RejectKind::TooLarge,
+            RejectKind::Overloaded,
+            RejectKind::Timeout,
+        ] {
+            let body = fail_body(&Rejection::new(kind, "why \"quoted\""));
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["ActionStatus"], "FAIL");
+            assert_ne!(v["ErrorCode"], 0);
+            assert_eq!(v["ErrorInfo"], "why \"quoted\"");
+            assert!(kind.status().is_client_error() || kind.status().is_server_error());
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! The query string Tencent appends to the configured callback URL.
+//!
+//! `SdkAppid=…&CallbackCommand=…&contenttype=json&ClientIP=…&OptPlatform=…`
+//! and, when authentication is on, `Sign=…&RequestTime=…`. Parameter names are
+//! matched exactly as Tencent spells them.
+
+/// The parameters timbridge uses; the rest (`contenttype`) are ignored.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CallbackQuery {
+    pub sdk_app_id: Option<String>,
+    pub callback_command: Option<String>,
+    pub sign: Option<String>,
+    pub request_time: Option<String>,
+    pub client_ip: Option<String>,
+    pub platform: Option<String>,
+}
+
+impl CallbackQuery {
+    /// Parses a raw query string (without the `?`), percent-decoding values.
+    /// A repeated parameter keeps its first value.
+    pub fn parse(raw: &str) -> CallbackQuery {
+        let mut q = CallbackQuery::default();
+        for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+            let slot = match name.as_ref() {
+                "SdkAppid" => &mut q.sdk_app_id,
+                "CallbackCommand" => &mut q.callback_command,
+                "Sign" => &mut q.sign,
+                "RequestTime" => &mut q.request_time,
+                "ClientIP" => &mut q.client_ip,
+                "OptPlatform" => &mut q.platform,
+                _ => continue,
+            };
+            if slot.is_none() {
+                *slot = Some(value.into_owned());
+            }
+        }
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tencent_parameters() {
+        let q = CallbackQuery::parse(
+            "SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json&ClientIP=127.0.0.1&OptPlatform=iOS&Sign=abc&RequestTime=1669872112",
+        );
+        assert_eq!(q.sdk_app_id.as_deref(), Some("1400000000"));
+        assert_eq!(
+            q.callback_command.as_deref(),
+            Some("Group.CallbackAfterReadReceipt")
+        );
+        assert_eq!(q.client_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(q.platform.as_deref(), Some("iOS"));
+        assert_eq!(q.sign.as_deref(), Some("abc"));
+        assert_eq!(q.request_time.as_deref(), Some("1669872112"));
+    }
+
+    #[test]
+    fn optional_parameters_may_be_absent_and_values_are_decoded() {
+        let q = CallbackQuery::parse("SdkAppid=1&ClientIP=%3A%3A1&foo=bar");
+        assert_eq!(q.client_ip.as_deref(), Some("::1"));
+        assert_eq!(q.platform, None);
+        assert_eq!(q.sign, None);
+        assert_eq!(CallbackQuery::parse(""), CallbackQuery::default());
+    }
+
+    #[test]
+    fn names_are_case_sensitive_as_tencent_sends_them() {
+        let q = CallbackQuery::parse("sdkappid=1");
+        assert_eq!(q.sdk_app_id, None);
+    }
+}
