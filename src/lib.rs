@@ -5,5 +5,6 @@ pub mod config;
 pub mod dedup;
 pub mod event;
 pub mod record;
+pub mod spool;
 pub mod tencent;
 pub mod throttle;

@@ -1,0 +1,343 @@
+//! The single consumer: reads records back from the segment files.
+//!
+//! The reader never reads past a segment's `data_len`, which the writer
+//! moves only after a write succeeded, so it can share files with the
+//! writer without seeing partial or rolled-back data. File reads run on the
+//! blocking pool so a cold disk does not stall the async runtime.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use super::Shared;
+use super::segment::{
+    Damage, HEADER_LEN, Parsed, RECORD_HEADER_LEN, RecordHeader, parse_record, segment_path,
+};
+use super::state::{Counters, Sample, State};
+
+/// Bounds of one read from disk: big enough to amortise the system call,
+/// small enough not to pull in far more than a batch needs.
+const MIN_WINDOW: u64 = 64 << 10;
+const MAX_WINDOW: u64 = 16 << 20;
+
+/// One record as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledRecord {
+    /// Spool id; pass it to [`super::Spool::ack`] once Kafka has the record.
+    pub id: u64,
+    /// When it was appended (Unix ms), for latency metrics and event age.
+    pub append_time_ms: u64,
+    /// The bytes given to `append`.
+    pub payload: Bytes,
+}
+
+/// Reads spooled records in id order; there is exactly one, since records
+/// are handed out once per run (acks decide what is replayed after restart).
+pub struct SpoolReader {
+    shared: Arc<Shared>,
+    /// Lowest id not yet returned.
+    next_id: u64,
+    pos: Option<ReadPos>,
+}
+
+/// An open segment and the offset of record `id` in it, so consecutive
+/// batches continue without rescanning.
+struct ReadPos {
+    first_id: u64,
+    file: File,
+    offset: u64,
+    id: u64,
+}
+
+/// What to read next, decided under the state lock.
+#[derive(Debug, Clone, Copy)]
+struct ReadPlan {
+    first_id: u64,
+    data_len: u64,
+    end_id: u64,
+    start_id: u64,
+    /// Nearest known offset at or before `start_id`.
+    hint: Option<Sample>,
+}
+
+/// Records that cannot be read although the bookkeeping says they exist.
+struct ReadFailure {
+    at_id: u64,
+    /// First id after the unreadable stretch; None for the rest of the
+    /// segment (when the damage hides where the next record starts).
+    until_id: Option<u64>,
+    reason: String,
+}
+
+impl SpoolReader {
+    pub(crate) fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+        Self {
+            shared,
+            next_id,
+            pos: None,
+        }
+    }
+
+    /// Waits until at least one undelivered record beyond the cursor exists,
+    /// then returns up to `max_records` of them (and up to `max_bytes` of
+    /// payload, but always at least one record) in id order. Records acked
+    /// before a restart are skipped. Returns None once the spool is closed
+    /// and everything written has been returned.
+    ///
+    /// Cancel-safe: dropping the future (e.g. in `select!`) loses nothing;
+    /// the next call returns the same records.
+    pub async fn next_batch(
+        &mut self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<SpooledRecord>> {
+        let max_records = max_records.max(1);
+        loop {
+            let plan = self.wait_for_data().await?;
+            self.next_id = plan.start_id;
+            let mut pos = self.pos.take();
+            let dir = self.shared.dir.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let res = read_plan(&dir, &mut pos, &plan, max_records, max_bytes);
+                (pos, res)
+            })
+            .await;
+            let res = match joined {
+                Ok((pos, res)) => {
+                    self.pos = pos;
+                    res
+                }
+                Err(e) => Err(ReadFailure {
+                    at_id: plan.start_id,
+                    until_id: None,
+                    reason: format!("read task failed: {e}"),
+                }),
+            };
+            match res {
+                Ok(mut records) => {
+                    self.next_id += records.len() as u64;
+                    let st = self.shared.lock_state();
+                    records.retain(|r| !st.is_acked(r.id));
+                    if !records.is_empty() {
+                        return Some(records);
+                    }
+                }
+                Err(f) => self.give_up(&plan, f),
+            }
+        }
+    }
+
+    async fn wait_for_data(&self) -> Option<ReadPlan> {
+        loop {
+            // notify_one leaves a permit when nobody waits, so a wake-up sent
+            // between the look and the wait is not missed.
+            let notified = self.shared.data_ready.notified();
+            {
+                let st = self.shared.lock_state();
+                if let Some(plan) = plan_read(&st, self.next_id) {
+                    return Some(plan);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Skips unreadable records. They are not marked in the ack file: a
+    /// restart re-scans and meets the same damage, while the in-memory mark
+    /// lets the segment be deleted once the rest is delivered.
+    fn give_up(&mut self, plan: &ReadPlan, f: ReadFailure) {
+        let until = f.until_id.unwrap_or(plan.end_id);
+        self.next_id = until;
+        let shared = &self.shared;
+        let deletions = {
+            let mut st = shared.lock_state();
+            if !st.segments.contains_key(&plan.first_id) {
+                // Delivered and deleted between planning and reading.
+                return;
+            }
+            let lost = st.mark_lost(plan.first_id, f.at_id, until);
+            Counters::add(&shared.counters.records_lost, lost);
+            tracing::error!(
+                file = %segment_path(&shared.dir, plan.first_id).display(),
+                from_id = f.at_id,
+                to_id = until - 1,
+                lost,
+                reason = %f.reason,
+                "spool data became unreadable; these events are skipped"
+            );
+            st.take_deletable(&shared.dir)
+        };
+        Counters::add(&shared.counters.segments_deleted, deletions.len() as u64);
+        deletions.run();
+    }
+}
+
+/// Finds the first segment with an undelivered record at or after
+/// `next_id`, starting past its delivered prefix.
+fn plan_read(st: &State, next_id: u64) -> Option<ReadPlan> {
+    let from = st
+        .segments
+        .range(..=next_id)
+        .next_back()
+        .map_or(0, |(k, _)| *k);
+    st.segments.range(from..).map(|(_, s)| s).find_map(|s| {
+        if s.end_id() <= next_id || s.pending() == 0 {
+            return None;
+        }
+        let start_id = next_id.max(s.first_unacked_id()?);
+        (start_id < s.end_id()).then(|| ReadPlan {
+            first_id: s.first_id,
+            data_len: s.data_len,
+            end_id: s.end_id(),
+            start_id,
+            hint: s.sample_at_or_before(start_id - s.first_id),
+        })
+    })
+}
+
+/// Blocking part of `next_batch`: positions on `plan.start_id` and reads
+/// one window of records. Leaves `pos` after the last record returned or
+/// skipped (after damage of unknown extent: at the end of the known data).
+fn read_plan(
+    dir: &Path,
+    pos: &mut Option<ReadPos>,
+    plan: &ReadPlan,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Vec<SpooledRecord>, ReadFailure> {
+    let res = read_window(dir, pos, plan, max_records, max_bytes);
+    if let Err(f) = &res
+        && f.until_id.is_none()
+        && let Some(p) = pos.as_mut()
+        && p.first_id == plan.first_id
+    {
+        p.offset = plan.data_len;
+        p.id = plan.end_id;
+    }
+    res
+}
+
+fn read_window(
+    dir: &Path,
+    pos: &mut Option<ReadPos>,
+    plan: &ReadPlan,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Vec<SpooledRecord>, ReadFailure> {
+    let hint_id = plan.hint.map_or(plan.first_id, |h| plan.first_id + h.idx);
+    let usable = pos
+        .as_ref()
+        .is_some_and(|p| p.first_id == plan.first_id && p.id <= plan.start_id && p.id >= hint_id);
+    if !usable {
+        let path = segment_path(dir, plan.first_id);
+        let file = File::open(&path).map_err(|e| ReadFailure {
+            at_id: plan.start_id,
+            until_id: None,
+            reason: format!("cannot open {}: {e}", path.display()),
+        })?;
+        let (offset, id) = plan
+            .hint
+            .map_or((HEADER_LEN, plan.first_id), |h| (h.offset, hint_id));
+        *pos = Some(ReadPos {
+            first_id: plan.first_id,
+            file,
+            offset,
+            id,
+        });
+    }
+    let Some(p) = pos.as_mut() else {
+        return Err(ReadFailure {
+            at_id: plan.start_id,
+            until_id: None,
+            reason: "no read position".into(),
+        });
+    };
+    let fail = |at_id: u64, reason: String| ReadFailure {
+        at_id,
+        until_id: None,
+        reason,
+    };
+
+    // Skip delivered records by their headers alone.
+    while p.id < plan.start_id {
+        let mut head = [0u8; RECORD_HEADER_LEN];
+        if p.offset + RECORD_HEADER_LEN as u64 > plan.data_len {
+            return Err(fail(p.id, "record header beyond the written data".into()));
+        }
+        p.file
+            .read_exact_at(&mut head, p.offset)
+            .map_err(|e| fail(p.id, format!("read error: {e}")))?;
+        let h = RecordHeader::parse(&head);
+        h.validate(p.id).map_err(|d| fail(p.id, d.to_string()))?;
+        if p.offset + h.total_len() > plan.data_len {
+            return Err(fail(p.id, "record beyond the written data".into()));
+        }
+        p.offset += h.total_len();
+        p.id += 1;
+    }
+
+    let avail = plan.data_len.saturating_sub(p.offset);
+    let window = (max_bytes as u64)
+        .saturating_add(max_records as u64 * RECORD_HEADER_LEN as u64)
+        .clamp(MIN_WINDOW, MAX_WINDOW);
+    let mut want = avail.min(window);
+    let buf = loop {
+        let mut b = BytesMut::zeroed(usize::try_from(want).unwrap_or(usize::MAX));
+        p.file
+            .read_exact_at(&mut b, p.offset)
+            .map_err(|e| fail(p.id, format!("read error: {e}")))?;
+        match parse_record(&b, p.id) {
+            Parsed::Record { .. } => break b.freeze(),
+            // A record larger than the window: read exactly that record.
+            Parsed::NeedMore(n) if n as u64 > want && n as u64 <= avail => want = n as u64,
+            Parsed::NeedMore(_) => return Err(fail(p.id, "record beyond the written data".into())),
+            Parsed::Damaged(Damage::BadCrc) => {
+                // Length and id check out, so only this payload is bad and
+                // the next record starts right after it.
+                let Some(head) = b.first_chunk::<RECORD_HEADER_LEN>() else {
+                    return Err(fail(p.id, Damage::BadCrc.to_string()));
+                };
+                let at_id = p.id;
+                p.offset += RecordHeader::parse(head).total_len();
+                p.id += 1;
+                return Err(ReadFailure {
+                    at_id,
+                    until_id: Some(p.id),
+                    reason: Damage::BadCrc.to_string(),
+                });
+            }
+            Parsed::Damaged(d) => return Err(fail(p.id, d.to_string())),
+        }
+    };
+
+    let mut out = Vec::new();
+    let mut bytes = 0usize;
+    let mut at = 0usize;
+    while p.id < plan.end_id && out.len() < max_records {
+        // Damage after the first record is reported when it comes first in
+        // a later window, so the good records before it are not held back.
+        let Parsed::Record { header, total } = parse_record(&buf[at..], p.id) else {
+            break;
+        };
+        let len = header.len as usize;
+        if !out.is_empty() && bytes + len > max_bytes {
+            break;
+        }
+        out.push(SpooledRecord {
+            id: header.id,
+            append_time_ms: header.ts,
+            payload: buf.slice(at + RECORD_HEADER_LEN..at + total),
+        });
+        bytes += len;
+        at += total;
+        p.offset += total as u64;
+        p.id += 1;
+    }
+    Ok(out)
+}

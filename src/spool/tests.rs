@@ -1,0 +1,1145 @@
+//! Behaviour tests of the spool as a whole, on real files in temp dirs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::segment::{HEADER_LEN, acks_path, record_size, segment_path};
+use super::*;
+
+/// Fault injection and flow control for the writer thread, compiled into
+/// test builds only.
+#[derive(Default)]
+pub(crate) struct TestHooks {
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    fail_writes: AtomicU32,
+    fail_syncs: AtomicU32,
+}
+
+impl TestHooks {
+    /// Makes the writer stop after receiving its next request, before
+    /// draining the queue, so a test can queue a known set of requests.
+    fn pause(&self) {
+        *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        self.resumed.notify_all();
+    }
+
+    pub(crate) fn wait_while_paused(&self) {
+        let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
+        while *paused {
+            paused = self
+                .resumed
+                .wait(paused)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    pub(crate) fn take_write_failure(&self) -> bool {
+        take(&self.fail_writes)
+    }
+
+    pub(crate) fn take_sync_failure(&self) -> bool {
+        take(&self.fail_syncs)
+    }
+}
+
+fn take(c: &AtomicU32) -> bool {
+    c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn cfg(dir: &Path) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+        fsync: FsyncMode::Always,
+        segment_bytes: 16 << 20,
+    }
+}
+
+fn open(cfg: &SpoolConfig) -> (Spool, SpoolReader, RecoveryReport) {
+    Spool::open(cfg.clone()).expect("open spool")
+}
+
+fn ev(i: u64) -> Bytes {
+    Bytes::from(format!("event-{i:04}"))
+}
+
+fn sized(i: u64, len: usize) -> Bytes {
+    let mut v = format!("event-{i:04}-").into_bytes();
+    v.resize(len, b'x');
+    Bytes::from(v)
+}
+
+async fn append_each(spool: &Spool, payloads: impl IntoIterator<Item = Bytes>) {
+    for p in payloads {
+        spool.append(vec![p]).await.expect("append");
+    }
+}
+
+/// Reads until `n` records arrived; fails instead of hanging.
+async fn read_n(reader: &mut SpoolReader, n: usize) -> Vec<SpooledRecord> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = tokio::time::timeout(WAIT, reader.next_batch(1000, 1 << 20))
+            .await
+            .expect("reader timed out")
+            .expect("reader ended early");
+        out.extend(batch);
+    }
+    assert_eq!(out.len(), n, "read more than expected");
+    out
+}
+
+/// Reads everything up to the end of a closed spool.
+async fn drain(reader: &mut SpoolReader) -> Vec<SpooledRecord> {
+    let mut out = Vec::new();
+    while let Some(batch) = tokio::time::timeout(WAIT, reader.next_batch(7, 1 << 20))
+        .await
+        .expect("reader timed out")
+    {
+        out.extend(batch);
+    }
+    out
+}
+
+fn ids(records: &[SpooledRecord]) -> Vec<u64> {
+    records.iter().map(|r| r.id).collect()
+}
+
+fn seg_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn file_len(p: &Path) -> u64 {
+    fs::metadata(p).expect("metadata").len()
+}
+
+/// Closes and drops everything, releasing the directory lock.
+async fn shut(spool: Spool, reader: SpoolReader) {
+    spool.close().await.expect("close");
+    drop(reader);
+    drop(spool);
+}
+
+#[tokio::test]
+async fn append_then_read_back_in_order_with_ids_from_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, report) = open(&cfg(dir.path()));
+    assert_eq!(report.next_id, 1);
+    let before = state::now_ms();
+    spool.append(vec![ev(1), ev(2)]).await.expect("append");
+    spool.append(vec![ev(3)]).await.expect("append");
+    spool
+        .append(vec![ev(4), ev(5), ev(6)])
+        .await
+        .expect("append");
+    let after = state::now_ms();
+    let got = read_n(&mut reader, 6).await;
+    assert_eq!(ids(&got), vec![1, 2, 3, 4, 5, 6]);
+    for r in &got {
+        assert_eq!(r.payload, ev(r.id));
+        assert!((before..=after).contains(&r.append_time_ms));
+    }
+    assert_eq!(stats_pending(&spool), 6);
+    shut(spool, reader).await;
+}
+
+fn stats_pending(spool: &Spool) -> u64 {
+    spool.stats().pending_events
+}
+
+#[tokio::test]
+async fn ids_follow_call_order_even_before_polling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    // Futures created in order, awaited in reverse: ids follow the calls.
+    let futs: Vec<_> = (1..=5).map(|i| spool.append(vec![ev(i)])).collect();
+    for f in futs.into_iter().rev() {
+        f.await.expect("append");
+    }
+    let got = read_n(&mut reader, 5).await;
+    for r in &got {
+        assert_eq!(r.payload, ev(r.id));
+    }
+    assert_eq!(ids(&got), vec![1, 2, 3, 4, 5]);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn ids_continue_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=3).map(ev)).await;
+    shut(spool, reader).await;
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.next_id, 4);
+    assert_eq!(report.records_recovered, 3);
+    spool.append(vec![ev(4)]).await.expect("append");
+    let got = read_n(&mut reader, 4).await;
+    assert_eq!(ids(&got), vec![1, 2, 3, 4]);
+    assert_eq!(got[3].payload, ev(4));
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn reopen_replays_unacked_in_order_and_skips_acked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, mut reader, _) = open(&c);
+    append_each(&spool, (1..=10).map(ev)).await;
+    let got = read_n(&mut reader, 10).await;
+    for r in got.iter().filter(|r| r.id % 2 == 1) {
+        spool.ack(r.id);
+    }
+    assert_eq!(stats_pending(&spool), 5);
+    shut(spool, reader).await;
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_recovered, 10);
+    assert_eq!(report.records_pending, 5);
+    assert_eq!(spool.stats().pending_events, 5);
+    spool.close().await.expect("close");
+    let replay = drain(&mut reader).await;
+    assert_eq!(ids(&replay), vec![2, 4, 6, 8, 10]);
+    for r in &replay {
+        assert_eq!(r.payload, ev(r.id));
+    }
+}
+
+#[tokio::test]
+async fn reader_starts_at_lowest_unacked_even_if_acked_unread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=8).map(ev)).await;
+    for id in [1, 2, 3, 4, 5, 7] {
+        spool.ack(id);
+    }
+    shut(spool, reader).await;
+
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(9)]).await.expect("append");
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![6, 8, 9]);
+}
+
+#[tokio::test]
+async fn torn_tail_is_cut_reported_and_appends_continue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+
+    let seg = segment_path(dir.path(), 1);
+    let full_len = file_len(&seg);
+    assert_eq!(full_len, HEADER_LEN + 5 * record_size(100));
+    // A crash in the middle of writing the fifth record.
+    let cut = full_len - 30;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open")
+        .set_len(cut)
+        .expect("truncate");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_recovered, 4);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    let d = &report.damaged[0];
+    assert_eq!(d.file, seg);
+    assert_eq!(d.offset, HEADER_LEN + 4 * record_size(100));
+    assert_eq!(d.bytes_skipped, record_size(100) - 30);
+    assert_eq!(d.action, DamageAction::Truncated);
+    assert!(d.reason.contains("torn"), "{}", d.reason);
+    assert_eq!(report.bytes_skipped(), record_size(100) - 30);
+    assert_eq!(file_len(&seg), HEADER_LEN + 4 * record_size(100));
+    assert_eq!(report.next_id, 5);
+
+    spool
+        .append(vec![sized(5, 50)])
+        .await
+        .expect("append after recovery");
+    let got = read_n(&mut reader, 5).await;
+    assert_eq!(ids(&got), vec![1, 2, 3, 4, 5]);
+    assert_eq!(got[4].payload, sized(5, 50));
+    shut(spool, reader).await;
+
+    // The repaired file is clean now.
+    let (spool, reader, report) = open(&c);
+    assert!(report.damaged.is_empty(), "{report:?}");
+    assert_eq!(report.records_recovered, 5);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn corrupted_byte_mid_record_is_caught_by_crc() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg).expect("read");
+    let third = (HEADER_LEN + 2 * record_size(100)) as usize;
+    bytes[third + 24 + 50] ^= 0x01; // payload of record 3; length and id intact
+    fs::write(&seg, &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_recovered, 2);
+    assert_eq!(report.damaged.len(), 1);
+    assert!(
+        report.damaged[0].reason.contains("checksum"),
+        "{}",
+        report.damaged[0].reason
+    );
+    assert_eq!(report.damaged[0].offset, third as u64);
+    spool.append(vec![ev(3)]).await.expect("append");
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(ids(&got), vec![1, 2, 3]);
+    assert_eq!(got[2].payload, ev(3), "corrupt record must not be returned");
+}
+
+#[tokio::test]
+async fn corruption_in_older_segment_skips_its_rest_and_keeps_going() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.segment_bytes = HEADER_LEN + 2 * record_size(100);
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=6).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+    let segs = seg_files(dir.path());
+    assert_eq!(segs.len(), 3, "{segs:?}");
+
+    // Corrupt the second record of the first segment.
+    let mut bytes = fs::read(&segs[0]).expect("read");
+    let second = (HEADER_LEN + record_size(100)) as usize;
+    bytes[second + 30] ^= 0xff;
+    fs::write(&segs[0], &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_recovered, 5);
+    assert_eq!(report.damaged.len(), 1);
+    assert_eq!(report.damaged[0].action, DamageAction::SkippedRest);
+    assert_eq!(report.damaged[0].bytes_skipped, record_size(100));
+    assert_eq!(
+        file_len(&segs[0]),
+        bytes.len() as u64,
+        "older segment must not be modified"
+    );
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![1, 3, 4, 5, 6]);
+}
+
+#[tokio::test]
+async fn segments_roll_and_are_deleted_once_fully_acked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.segment_bytes = 1000;
+    let (spool, mut reader, _) = open(&c);
+    append_each(&spool, (1..=30).map(|i| sized(i, 200))).await;
+    let segs = seg_files(dir.path());
+    assert!(segs.len() >= 5, "segments did not roll: {segs:?}");
+    for s in &segs {
+        // Rolling happens once a segment has passed segment_bytes.
+        assert!(file_len(s) <= 1000 + record_size(200), "{s:?} too big");
+    }
+    let st = spool.stats();
+    assert_eq!(st.segments, segs.len() as u64);
+    assert_eq!(st.bytes, segs.iter().map(|s| file_len(s)).sum::<u64>());
+
+    let got = read_n(&mut reader, 30).await;
+    assert_eq!(ids(&got), (1..=30).collect::<Vec<_>>());
+    // Ack all but the first record: nothing can be deleted yet.
+    for r in &got[1..] {
+        spool.ack(r.id);
+    }
+    let first_seg = segs[0].clone();
+    assert!(
+        first_seg.exists(),
+        "segment with a pending record was deleted"
+    );
+    let later_sealed = &segs[1..segs.len() - 1];
+    assert!(
+        later_sealed.iter().all(|s| !s.exists()),
+        "fully acked sealed segments were kept"
+    );
+    spool.ack(1);
+    assert!(!first_seg.exists(), "fully acked segment was kept");
+    assert!(
+        !acks_path(dir.path(), 1).exists(),
+        "ack file of deleted segment was kept"
+    );
+    let remaining = seg_files(dir.path());
+    assert_eq!(
+        remaining,
+        vec![segs[segs.len() - 1].clone()],
+        "active segment must stay"
+    );
+    let st = spool.stats();
+    assert_eq!(st.pending_events, 0);
+    assert_eq!(st.segments, 1);
+    assert_eq!(st.bytes, file_len(&remaining[0]));
+    assert_eq!(st.counters.segments_deleted, segs.len() as u64 - 1);
+    assert_eq!(st.oldest_pending_age, None);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn full_rejects_until_acks_free_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.segment_bytes = 300;
+    c.max_bytes = 1000;
+    let (spool, mut reader, _) = open(&c);
+    let mut ok = 0u64;
+    let err = loop {
+        match spool.append(vec![sized(ok + 1, 100)]).await {
+            Ok(()) => ok += 1,
+            Err(e) => break e,
+        }
+        assert!(ok < 100, "never became full");
+    };
+    assert!(matches!(err, SpoolError::Full), "{err}");
+    assert!(spool.is_full());
+    let st = spool.stats();
+    assert!(st.bytes <= c.max_bytes, "{} > {}", st.bytes, c.max_bytes);
+    assert_eq!(st.counters.full_rejections, 1);
+    // Still full on retry.
+    assert!(matches!(
+        spool.append(vec![sized(99, 100)]).await,
+        Err(SpoolError::Full)
+    ));
+
+    let got = read_n(&mut reader, ok as usize).await;
+    for r in &got {
+        spool.ack(r.id);
+    }
+    assert!(!spool.is_full(), "acks freed room but is_full stayed true");
+    spool
+        .append(vec![sized(100, 100)])
+        .await
+        .expect("append after room returned");
+    assert!(!spool.is_full());
+    let got = read_n(&mut reader, 1).await;
+    assert_eq!(got[0].payload, sized(100, 100));
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn full_single_segment_recovers_by_rolling_over_acked_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.max_bytes = 600;
+    c.segment_bytes = 1 << 20; // never rolls by size
+    let (spool, mut reader, _) = open(&c);
+    let mut ok = 0;
+    while spool.append(vec![sized(ok + 1, 100)]).await.is_ok() {
+        ok += 1;
+    }
+    assert!(spool.is_full());
+    for r in read_n(&mut reader, ok as usize).await {
+        spool.ack(r.id);
+    }
+    assert!(!spool.is_full(), "everything delivered, yet still full");
+    spool
+        .append(vec![sized(50, 100)])
+        .await
+        .expect("append after room returned");
+    assert_eq!(
+        seg_files(dir.path()).len(),
+        1,
+        "old fully acked segment not deleted"
+    );
+    assert_eq!(read_n(&mut reader, 1).await[0].payload, sized(50, 100));
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn group_commit_serves_many_appends_with_one_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    spool.append(vec![ev(0)]).await.expect("warm-up append");
+    let before = spool.stats().counters;
+
+    let hooks = &spool.inner.shared.hooks;
+    hooks.pause();
+    let futs: Vec<_> = (1..=50).map(|i| spool.append(vec![ev(i), ev(i)])).collect();
+    hooks.resume();
+    for f in futs {
+        f.await.expect("append");
+    }
+    let after = spool.stats().counters;
+    assert_eq!(after.appends - before.appends, 50);
+    assert_eq!(
+        after.syncs - before.syncs,
+        1,
+        "expected one fdatasync for the whole group"
+    );
+    assert_eq!(after.write_groups - before.write_groups, 1);
+    assert_eq!(read_n(&mut reader, 101).await.len(), 101);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn always_mode_syncs_before_each_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, reader, _) = open(&cfg(dir.path()));
+    spool.append(vec![ev(0)]).await.expect("warm-up append");
+    let before = spool.stats().counters.syncs;
+    for i in 1..=5 {
+        spool.append(vec![ev(i)]).await.expect("append");
+        assert_eq!(
+            spool.stats().counters.syncs - before,
+            i,
+            "append {i} replied before its sync"
+        );
+    }
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    let (spool, reader, _) = open(&c);
+    spool.append(vec![ev(1)]).await.expect("append");
+    spool.append(vec![ev(2)]).await.expect("append");
+    let base = spool.stats().counters.syncs; // header sync of the new segment
+    assert_eq!(base, 1);
+    shut(spool, reader).await;
+
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Interval(Duration::from_millis(20));
+    let (spool, reader, _) = open(&c);
+    spool.append(vec![ev(3)]).await.expect("append");
+    assert_eq!(
+        spool.stats().counters.syncs,
+        0,
+        "interval mode synced before replying"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spool.stats().counters.syncs == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "interval sync never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn never_mode_syncs_only_at_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Never;
+    c.segment_bytes = 100;
+    let (spool, mut reader, _) = open(&c);
+    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
+    assert!(seg_files(dir.path()).len() >= 3);
+    assert_eq!(spool.stats().counters.syncs, 0);
+    spool.close().await.expect("close");
+    // The active segment plus every retired one written since open.
+    assert_eq!(
+        spool.stats().counters.syncs,
+        seg_files(dir.path()).len() as u64
+    );
+    assert_eq!(ids(&drain(&mut reader).await), vec![1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(1)]).await.expect("append");
+    let seg = segment_path(dir.path(), 1);
+    let len_before = file_len(&seg);
+
+    spool
+        .inner
+        .shared
+        .hooks
+        .fail_writes
+        .store(1, Ordering::SeqCst);
+    let err = spool
+        .append(vec![sized(2, 300), sized(3, 300)])
+        .await
+        .expect_err("injected failure");
+    match &err {
+        SpoolError::Io(e) => assert_eq!(e.kind(), io::ErrorKind::StorageFull),
+        other => panic!("expected Io, got {other}"),
+    }
+    assert!(err.to_string().contains("free space"), "{err}");
+    assert!(spool.is_full(), "is_full must report the failed append");
+    assert_eq!(file_len(&seg), len_before, "partial write was not cut back");
+    assert_eq!(spool.stats().counters.io_errors, 1);
+
+    spool
+        .append(vec![ev(4)])
+        .await
+        .expect("append after failure");
+    assert!(!spool.is_full());
+    let got = read_n(&mut reader, 2).await;
+    assert_eq!(got[0].payload, ev(1));
+    assert_eq!(got[1].payload, ev(4));
+    assert!(got[1].id > 3, "ids of the failed batch were reused");
+    shut(spool, reader).await;
+
+    let (spool, mut reader, report) = open(&c);
+    assert!(report.damaged.is_empty(), "{report:?}");
+    spool.close().await.expect("close");
+    let replay = drain(&mut reader).await;
+    assert_eq!(
+        replay.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
+        vec![ev(1), ev(4)]
+    );
+}
+
+#[tokio::test]
+async fn failed_sync_fails_append_and_hides_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    spool.append(vec![ev(1)]).await.expect("append");
+    spool
+        .inner
+        .shared
+        .hooks
+        .fail_syncs
+        .store(1, Ordering::SeqCst);
+    assert!(matches!(
+        spool.append(vec![ev(2)]).await,
+        Err(SpoolError::Io(_))
+    ));
+    spool
+        .append(vec![ev(3)])
+        .await
+        .expect("append after failure");
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(
+        got.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
+        vec![ev(1), ev(3)]
+    );
+}
+
+#[tokio::test]
+async fn second_open_of_same_dir_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    let err = Spool::open(c.clone()).err().expect("second open must fail");
+    assert!(
+        matches!(&err, SpoolError::Locked { dir: d, .. } if d == dir.path()),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+    assert!(msg.contains("locked by another timbridge process"), "{msg}");
+    assert!(msg.contains("spool.dir"), "{msg}");
+    assert!(
+        msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    shut(spool, reader).await;
+    let (spool, reader, _) = open(&c);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn stat_dir_matches_live_stats_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.segment_bytes = 500;
+    let (spool, mut reader, _) = open(&c);
+    append_each(&spool, (1..=20).map(|i| sized(i, 100))).await;
+    for r in read_n(&mut reader, 20).await {
+        if r.id % 3 != 0 && r.id != 14 {
+            spool.ack(r.id);
+        }
+    }
+    spool.close().await.expect("close"); // flushes acks
+    let live = spool.stats();
+    let listing = |d: &Path| -> BTreeMap<PathBuf, u64> {
+        fs::read_dir(d)
+            .expect("ls")
+            .map(|e| e.expect("e").path())
+            .map(|p| (p.clone(), file_len(&p)))
+            .collect()
+    };
+    let files_before = listing(dir.path());
+    let offline = stat_dir(dir.path()).expect("stat_dir");
+    assert_eq!(
+        listing(dir.path()),
+        files_before,
+        "stat_dir modified the directory"
+    );
+    assert_eq!(offline.pending_events, live.pending_events);
+    assert_eq!(offline.pending_events, 7);
+    assert_eq!(offline.bytes, live.bytes);
+    assert_eq!(offline.segments, live.segments);
+    assert!(offline.oldest_pending_age.is_some());
+    assert_eq!(offline.counters, SpoolCounters::default());
+    drop(reader);
+    drop(spool);
+
+    // A torn tail is counted but not repaired by stat_dir.
+    let last = seg_files(dir.path()).pop().expect("a segment");
+    let len = file_len(&last);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&last)
+        .expect("open")
+        .set_len(len - 5)
+        .expect("cut");
+    stat_dir(dir.path()).expect("stat_dir");
+    assert_eq!(file_len(&last), len - 5);
+    assert!(stat_dir(&dir.path().join("missing")).is_err());
+}
+
+#[tokio::test]
+async fn reader_waits_for_appends_and_ends_after_close() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let waiting = tokio::spawn(async move {
+        let batch = reader.next_batch(10, 1 << 20).await;
+        (reader, batch)
+    });
+    spool.append(vec![ev(1)]).await.expect("append");
+    let (mut reader, batch) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("reader never woke")
+        .expect("join");
+    assert_eq!(ids(&batch.expect("a batch")), vec![1]);
+
+    spool.append(vec![ev(2), ev(3)]).await.expect("append");
+    spool.close().await.expect("close");
+    assert!(matches!(
+        spool.append(vec![ev(4)]).await,
+        Err(SpoolError::Closed)
+    ));
+    assert_eq!(ids(&drain(&mut reader).await), vec![2, 3]);
+    assert!(reader.next_batch(10, 1 << 20).await.is_none());
+}
+
+#[tokio::test]
+async fn reader_respects_batch_limits_and_large_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    append_each(&spool, (1..=10).map(|i| sized(i, 100))).await;
+    let big = sized(11, 300 << 10); // larger than a read window
+    spool.append(vec![big.clone()]).await.expect("append");
+    spool.close().await.expect("close");
+
+    assert_eq!(
+        ids(&reader.next_batch(3, 1 << 20).await.expect("batch")),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        ids(&reader.next_batch(100, 250).await.expect("batch")),
+        vec![4, 5]
+    );
+    assert_eq!(
+        ids(&reader.next_batch(100, 1 << 20).await.expect("batch")),
+        vec![6, 7, 8, 9, 10, 11]
+    );
+    assert!(reader.next_batch(100, 1 << 20).await.is_none());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    spool
+        .append(vec![big.clone(), ev(2)])
+        .await
+        .expect("append");
+    let first = reader.next_batch(100, 10).await.expect("batch");
+    assert_eq!(first.len(), 1, "record over max_bytes must come alone");
+    assert_eq!(first[0].payload, big);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn reader_jumps_over_delivered_prefix_without_reading_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    for chunk in 0..4u64 {
+        let recs: Vec<Bytes> = (0..3000).map(|i| ev(chunk * 3000 + i + 1)).collect();
+        spool.append(recs).await.expect("append");
+    }
+    for id in 1..=9000 {
+        spool.ack(id);
+    }
+    shut(spool, reader).await;
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 3000);
+    // Wreck the length field of a delivered record: a reader that walked
+    // the delivered prefix would stumble on it.
+    let seg = fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 1))
+        .expect("open");
+    let rec100 = HEADER_LEN + 99 * record_size(ev(1).len());
+    std::os::unix::fs::FileExt::write_all_at(&seg, &u32::MAX.to_le_bytes(), rec100).expect("poke");
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(ids(&got), (9001..=12000).collect::<Vec<_>>());
+    assert!(got.iter().all(|r| r.payload == ev(r.id)));
+    assert_eq!(spool.stats().counters.records_lost, 0);
+}
+
+#[tokio::test]
+async fn data_corrupted_while_running_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    append_each(&spool, (1..=5).map(ev)).await;
+    let seg = fs::OpenOptions::new()
+        .write(true)
+        .open(segment_path(dir.path(), 1))
+        .expect("open");
+    let rec3 = HEADER_LEN + 2 * record_size(ev(1).len());
+    std::os::unix::fs::FileExt::write_all_at(&seg, b"X", rec3 + 26).expect("poke");
+
+    assert_eq!(ids(&read_n(&mut reader, 2).await), vec![1, 2]);
+    spool.append(vec![ev(6)]).await.expect("append");
+    let got = read_n(&mut reader, 3).await;
+    assert_eq!(
+        ids(&got),
+        vec![4, 5, 6],
+        "reader must skip just the bad record and go on"
+    );
+    assert!(got.iter().all(|r| r.payload == ev(r.id)));
+    let st = spool.stats();
+    assert_eq!(st.counters.records_lost, 1);
+    assert_eq!(
+        st.pending_events, 5,
+        "a lost record must not count as pending"
+    );
+
+    // Damage that hides where the next record starts costs the rest of
+    // what is written, but new appends are still delivered.
+    let rec7 = file_len(&segment_path(dir.path(), 1));
+    spool.append(vec![ev(7), ev(8)]).await.expect("append");
+    std::os::unix::fs::FileExt::write_all_at(&seg, &u32::MAX.to_le_bytes(), rec7).expect("poke");
+    let next = tokio::spawn(async move { reader.next_batch(10, 1 << 20).await.map(|b| ids(&b)) });
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spool.stats().counters.records_lost < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "damage never detected"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    spool.append(vec![ev(9)]).await.expect("append");
+    let got = tokio::time::timeout(WAIT, next)
+        .await
+        .expect("reader timed out")
+        .expect("join");
+    assert_eq!(got, Some(vec![9]), "damaged records were returned");
+    assert_eq!(spool.stats().counters.records_lost, 3);
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn oldest_pending_age_follows_lowest_unacked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    assert_eq!(spool.stats().oldest_pending_age, None);
+    append_each(&spool, (1..=3).map(ev)).await;
+    let age = spool.stats().oldest_pending_age.expect("pending");
+    assert!(age < WAIT);
+    read_n(&mut reader, 3).await;
+    spool.ack(3);
+    spool.ack(1);
+    assert!(
+        spool.stats().oldest_pending_age.is_some(),
+        "record 2 is still pending"
+    );
+    spool.ack(2);
+    assert_eq!(spool.stats().oldest_pending_age, None);
+
+    // Precision: force an old append time on the lowest pending record.
+    spool.append(vec![ev(4)]).await.expect("append");
+    {
+        let mut st = spool.inner.shared.lock_state();
+        let seg = st.segments.values_mut().next().expect("segment");
+        let mut fresh = state::SegMeta::new(seg.first_id, seg.data_len, seg.disk_len);
+        fresh.extend(seg.count, seg.data_len);
+        for id in seg.first_id..seg.end_id() - 1 {
+            fresh.set_acked(id);
+        }
+        fresh.note(state::Sample {
+            idx: 0,
+            ts: state::now_ms() - 3_600_000,
+            offset: HEADER_LEN,
+        });
+        *seg = fresh;
+    }
+    let age = spool.stats().oldest_pending_age.expect("pending");
+    assert!(age >= Duration::from_secs(3599), "{age:?}");
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn torn_ack_file_is_tolerated_and_later_acks_still_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=4).map(ev)).await;
+    spool.ack(1);
+    spool.ack(2);
+    shut(spool, reader).await;
+    let acks = acks_path(dir.path(), 1);
+    let mut bytes = fs::read(&acks).expect("acks");
+    assert_eq!(bytes.len(), 16);
+    bytes.extend_from_slice(&[3, 0, 0]); // torn write of the next ack
+    fs::write(&acks, &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 2);
+    assert_eq!(ids(&read_n(&mut reader, 2).await), vec![3, 4]);
+    spool.ack(3);
+    shut(spool, reader).await;
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(
+        report.records_pending, 1,
+        "ack written after a torn tail was lost"
+    );
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![4]);
+}
+
+#[tokio::test]
+async fn acked_ids_lost_in_a_crash_are_not_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
+    spool.ack(4);
+    spool.ack(5);
+    shut(spool, reader).await;
+    // Power cut: records 4 and 5 never reached the disk, their acks did.
+    let seg = segment_path(dir.path(), 1);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .expect("open")
+        .set_len(HEADER_LEN + 3 * record_size(100))
+        .expect("cut");
+
+    let (spool, reader, report) = open(&c);
+    assert_eq!(report.next_id, 6);
+    spool.append(vec![ev(6)]).await.expect("append");
+    shut(spool, reader).await;
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 4);
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(ids(&got), vec![1, 2, 3, 6]);
+    assert_eq!(got[3].payload, ev(6));
+}
+
+#[tokio::test]
+async fn unusable_segment_files_are_set_aside() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=2).map(ev)).await;
+    shut(spool, reader).await;
+    let garbage = segment_path(dir.path(), 50);
+    fs::write(&garbage, vec![0xAB; 100]).expect("write");
+    let empty = segment_path(dir.path(), 60);
+    fs::write(&empty, b"").expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.damaged.len(), 2, "{report:?}");
+    assert!(!garbage.exists() && !empty.exists());
+    let quarantined = dir.path().join("00000000000000000050.seg.corrupt");
+    assert!(quarantined.exists());
+    assert!(
+        report
+            .damaged
+            .iter()
+            .any(|d| d.action == DamageAction::Quarantined(quarantined.clone()))
+    );
+    assert!(
+        report
+            .damaged
+            .iter()
+            .any(|d| d.action == DamageAction::Removed)
+    );
+    assert_eq!(report.next_id, 3);
+    spool.append(vec![ev(3)]).await.expect("append");
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![1, 2, 3]);
+}
+
+#[tokio::test]
+async fn newer_format_is_refused_not_discarded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    spool.append(vec![ev(1)]).await.expect("append");
+    shut(spool, reader).await;
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg).expect("read");
+    bytes[8] = 9;
+    fs::write(&seg, &bytes).expect("write");
+    let err = Spool::open(c).err().expect("must refuse");
+    assert!(
+        matches!(err, SpoolError::UnsupportedFormat { version: 9, .. }),
+        "{err}"
+    );
+    assert_eq!(fs::read(&seg).expect("read"), bytes);
+}
+
+#[tokio::test]
+async fn arbitrary_damage_never_panics_and_keeps_a_valid_prefix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.segment_bytes = 400;
+    c.fsync = FsyncMode::Never;
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=12).map(|i| sized(i, 90))).await;
+    for id in [2, 5, 9] {
+        spool.ack(id);
+    }
+    shut(spool, reader).await;
+    let pristine: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(dir.path())
+        .expect("ls")
+        .map(|e| e.expect("e").path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "LOCK"))
+        .map(|p| (p.clone(), fs::read(&p).expect("read")))
+        .collect();
+
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for round in 0..150 {
+        let work = tempfile::tempdir().expect("tempdir");
+        for (p, b) in &pristine {
+            fs::write(work.path().join(p.file_name().expect("name")), b).expect("copy");
+        }
+        let (victim, bytes) = &pristine[(next() % pristine.len() as u64) as usize];
+        let target = work.path().join(victim.file_name().expect("name"));
+        let mut b = bytes.clone();
+        match next() % 3 {
+            0 if !b.is_empty() => {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] ^= 1 << (next() % 8);
+            }
+            1 => b.truncate((next() % (b.len() as u64 + 1)) as usize),
+            _ => b.extend((0..next() % 64).map(|_| next() as u8)),
+        }
+        fs::write(&target, &b).expect("damage");
+
+        let mut wc = c.clone();
+        wc.dir = work.path().to_path_buf();
+        match Spool::open(wc) {
+            Err(SpoolError::UnsupportedFormat { .. }) => continue,
+            Err(e) => panic!("round {round}: open failed: {e}"),
+            Ok((spool, mut reader, _)) => {
+                spool
+                    .append(vec![ev(100)])
+                    .await
+                    .expect("append after damage");
+                spool.close().await.expect("close");
+                let got = drain(&mut reader).await;
+                let got_ids = ids(&got);
+                assert!(
+                    got_ids.windows(2).all(|w| w[0] < w[1]),
+                    "round {round}: {got_ids:?}"
+                );
+                let (last, rest) = got.split_last().expect("at least the new record");
+                assert_eq!(last.payload, ev(100), "round {round}");
+                for r in rest {
+                    assert_eq!(
+                        r.payload,
+                        sized(r.id, 90),
+                        "round {round}: wrong data for id {}",
+                        r.id
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn empty_and_oversized_appends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    spool
+        .append(Vec::new())
+        .await
+        .expect("empty append is a no-op");
+    let huge = Bytes::from(vec![0u8; MAX_RECORD_LEN + 1]);
+    assert!(matches!(
+        spool.append(vec![ev(1), huge]).await,
+        Err(SpoolError::RecordTooLarge { .. })
+    ));
+    spool.append(vec![ev(1)]).await.expect("append");
+    assert_eq!(
+        ids(&read_n(&mut reader, 1).await),
+        vec![1],
+        "rejected appends consumed ids"
+    );
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn dropping_without_close_keeps_data_and_releases_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Never;
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=3).map(ev)).await;
+    spool.ack(1);
+    drop(reader);
+    drop(spool);
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 2, "ack not flushed on drop");
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![2, 3]);
+}
+
+#[test]
+fn config_is_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Interval(Duration::ZERO);
+    assert!(matches!(Spool::open(c), Err(SpoolError::Config(_))));
+    let mut c = cfg(dir.path());
+    c.max_bytes = 10;
+    assert!(matches!(Spool::open(c), Err(SpoolError::Config(_))));
+}

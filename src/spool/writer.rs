@@ -1,0 +1,523 @@
+//! The writer thread: the only code that appends to segment files.
+//!
+//! Group commit: the thread blocks for one request, then drains every
+//! request queued meanwhile, encodes them all into one reused buffer, writes
+//! that buffer with a single positioned write and, in `Always` mode, issues
+//! a single `fdatasync` before answering any of them. While that sync runs
+//! (milliseconds), new requests queue up and form the next group, so the
+//! number of syncs tracks the disk's speed, not the request rate.
+//!
+//! A failed write or sync fails the whole group, cuts the file back to its
+//! last good length and retires the segment: the next group starts a fresh
+//! file. Ids handed out to the failed group are never reused, so stale bytes
+//! that a failed truncation may leave behind can never be mistaken for a
+//! later record (recovery also rejects them by their out-of-sequence ids).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::segment::{HEADER_LEN, acks_path, encode_header, encode_record, segment_path};
+use super::state::{Counters, SAMPLE_EVERY, Sample, SegMeta, now_ms};
+use super::{FsyncMode, Shared, SpoolError, io_context};
+
+/// Acks are flushed to their files at least this often, so a crash
+/// replays at most about this much already-delivered traffic.
+const ACK_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// The group buffer keeps its capacity between groups (no allocation per
+/// group) but gives back anything above this after an unusually large one.
+const BUF_KEEP: usize = 16 << 20;
+
+pub(crate) type Reply = oneshot::Sender<Result<(), SpoolError>>;
+
+/// What the async side asks of the writer thread.
+pub(crate) enum Msg {
+    /// One request's records; `bytes` is their encoded size.
+    Append {
+        records: Vec<Bytes>,
+        bytes: u64,
+        reply: Reply,
+    },
+    /// Sync everything, flush acks, refuse further appends.
+    Close { reply: Reply },
+}
+
+/// The segment currently appended to, as the writer sees it.
+pub(crate) struct ActiveFile {
+    pub first_id: u64,
+    pub file: File,
+    /// Length of the good data; the next write goes exactly here.
+    pub len: u64,
+    pub count: u64,
+}
+
+struct Request {
+    records: Vec<Bytes>,
+    bytes: u64,
+    reply: Reply,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    fsync: FsyncMode,
+    segment_bytes: u64,
+    max_bytes: u64,
+    active: Option<ActiveFile>,
+    next_id: u64,
+    buf: Vec<u8>,
+    msgs: Vec<Msg>,
+    group: Vec<Request>,
+    accepted: Vec<Reply>,
+    samples: Vec<(u64, u64)>,
+    /// Written but not yet synced.
+    dirty: bool,
+    sync_due: Option<Instant>,
+    acks_due: Instant,
+    /// The active file is suspect (after a failed write); start a new one.
+    roll_needed: bool,
+    /// Segments retired with unsynced data in `Never` mode, synced at close.
+    retired_unsynced: Vec<u64>,
+    closed: bool,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: Receiver<Msg>,
+        cfg: &super::SpoolConfig,
+        active: Option<ActiveFile>,
+        next_id: u64,
+    ) -> Self {
+        Self {
+            shared,
+            rx,
+            fsync: cfg.fsync,
+            segment_bytes: cfg.segment_bytes,
+            max_bytes: cfg.max_bytes,
+            active,
+            next_id,
+            buf: Vec::new(),
+            msgs: Vec::new(),
+            group: Vec::new(),
+            accepted: Vec::new(),
+            samples: Vec::new(),
+            dirty: false,
+            sync_due: None,
+            acks_due: Instant::now() + ACK_FLUSH_INTERVAL,
+            roll_needed: false,
+            retired_unsynced: Vec::new(),
+            closed: false,
+        }
+    }
+
+    /// Thread body. Ends when every `Spool` handle is gone, after a final
+    /// sync, so dropping the spool never loses appended data.
+    pub(crate) fn run(mut self) {
+        while let Some(first) = self.next_message() {
+            #[cfg(test)]
+            self.shared.hooks.wait_while_paused();
+            let mut msgs = std::mem::take(&mut self.msgs);
+            msgs.push(first);
+            while let Ok(m) = self.rx.try_recv() {
+                msgs.push(m);
+            }
+            for m in msgs.drain(..) {
+                match m {
+                    Msg::Append { reply, .. } if self.closed => {
+                        let _ = reply.send(Err(SpoolError::Closed));
+                    }
+                    Msg::Append {
+                        records,
+                        bytes,
+                        reply,
+                    } => {
+                        self.group.push(Request {
+                            records,
+                            bytes,
+                            reply,
+                        });
+                    }
+                    Msg::Close { reply } => {
+                        // Appends queued before the close are part of what
+                        // close waits for.
+                        self.commit();
+                        let _ = reply.send(self.close());
+                    }
+                }
+            }
+            self.commit();
+            self.msgs = msgs;
+        }
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "final spool sync failed; data appended since the last sync may be lost if the machine crashes");
+        }
+    }
+
+    /// Blocks for the next request, running the periodic sync and ack
+    /// flush when they fall due. None once every sender is gone.
+    fn next_message(&mut self) -> Option<Msg> {
+        loop {
+            // Checked before every wait, so sustained load cannot starve
+            // the periodic sync.
+            self.on_timer();
+            let deadline = self
+                .sync_due
+                .map_or(self.acks_due, |d| d.min(self.acks_due));
+            match self
+                .rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(m) => return Some(m),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.sync_due.is_some_and(|d| now >= d) {
+            self.sync_due = None;
+            if let Err(e) = self.sync_active() {
+                Counters::add(&self.shared.counters.io_errors, 1);
+                // After a failed fsync the kernel may have dropped the dirty
+                // pages; do not keep appending to a file in unknown state.
+                self.roll_needed = true;
+                tracing::error!(error = %e, "periodic spool sync failed; recent events may be lost if the machine crashes");
+            }
+        }
+        if now >= self.acks_due {
+            self.shared.lock_state().flush_acks(&self.shared.dir);
+            self.acks_due = now + ACK_FLUSH_INTERVAL;
+        }
+    }
+
+    /// Writes the queued group (see module doc) and answers every request.
+    fn commit(&mut self) {
+        if self.group.is_empty() {
+            return;
+        }
+        let needed: u64 = self.group.iter().map(|r| r.bytes).sum();
+        if let Err(e) = self.ensure_segment(needed) {
+            self.fail_group(&e);
+            return;
+        }
+        let Some(active) = self.active.as_ref() else {
+            self.fail_group(&io::Error::other("no active spool segment"));
+            return;
+        };
+        let (seg_first, base_len) = (active.first_id, active.len);
+        let ts = now_ms();
+        let used = self.shared.lock_state().bytes;
+        self.buf.clear();
+        self.samples.clear();
+        self.accepted.clear();
+        let mut id = self.next_id;
+        let mut full_hit = false;
+        for req in self.group.drain(..) {
+            // `used` can only shrink meanwhile (acks), so this never admits
+            // more than max_bytes.
+            if used + self.buf.len() as u64 + req.bytes > self.max_bytes {
+                full_hit = true;
+                Counters::add(&self.shared.counters.full_rejections, 1);
+                // Flag first: a caller that sees Full must also see is_full.
+                self.shared.lock_state().full = true;
+                let _ = req.reply.send(Err(SpoolError::Full));
+                continue;
+            }
+            for (i, payload) in req.records.iter().enumerate() {
+                let idx = id - seg_first;
+                if i == 0 || idx.is_multiple_of(SAMPLE_EVERY) {
+                    self.samples.push((idx, base_len + self.buf.len() as u64));
+                }
+                encode_record(&mut self.buf, id, ts, payload);
+                id += 1;
+            }
+            self.accepted.push(req.reply);
+        }
+        if self.accepted.is_empty() {
+            return;
+        }
+        let n = id - self.next_id;
+        // Ids are spent whether or not the write succeeds (see module doc).
+        self.next_id = id;
+        if let Err(e) = self.write_group() {
+            self.abandon_write();
+            self.fail_accepted(&e);
+            return;
+        }
+        let new_len = base_len + self.buf.len() as u64;
+        if let Some(a) = self.active.as_mut() {
+            a.len = new_len;
+            a.count += n;
+        }
+        {
+            let mut st = self.shared.lock_state();
+            if let Some(seg) = st.segments.get_mut(&seg_first) {
+                seg.extend(n, new_len);
+                for &(idx, offset) in &self.samples {
+                    seg.note(Sample { idx, ts, offset });
+                }
+            }
+            st.bytes += self.buf.len() as u64;
+            st.full = full_hit;
+        }
+        self.shared.data_ready.notify_one();
+        let c = &self.shared.counters;
+        Counters::add(&c.write_groups, 1);
+        Counters::add(&c.appends, self.accepted.len() as u64);
+        Counters::add(&c.records_appended, n);
+        for reply in self.accepted.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
+        if self.buf.capacity() > BUF_KEEP {
+            self.buf.clear();
+            self.buf.shrink_to(BUF_KEEP);
+        }
+    }
+
+    /// One positioned write of the whole group, then the sync its mode asks
+    /// for. Positioned, so a failed earlier write never shifts the offset.
+    fn write_group(&mut self) -> io::Result<()> {
+        let Some(a) = self.active.as_ref() else {
+            return Err(io::Error::other("no active spool segment"));
+        };
+        let path = segment_path(&self.shared.dir, a.first_id);
+        #[cfg(test)]
+        if self.shared.hooks.take_write_failure() {
+            // Like a disk filling up mid-write: part of the data lands.
+            let _ = a.file.write_all_at(&self.buf[..self.buf.len() / 2], a.len);
+            return Err(io_context(
+                io::Error::new(io::ErrorKind::StorageFull, "injected write failure"),
+                "write",
+                &path,
+            ));
+        }
+        a.file
+            .write_all_at(&self.buf, a.len)
+            .map_err(|e| io_context(e, "write", &path))?;
+        match self.fsync {
+            FsyncMode::Always => {
+                self.dirty = true;
+                self.sync_active()
+            }
+            FsyncMode::Interval(d) => {
+                self.dirty = true;
+                if self.sync_due.is_none() {
+                    // An interval too long to represent means "never".
+                    self.sync_due = Instant::now().checked_add(d);
+                }
+                Ok(())
+            }
+            FsyncMode::Never => {
+                self.dirty = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// fdatasync of the active segment if it has unsynced writes.
+    fn sync_active(&mut self) -> io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let Some(a) = self.active.as_ref() else {
+            self.dirty = false;
+            return Ok(());
+        };
+        let path = segment_path(&self.shared.dir, a.first_id);
+        #[cfg(test)]
+        if self.shared.hooks.take_sync_failure() {
+            return Err(io_context(
+                io::Error::other("injected sync failure"),
+                "sync",
+                &path,
+            ));
+        }
+        a.file
+            .sync_data()
+            .map_err(|e| io_context(e, "sync", &path))?;
+        Counters::add(&self.shared.counters.syncs, 1);
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// fsync works on the file, not the descriptor, so reopening a retired
+    /// segment by name is enough to flush what `Never` mode left unsynced.
+    fn sync_retired(&mut self) -> io::Result<()> {
+        let mut first_err = None;
+        for first_id in std::mem::take(&mut self.retired_unsynced) {
+            if !self.shared.lock_state().segments.contains_key(&first_id) {
+                continue; // delivered and deleted meanwhile
+            }
+            let path = segment_path(&self.shared.dir, first_id);
+            match File::open(&path).and_then(|f| f.sync_data()) {
+                Ok(()) => Counters::add(&self.shared.counters.syncs, 1),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first_err.get_or_insert(io_context(e, "sync", &path));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Cuts the active file back to its last good length and retires it.
+    fn abandon_write(&mut self) {
+        Counters::add(&self.shared.counters.io_errors, 1);
+        self.roll_needed = true;
+        self.shared.lock_state().full = true;
+        if let Some(a) = &self.active
+            && let Err(e) = a.file.set_len(a.len)
+        {
+            // Harmless for correctness: readers stop at the good length and
+            // recovery rejects the leftovers by their ids.
+            tracing::warn!(error = %e, "cannot cut spool segment back after a failed write");
+        }
+    }
+
+    fn fail_group(&mut self, e: &io::Error) {
+        Counters::add(&self.shared.counters.io_errors, 1);
+        self.shared.lock_state().full = true;
+        for req in self.group.drain(..) {
+            let _ = req.reply.send(Err(SpoolError::Io(clone_io(e))));
+        }
+    }
+
+    fn fail_accepted(&mut self, e: &io::Error) {
+        for reply in self.accepted.drain(..) {
+            let _ = reply.send(Err(SpoolError::Io(clone_io(e))));
+        }
+    }
+
+    /// Makes sure there is a segment to write `needed` bytes to, rolling to
+    /// a new one when the current one is big enough, suspect, or fully
+    /// delivered while the spool is out of room (deleting it is the only way
+    /// to get that room back).
+    fn ensure_segment(&mut self, needed: u64) -> io::Result<()> {
+        let must_roll = match &self.active {
+            None => true,
+            Some(a) => {
+                self.roll_needed
+                    || (a.count > 0 && a.len >= self.segment_bytes)
+                    || (a.count > 0 && {
+                        let st = self.shared.lock_state();
+                        st.segments
+                            .get(&a.first_id)
+                            .is_some_and(SegMeta::fully_acked)
+                            && st.bytes + needed > self.max_bytes
+                    })
+            }
+        };
+        if must_roll { self.roll() } else { Ok(()) }
+    }
+
+    fn roll(&mut self) -> io::Result<()> {
+        let first_id = self.next_id;
+        let durable = !matches!(self.fsync, FsyncMode::Never);
+        let file = create_segment(&self.shared, first_id, durable)?;
+        if durable {
+            if let Err(e) = self.sync_active() {
+                Counters::add(&self.shared.counters.io_errors, 1);
+                tracing::error!(error = %e, "sync of the previous spool segment failed; its recent events may be lost if the machine crashes");
+            }
+        } else if self.dirty
+            && let Some(a) = &self.active
+        {
+            self.retired_unsynced.push(a.first_id);
+        }
+        self.dirty = false;
+        self.sync_due = None;
+        self.roll_needed = false;
+        self.active = Some(ActiveFile {
+            first_id,
+            file,
+            len: HEADER_LEN,
+            count: 0,
+        });
+        let deletions = {
+            let mut st = self.shared.lock_state();
+            st.segments
+                .insert(first_id, SegMeta::new(first_id, HEADER_LEN, HEADER_LEN));
+            st.bytes += HEADER_LEN;
+            st.active = Some(first_id);
+            st.take_deletable(&self.shared.dir)
+        };
+        Counters::add(
+            &self.shared.counters.segments_deleted,
+            deletions.len() as u64,
+        );
+        deletions.run();
+        Ok(())
+    }
+
+    /// Syncs whatever is unsynced (every mode), flushes acks and stops
+    /// accepting appends.
+    fn close(&mut self) -> Result<(), SpoolError> {
+        let res = self
+            .sync_retired()
+            .and(self.sync_active())
+            .map_err(SpoolError::Io);
+        if res.is_err() {
+            Counters::add(&self.shared.counters.io_errors, 1);
+        }
+        {
+            let mut st = self.shared.lock_state();
+            st.flush_acks(&self.shared.dir);
+            st.closed = true;
+        }
+        self.closed = true;
+        self.shared.data_ready.notify_one();
+        res
+    }
+}
+
+/// Creates `<first_id>.seg` with its header. Unless durability is off, the
+/// header and the directory entry are synced too: an fdatasync of the file
+/// alone does not make a new file's name survive a power cut.
+fn create_segment(shared: &Shared, first_id: u64, durable: bool) -> io::Result<File> {
+    let dir = &shared.dir;
+    let path = segment_path(dir, first_id);
+    let res = (|| {
+        // A stale ack file under this name would mark new records delivered.
+        remove_if_exists(&acks_path(dir, first_id))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        f.write_all_at(&encode_header(first_id), 0)?;
+        if durable {
+            f.sync_data()?;
+            Counters::add(&shared.counters.syncs, 1);
+            File::open(dir)?.sync_all()?;
+            Counters::add(&shared.counters.dir_syncs, 1);
+        }
+        Ok(f)
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&path);
+    }
+    res.map_err(|e| io_context(e, "create segment", &path))
+}
+
+fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// io::Error is not Clone; every request of a failed group gets its own
+/// copy with the same kind and message.
+fn clone_io(e: &io::Error) -> io::Error {
+    io::Error::new(e.kind(), e.to_string())
+}
