@@ -1,10 +1,244 @@
 //! timbridge: Tencent Cloud Chat read-receipt callbacks in, `read_receipt.v1`
-//! records on Kafka out.
+//! records on Kafka out, and nothing acknowledged ever lost in between.
+//!
+//! # The data flow
+//!
+//! ```text
+//! Tencent ──POST──▶ server      hyper: routes, body limit, timeouts, graceful shutdown
+//!                     │
+//!                     ▼
+//!                  intake        one callback: tencent::query → tencent::auth →
+//!                     │          tencent::payload → event (normalize) → dedup
+//!                     ▼
+//!                  spool ──────▶ 200 OK   append (group commit); from here on the
+//!                     │                   gateway holds the only copy
+//!                     ▼
+//!                  publish       rdkafka idempotent producer; a record leaves the
+//!                     │          spool only after its positive delivery report
+//!                     ▼
+//!                   Kafka
+//! ```
+//!
+//! Each stage hands the next a finished value and never calls back. Tencent
+//! waits two seconds for an answer and does not retry "after" callbacks by
+//! default, so the answer comes as soon as the records are in the spool, not
+//! when Kafka has them: Kafka may be away for an hour and the spool rides it
+//! out, replaying after a restart whatever has no delivery report yet.
+//!
+//! `metrics` is written by every stage and read by `/metrics`; `/readyz`
+//! asks the spool (room left?) and the intake (draining?). Whether Kafka is
+//! reachable is reported but never makes the gateway unready.
+//!
+//! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 
 pub mod config;
 pub mod dedup;
+pub mod embedded;
 pub mod event;
+pub mod intake;
+pub mod logging;
+pub mod metrics;
+pub mod publish;
 pub mod record;
+pub mod send;
+pub mod server;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{Config, FsyncPolicy};
+use crate::embedded::EmbeddedKafka;
+use crate::intake::Intake;
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::spool::{FsyncMode, Spool, SpoolConfig};
+
+/// The dead-letter file, inside the spool directory.
+pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+
+/// A running gateway: listener, spool and publisher.
+pub struct Gateway {
+    addr: SocketAddr,
+    bootstrap: String,
+    intake: Arc<Intake>,
+    spool: Spool,
+    publisher: Publisher,
+    server: tokio::task::JoinHandle<()>,
+    stop_server: watch::Sender<bool>,
+    shutdown_timeout: Duration,
+    drain_delay: Duration,
+    // Dropped last: the producer must be gone before its broker.
+    embedded: Option<EmbeddedKafka>,
+}
+
+impl Gateway {
+    /// Opens the spool (replaying what it holds), starts the producer and
+    /// binds the listener. The config is taken as validated.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let apps = config.resolve_apps()?;
+        let embedded = if config.kafka.is_embedded() {
+            let mut topics = vec![
+                config.kafka.group_topic.clone(),
+                config.kafka.c2c_topic.clone(),
+            ];
+            topics.extend(config.kafka.raw_topic.clone());
+            topics.extend(config.kafka.dead_letter_topic.clone());
+            let kafka = EmbeddedKafka::start(&topics)?;
+            tracing::warn!(
+                bootstrap = kafka.bootstrap(),
+                "EMBEDDED KAFKA: an in-memory mock broker for trying timbridge out; \
+                 it forgets everything at exit. NOT FOR PRODUCTION: set kafka.brokers to your cluster. \
+                 Read the records with: kcat -b {} -C -t {}",
+                kafka.bootstrap(),
+                config.kafka.group_topic
+            );
+            Some(kafka)
+        } else {
+            None
+        };
+        let bootstrap = match &embedded {
+            Some(k) => k.bootstrap().to_owned(),
+            None => config.kafka.brokers.clone(),
+        };
+
+        let (spool, reader, report) = Spool::open(SpoolConfig {
+            dir: config.spool.dir.clone(),
+            max_bytes: config.spool.max_bytes,
+            fsync: match config.spool.fsync {
+                FsyncPolicy::Always => FsyncMode::Always,
+                FsyncPolicy::Interval => FsyncMode::Interval(config.spool.fsync_interval),
+                FsyncPolicy::Never => FsyncMode::Never,
+            },
+            segment_bytes: config.spool.segment_bytes,
+        })
+        .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        log_recovery(&config.spool.dir, &report);
+
+        let metrics = Arc::new(Metrics::new());
+        metrics.spool_max_bytes.set(config.spool.max_bytes as i64);
+        let (kafka_up_tx, kafka_up_rx) = watch::channel(false);
+        let publisher = Publisher::start(
+            &config.kafka,
+            &bootstrap,
+            spool.clone(),
+            reader,
+            config.spool.dir.join(DEAD_LETTER_FILE),
+            metrics.clone(),
+            kafka_up_tx,
+        )
+        .context("cannot create the Kafka producer: check [kafka.properties]")?;
+
+        let intake = Arc::new(Intake::new(&config, apps, spool.clone(), metrics));
+        let listen = config.listen_addr();
+        let listener = TcpListener::bind(listen).await.with_context(|| {
+            format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
+        })?;
+        let addr = listener.local_addr()?;
+        let (stop_server, stop_rx) = watch::channel(false);
+        let server = tokio::spawn({
+            let intake = intake.clone();
+            let server_config = config.server.clone();
+            async move { server::serve(listener, &server_config, intake, kafka_up_rx, stop_rx).await }
+        });
+        tracing::info!(
+            %addr,
+            callback_path = %config.server.callback_path,
+            brokers = %bootstrap,
+            "timbridge listening"
+        );
+        Ok(Gateway {
+            addr,
+            bootstrap,
+            intake,
+            spool,
+            publisher,
+            server,
+            stop_server,
+            shutdown_timeout: config.server.shutdown_timeout,
+            drain_delay: config.server.drain_delay,
+            embedded,
+        })
+    }
+
+    /// Where the listener is bound (the port is real when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The brokers the producer talks to (the embedded one's address when
+    /// `brokers = "embedded"`).
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        self.intake.metrics()
+    }
+
+    /// The orderly stop: unready and 503 for new callbacks, in-flight
+    /// requests finish, Kafka gets until `shutdown_timeout` to take what the
+    /// spool holds, and whatever it has not taken stays for the next start.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!(drain_delay = ?self.drain_delay, "shutting down: /readyz is 503 now");
+        self.intake.start_draining();
+        // Load balancers need a moment to see /readyz fail; meanwhile
+        // callbacks are still taken, since Tencent would not retry them.
+        tokio::time::sleep(self.drain_delay).await;
+        let deadline = Instant::now() + self.shutdown_timeout;
+        self.intake.start_refusing();
+        let _ = self.stop_server.send(true);
+        if tokio::time::timeout_at(deadline.into(), self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open at the shutdown deadline; closing them");
+        }
+        // Give Kafka the rest of the time to take what is spooled.
+        while self.spool.stats().pending_events > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.publisher
+            .stop(left.max(Duration::from_millis(100)))
+            .await;
+        let pending = self.spool.stats().pending_events;
+        self.spool.close().await.context("cannot close the spool")?;
+        if pending > 0 {
+            tracing::warn!(
+                pending,
+                "stopped with records not yet in Kafka; they are in the spool and will be sent at the next start"
+            );
+        } else {
+            tracing::info!("stopped; the spool is empty");
+        }
+        drop(self.embedded);
+        Ok(())
+    }
+}
+
+/// Says what the spool found at start: how much it will replay, and every
+/// place where it had to skip damaged data (a torn write at a crash).
+fn log_recovery(dir: &std::path::Path, report: &spool::RecoveryReport) {
+    for damaged in &report.damaged {
+        tracing::warn!(spool = %dir.display(), "spool recovery skipped data: {damaged}");
+    }
+    tracing::info!(
+        spool = %dir.display(),
+        segments = report.segments,
+        records_pending = report.records_pending,
+        bytes_skipped = report.bytes_skipped(),
+        "spool opened; pending records will be sent to Kafka"
+    );
+}

@@ -1,0 +1,325 @@
+//! One callback, from query string to answer: who sent it, is it signed, what
+//! does it say, which records does it make, and are they safely in the spool.
+//!
+//! The order of the checks is the contract's: the app first (403), then its
+//! signature (401), then the body (400). Nothing is written anywhere until
+//! every check has passed, so a rejected callback produces no Kafka record.
+//! The answer is OK only once the records are in the spool: from then on
+//! the gateway holds the only copy and the publisher takes it to Kafka.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use crate::config::{App, Config};
+use crate::dedup::Dedup;
+use crate::event::{self, Envelope};
+use crate::metrics::{Metrics, command_label};
+use crate::record::{Record, TopicRole};
+use crate::spool::{Spool, SpoolError};
+use crate::tencent::answer::{RejectKind, Rejection};
+use crate::tencent::auth;
+use crate::tencent::payload;
+use crate::tencent::query::CallbackQuery;
+use crate::throttle::LogThrottle;
+
+/// What became of an accepted callback, for the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Read-receipt events written to the spool (or none: an empty list).
+    Events,
+    /// Every event in it was accepted moments ago already.
+    Duplicate,
+    /// Another command, forwarded to the raw topic.
+    Forwarded,
+    /// Another command, no raw topic configured.
+    Ignored,
+}
+
+impl Accepted {
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Accepted::Events => "accepted",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Forwarded => "forwarded",
+            Accepted::Ignored => "ignored",
+        }
+    }
+}
+
+/// Everything a callback needs, shared by all connections.
+pub struct Intake {
+    apps: HashMap<u64, App>,
+    raw_enabled: bool,
+    spool: Spool,
+    dedup: Dedup,
+    metrics: Arc<Metrics>,
+    /// Shutting down: /readyz says so, so load balancers stop sending.
+    draining: AtomicBool,
+    /// Shutting down and past the drain delay: new callbacks get 503.
+    refusing: AtomicBool,
+    rejection_log: LogThrottle,
+}
+
+impl Intake {
+    pub fn new(config: &Config, apps: Vec<App>, spool: Spool, metrics: Arc<Metrics>) -> Intake {
+        Intake {
+            apps: apps.into_iter().map(|a| (a.sdk_app_id, a)).collect(),
+            raw_enabled: config.kafka.raw_topic.is_some(),
+            spool,
+            dedup: Dedup::new(config.spool.dedup_window, config.spool.dedup_max_entries),
+            rejection_log: LogThrottle::new(config.log.rejections_per_second),
+            metrics,
+            draining: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Shutting down: /readyz turns 503 so that load balancers stop
+    /// sending, but callbacks are still taken (Tencent would not retry them).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// From now on callbacks that start are answered 503; those already
+    /// being read are finished.
+    pub fn start_refusing(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.refusing.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a callback starting now must be refused.
+    pub fn is_refusing(&self) -> bool {
+        self.refusing.load(Ordering::SeqCst)
+    }
+
+    /// Handles one callback whose body has been read. `refuse` is whether
+    /// the gateway was already refusing when the request started. Records
+    /// the outcome in the metrics and logs rejections (rate-limited, without
+    /// secrets).
+    pub async fn handle(
+        &self,
+        raw_query: &str,
+        body: Bytes,
+        started: Instant,
+        refuse: bool,
+    ) -> Result<Accepted, Rejection> {
+        let query = CallbackQuery::parse(raw_query);
+        let result = if refuse {
+            Err(Rejection::new(
+                RejectKind::Overloaded,
+                "gateway is shutting down; retry against another replica",
+            ))
+        } else {
+            self.check_and_spool(&query, body).await
+        };
+        let command = query.callback_command.as_deref().unwrap_or("");
+        let outcome = match &result {
+            Ok(a) => a.outcome(),
+            Err(r) => {
+                self.log_rejection(&query, r);
+                r.kind.outcome()
+            }
+        };
+        self.metrics
+            .callbacks
+            .with_label_values(&[command_label(command), outcome])
+            .inc();
+        self.metrics
+            .callback_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Counts and logs a callback rejected before its body was read (too
+    /// large, too slow), which `handle` never saw.
+    pub fn reject_unread(&self, raw_query: &str, rejection: &Rejection, started: Instant) {
+        let query = CallbackQuery::parse(raw_query);
+        let command = query.callback_command.as_deref().unwrap_or("");
+        self.log_rejection(&query, rejection);
+        self.metrics
+            .callbacks
+            .with_label_values(&[command_label(command), rejection.kind.outcome()])
+            .inc();
+        self.metrics
+            .callback_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn check_and_spool(
+        &self,
+        query: &CallbackQuery,
+        body: Bytes,
+    ) -> Result<Accepted, Rejection> {
+        let app = self.authenticate(query)?;
+        let command = match query.callback_command.as_deref() {
+            Some(c) if !c.is_empty() => c,
+            _ => {
+                return Err(Rejection::new(
+                    RejectKind::Invalid,
+                    "CallbackCommand is missing from the query string",
+                ));
+            }
+        };
+        let received_at_ms = now_ms();
+        let mut records = Vec::new();
+        match payload::parse(command, &body) {
+            Some(Ok(callback)) => {
+                let env = Envelope {
+                    sdk_app_id: app.sdk_app_id,
+                    received_at_ms,
+                    client_ip: query.client_ip.as_deref(),
+                    platform: query.platform.as_deref(),
+                };
+                event::normalize(&callback, &env, &mut records);
+            }
+            Some(Err(why)) => return Err(Rejection::new(RejectKind::Invalid, why)),
+            None => {
+                let other = payload::parse_other(&body)
+                    .map_err(|why| Rejection::new(RejectKind::Invalid, why))?;
+                if !self.raw_enabled {
+                    return Ok(Accepted::Ignored);
+                }
+                let key = match &other.group_id {
+                    Some(g) => g.as_bytes().to_vec(),
+                    None => app.sdk_app_id.to_string().into_bytes(),
+                };
+                records.push(Record {
+                    topic: TopicRole::Raw,
+                    key,
+                    value: body.to_vec(),
+                    event_id: None,
+                    command: command.to_owned(),
+                    sdk_app_id: app.sdk_app_id,
+                });
+                self.spool_records(&records, &[]).await?;
+                self.metrics.events.with_label_values(&["raw"]).inc();
+                return Ok(Accepted::Forwarded);
+            }
+        }
+        if records.is_empty() {
+            return Ok(Accepted::Events);
+        }
+        let ids: Vec<_> = records.iter().filter_map(|r| r.event_id).collect();
+        let fresh = self.dedup.admit(&ids, Instant::now());
+        let dropped = fresh.iter().filter(|new| !**new).count();
+        if dropped == records.len() {
+            self.metrics.duplicates_dropped.inc_by(dropped as u64);
+            return Ok(Accepted::Duplicate);
+        }
+        let mut admitted = Vec::with_capacity(records.len());
+        let mut admitted_ids = Vec::with_capacity(records.len());
+        for (record, new) in records.into_iter().zip(fresh) {
+            if new {
+                if let Some(id) = record.event_id {
+                    admitted_ids.push(id);
+                }
+                admitted.push(record);
+            }
+        }
+        self.spool_records(&admitted, &admitted_ids).await?;
+        self.metrics.duplicates_dropped.inc_by(dropped as u64);
+        self.metrics
+            .events
+            .with_label_values(&[event::kind_of(command)])
+            .inc_by(admitted.len() as u64);
+        Ok(Accepted::Events)
+    }
+
+    fn authenticate(&self, query: &CallbackQuery) -> Result<&App, Rejection> {
+        let id = query.sdk_app_id.as_deref().ok_or_else(|| {
+            Rejection::new(
+                RejectKind::UnknownApp,
+                "SdkAppid is missing from the query string",
+            )
+        })?;
+        let app = id
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| self.apps.get(&n))
+            .ok_or_else(|| {
+                Rejection::new(
+                    RejectKind::UnknownApp,
+                    "SdkAppid is not configured on this gateway",
+                )
+            })?;
+        if let Some(token) = &app.token {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            auth::verify(
+                token,
+                query.sign.as_deref(),
+                query.request_time.as_deref(),
+                now,
+            )
+            .map_err(|e| Rejection::new(RejectKind::Unauthorized, e.to_string()))?;
+        }
+        Ok(app)
+    }
+
+    async fn spool_records(
+        &self,
+        records: &[Record],
+        ids: &[crate::record::EventId],
+    ) -> Result<(), Rejection> {
+        let encoded: Vec<Bytes> = records.iter().map(|r| Bytes::from(r.encode())).collect();
+        match self.spool.append(encoded).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.dedup.forget(ids);
+                Err(match e {
+                    SpoolError::Full => Rejection::new(
+                        RejectKind::Overloaded,
+                        "spool is full: Kafka is not keeping up; retry later",
+                    ),
+                    other => {
+                        tracing::error!(error = %other, "cannot write to the spool");
+                        Rejection::new(
+                            RejectKind::Overloaded,
+                            "spool cannot be written (disk full or failing); retry later",
+                        )
+                    }
+                })
+            }
+        }
+    }
+
+    fn log_rejection(&self, query: &CallbackQuery, r: &Rejection) {
+        if let Some(suppressed) = self.rejection_log.admit() {
+            tracing::warn!(
+                status = r.kind.status().as_u16(),
+                reason = %r.info,
+                command = query.callback_command.as_deref().unwrap_or("-"),
+                sdk_app_id = query.sdk_app_id.as_deref().unwrap_or("-"),
+                suppressed_before = suppressed,
+                "callback rejected"
+            );
+        } else {
+            self.metrics.log_lines_suppressed.inc();
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,231 @@
+//! What Prometheus scrapes at `/metrics`.
+//!
+//! One registry of our own (not the global default, so tests can run many
+//! gateways in one process), names in base units with the `timbridge_`
+//! prefix, and labels with bounded values only: never a GroupId or an
+//! account, which would give one series per user.
+//!
+//! Every stage writes here; nothing here calls back into a stage. The spool
+//! gauges are read from the spool at scrape time rather than kept in step by
+//! hand, so they cannot drift.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// The label values `command` may take: the three read-receipt commands, or `other`.
+pub fn command_label(command: &str) -> &'static str {
+    use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
+    match command {
+        GROUP_READ_RECEIPT => GROUP_READ_RECEIPT,
+        C2C_READ_RECEIPT => C2C_READ_RECEIPT,
+        C2C_REPORT => C2C_REPORT,
+        _ => "other",
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub callbacks: IntCounterVec,
+    pub callback_duration: Histogram,
+    pub callbacks_in_flight: IntGauge,
+    pub events: IntCounterVec,
+    pub kafka_delivered: IntCounterVec,
+    pub kafka_errors: IntCounterVec,
+    pub kafka_delivery_seconds: Histogram,
+    pub kafka_up: IntGauge,
+    pub kafka_queue_messages: IntGauge,
+    pub kafka_broker_rtt: Gauge,
+    pub spool_events: IntGauge,
+    pub spool_bytes: IntGauge,
+    pub spool_max_bytes: IntGauge,
+    pub spool_oldest_age: Gauge,
+    pub spool_segments: IntGauge,
+    pub spool_syncs: IntGauge,
+    pub dead_letter: IntCounter,
+    pub duplicates_dropped: IntCounter,
+    pub log_lines_suppressed: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.0, 5.0,
+        ];
+        let delivery_buckets = vec![
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            300.0, 900.0, 3600.0,
+        ];
+        let m = Metrics {
+            callbacks: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_callbacks_total",
+                    "Callbacks answered, by command (the three read-receipt commands or other) and outcome.",
+                ),
+                &["command", "outcome"],
+            )
+            .expect("valid metric"),
+            callback_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "timbridge_callback_duration_seconds",
+                    "Time from the start of a callback request to its answer being handed to the connection.",
+                )
+                .buckets(latency_buckets),
+            )
+            .expect("valid metric"),
+            callbacks_in_flight: IntGauge::new(
+                "timbridge_callbacks_in_flight",
+                "Callback requests whose head has arrived and whose answer is not yet written.",
+            )
+            .expect("valid metric"),
+            events: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_events_total",
+                    "Records accepted into the spool, by kind (group_message, c2c_message, c2c_watermark, raw).",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
+            kafka_delivered: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_kafka_delivered_total",
+                    "Records Kafka acknowledged, by topic.",
+                ),
+                &["topic"],
+            )
+            .expect("valid metric"),
+            kafka_errors: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_kafka_errors_total",
+                    "Failed deliveries, by reason (retried unless the reason is permanent).",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            kafka_delivery_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "timbridge_kafka_delivery_seconds",
+                    "Time from a record's acceptance into the spool to Kafka's positive delivery report.",
+                )
+                .buckets(delivery_buckets),
+            )
+            .expect("valid metric"),
+            kafka_up: IntGauge::new(
+                "timbridge_kafka_up",
+                "1 while at least one Kafka broker is connected, 0 otherwise.",
+            )
+            .expect("valid metric"),
+            kafka_queue_messages: IntGauge::new(
+                "timbridge_kafka_producer_queue_messages",
+                "Messages in librdkafka's producer queue (from its statistics).",
+            )
+            .expect("valid metric"),
+            kafka_broker_rtt: Gauge::new(
+                "timbridge_kafka_broker_rtt_seconds",
+                "Average broker round-trip time over the last statistics interval, worst broker.",
+            )
+            .expect("valid metric"),
+            spool_events: IntGauge::new(
+                "timbridge_spool_events",
+                "Records in the spool that Kafka has not acknowledged yet.",
+            )
+            .expect("valid metric"),
+            spool_bytes: IntGauge::new("timbridge_spool_bytes", "Bytes of spool segment files on disk.")
+                .expect("valid metric"),
+            spool_max_bytes: IntGauge::new(
+                "timbridge_spool_max_bytes",
+                "The configured spool limit; callbacks are answered 503 beyond it.",
+            )
+            .expect("valid metric"),
+            spool_oldest_age: Gauge::new(
+                "timbridge_spool_oldest_event_age_seconds",
+                "Age of the oldest record not yet in Kafka (0 when the spool is empty): the lag to alert on.",
+            )
+            .expect("valid metric"),
+            spool_segments: IntGauge::new("timbridge_spool_segments", "Spool segment files on disk.")
+                .expect("valid metric"),
+            spool_syncs: IntGauge::new(
+                "timbridge_spool_syncs",
+                "fdatasync calls the spool has made since start.",
+            )
+            .expect("valid metric"),
+            dead_letter: IntCounter::new(
+                "timbridge_dead_letter_total",
+                "Records Kafka will never take, moved to the dead-letter file (and topic, when set).",
+            )
+            .expect("valid metric"),
+            duplicates_dropped: IntCounter::new(
+                "timbridge_duplicate_events_total",
+                "Events dropped because the same event_id was accepted within the dedup window.",
+            )
+            .expect("valid metric"),
+            log_lines_suppressed: IntCounter::new(
+                "timbridge_log_lines_suppressed_total",
+                "Rejection log lines left out by the rate limit.",
+            )
+            .expect("valid metric"),
+            build_info: IntGaugeVec::new(
+                Opts::new("timbridge_build_info", "Always 1; the version is in the label."),
+                &["version"],
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.callbacks.clone()),
+            Box::new(m.callback_duration.clone()),
+            Box::new(m.callbacks_in_flight.clone()),
+            Box::new(m.events.clone()),
+            Box::new(m.kafka_delivered.clone()),
+            Box::new(m.kafka_errors.clone()),
+            Box::new(m.kafka_delivery_seconds.clone()),
+            Box::new(m.kafka_up.clone()),
+            Box::new(m.kafka_queue_messages.clone()),
+            Box::new(m.kafka_broker_rtt.clone()),
+            Box::new(m.spool_events.clone()),
+            Box::new(m.spool_bytes.clone()),
+            Box::new(m.spool_max_bytes.clone()),
+            Box::new(m.spool_oldest_age.clone()),
+            Box::new(m.spool_segments.clone()),
+            Box::new(m.spool_syncs.clone()),
+            Box::new(m.dead_letter.clone()),
+            Box::new(m.duplicates_dropped.clone()),
+            Box::new(m.log_lines_suppressed.clone()),
+            Box::new(m.build_info.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            m.registry
+                .register(Box::new(pc))
+                .expect("process metrics register once");
+        }
+        m
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        let families = self.registry.gather();
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,303 @@
+//! What the integration tests share: a gateway on an ephemeral port in front
+//! of librdkafka's mock cluster (a real Kafka-protocol broker on 127.0.0.1),
+//! an HTTP client, and an independent rdkafka consumer to read records back.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use timbridge::config::Config;
+
+pub const APP: u64 = 1400000000;
+pub const OPEN_APP: u64 = 1400000099;
+pub const TOKEN: &str = "test-token";
+pub const GROUP_TOPIC: &str = "tim.group.read_receipts";
+pub const C2C_TOPIC: &str = "tim.c2c.read_receipts";
+pub const RAW_TOPIC: &str = "tim.callbacks.raw";
+pub const PARTITIONS: i32 = 3;
+
+pub type Cluster = MockCluster<'static, DefaultProducerContext>;
+
+/// A one-broker mock cluster with the gateway's topics.
+pub fn cluster() -> Cluster {
+    let c = MockCluster::new(1).expect("mock cluster");
+    for t in [GROUP_TOPIC, C2C_TOPIC, RAW_TOPIC] {
+        c.create_topic(t, PARTITIONS, 1).expect("topic");
+    }
+    c
+}
+
+/// A config for tests: one app with a token, one without, raw forwarding
+/// on, the spool in `dir`, port 0.
+pub fn config(brokers: &str, dir: &Path, spool_extra: &str) -> Config {
+    Config::parse(&config_text(brokers, dir, &[("spool", spool_extra)])).expect("test config")
+}
+
+/// The same as TOML text, with `extra` lines added to the named tables
+/// (`server`, `kafka`, `kafka.properties`, `spool`).
+pub fn config_text(brokers: &str, dir: &Path, extra: &[(&str, &str)]) -> String {
+    let more = |table: &str| {
+        extra
+            .iter()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, lines)| *lines)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+max_body_bytes = 65536
+{}
+
+[[apps]]
+sdk_app_id = {APP}
+token = "{TOKEN}"
+
+[[apps]]
+sdk_app_id = {OPEN_APP}
+
+[kafka]
+brokers = "{brokers}"
+raw_topic = "{RAW_TOPIC}"
+{}
+
+[kafka.properties]
+"linger.ms" = 1
+{}
+
+[spool]
+dir = "{}"
+{}
+"#,
+        more("server"),
+        more("kafka"),
+        more("kafka.properties"),
+        dir.join("spool").display(),
+        more("spool"),
+    )
+}
+
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The query Tencent would send for `command`, signed with the test token.
+pub fn signed_query(command: &str) -> String {
+    timbridge::send::tencent_query(APP, command, Some(TOKEN), now_s())
+        + "&ClientIP=127.0.0.1&OptPlatform=iOS"
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub json: serde_json::Value,
+    pub headers: hyper::HeaderMap,
+}
+
+/// POSTs `body` to `path_and_query` on a fresh connection.
+pub async fn post(addr: std::net::SocketAddr, path_and_query: &str, body: &[u8]) -> Answer {
+    request(addr, "POST", path_and_query, body.to_vec(), &[]).await
+}
+
+pub async fn request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path_and_query)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+    Answer {
+        status,
+        json,
+        headers,
+    }
+}
+
+pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let a = request(addr, "GET", path, vec![], &[]).await;
+    let text = match a.json {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    };
+    (a.status, text)
+}
+
+/// Asserts Tencent's OK answer.
+pub fn assert_ok(a: &Answer) {
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(
+        a.json,
+        serde_json::json!({"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""})
+    );
+}
+
+/// Asserts a FAIL answer with `status`, and returns its ErrorInfo.
+pub fn assert_fail(a: &Answer, status: u16) -> String {
+    assert_eq!(a.status, status, "{}", a.json);
+    assert_eq!(a.json["ActionStatus"], "FAIL", "{}", a.json);
+    assert_ne!(a.json["ErrorCode"], 0, "{}", a.json);
+    assert!(a.json["ErrorCode"].is_u64());
+    a.json["ErrorInfo"].as_str().expect("ErrorInfo").to_owned()
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Vec<u8>,
+    pub value: serde_json::Value,
+    pub raw_value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads `topic` from the beginning with an independent consumer until
+/// `want` records have arrived or `within` has passed.
+pub fn read_topic(bootstrap: &str, topic: &str, want: usize, within: Duration) -> Vec<Received> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "timbridge-tests")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let mut headers = HashMap::new();
+                if let Some(h) = m.headers() {
+                    for i in 0..h.count() {
+                        let hd = h.get(i);
+                        headers.insert(
+                            hd.key.to_owned(),
+                            String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                        );
+                    }
+                }
+                let raw_value = m.payload().unwrap_or_default().to_vec();
+                out.push(Received {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    value: serde_json::from_slice(&raw_value).unwrap_or(serde_json::Value::Null),
+                    raw_value,
+                    headers,
+                });
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// Whatever is on `topic` now: waits briefly for stragglers, so use it to
+/// show that nothing more arrived after a known record.
+pub fn read_all(bootstrap: &str, topic: &str) -> Vec<Received> {
+    read_topic(bootstrap, topic, usize::MAX, Duration::from_secs(2))
+}
+
+/// The shipped JSON Schema of `read_receipt.v1`.
+pub fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schema/read_receipt.v1.json"
+    ))
+    .expect("schema file");
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+pub fn assert_valid(v: &jsonschema::Validator, value: &serde_json::Value) {
+    let errors: Vec<String> = v.iter_errors(value).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{value} fails the schema: {errors:?}");
+}
+
+/// Waits for a condition, polling; panics with `what` at the deadline.
+pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub const GROUP_BODY: &str = r#"{
+    "CallbackCommand": "Group.CallbackAfterReadReceipt",
+    "GroupId": "@TGS#2TTV7VSII",
+    "Type": "Public",
+    "GroupMsgReceiptList": [
+        {"MsgSeq": 1, "ReadNum": 1, "UnreadNum": 6, "ReadReceiptMembers": [{"Member_Account": "user0"}]},
+        {"MsgSeq": 2, "ReadNum": 2, "UnreadNum": 5, "ReadReceiptMembers": [{"Member_Account": "user0"}, {"Member_Account": "user1"}]}
+    ],
+    "EventTime": "1670574414123"
+}"#;
+
+pub const C2C_RECEIPT_BODY: &str = r#"{
+    "CallbackCommand": "C2C.CallbackAfterMsgReadReceipt",
+    "Operator_Account": "zed",
+    "Peer_Account": "amy",
+    "C2CMsgInfo": [
+        {"From_Account": "amy", "To_Account": "zed", "MsgKey": "1_2_3", "MsgId": "m-1"},
+        {"From_Account": "amy", "To_Account": "zed", "MsgKey": "4_5_6", "MsgId": "m-2"}
+    ],
+    "EventTime": 1670574414123
+}"#;
+
+pub const C2C_REPORT_BODY: &str = r#"{
+    "CallbackCommand": "C2C.CallbackAfterMsgReport",
+    "Report_Account": "amy",
+    "Peer_Account": "zed",
+    "LastReadTime": 1670574414,
+    "UnreadMsgNum": 3,
+    "EventTime": 1670574414999
+}"#;
+
+/// A group receipt for a distinct group, so tests can post many that the
+/// dedup window does not fold together.
+pub fn group_body(group: &str, seq: u64) -> String {
+    format!(
+        r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":{seq},"ReadNum":1,"UnreadNum":1,"ReadReceiptMembers":[{{"Member_Account":"u"}}]}}],"EventTime":1670574414123}}"#
+    )
+}
+pub mod process;
