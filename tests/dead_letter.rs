@@ -1,0 +1,139 @@
+//! A record Kafka will never take must not block the records behind it: it
+//! goes to the dead-letter file (and topic), is counted, and the rest flows.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use timbridge::Gateway;
+
+/// A group receipt whose event is far larger than `message.max.bytes`.
+fn huge_receipt() -> String {
+    let members: Vec<String> = (0..200)
+        .map(|i| format!(r#"{{"Member_Account":"member-with-a-long-account-name-{i:04}"}}"#))
+        .collect();
+    format!(
+        r#"{{"GroupId":"g-huge","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":1,"ReadNum":200,"UnreadNum":0,"ReadReceiptMembers":[{}]}}],"EventTime":1670574414123}}"#,
+        members.join(",")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() {
+    let cluster = cluster();
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &bootstrap,
+        dir.path(),
+        &[("kafka.properties", "\"message.max.bytes\" = 4096")],
+    );
+    let gw = Gateway::start(timbridge::config::Config::parse(&text).unwrap())
+        .await
+        .unwrap();
+    let addr = gw.local_addr();
+    let q = || {
+        format!(
+            "/callback?{}",
+            signed_query("Group.CallbackAfterReadReceipt")
+        )
+    };
+    assert_ok(&post(addr, &q(), group_body("g-before", 1).as_bytes()).await);
+    assert_ok(&post(addr, &q(), huge_receipt().as_bytes()).await);
+    assert_ok(&post(addr, &q(), group_body("g-after", 1).as_bytes()).await);
+
+    let recs = read_topic(&bootstrap, GROUP_TOPIC, 2, Duration::from_secs(30));
+    let keys: Vec<_> = recs.iter().map(|r| r.key.clone()).collect();
+    assert!(
+        keys.contains(&b"g-before".to_vec()) && keys.contains(&b"g-after".to_vec()),
+        "{keys:?}"
+    );
+    let metrics = gw.metrics().clone();
+    wait_until("a dead letter", Duration::from_secs(30), || {
+        metrics.dead_letter.get() == 1
+    })
+    .await;
+    let spool = gw.spool().clone();
+    wait_until("the spool drains", Duration::from_secs(30), || {
+        spool.stats().pending_events == 0
+    })
+    .await;
+
+    let file = std::fs::read_to_string(dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
+        .unwrap();
+    let lines: Vec<serde_json::Value> = file
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{file}");
+    let dl = &lines[0];
+    assert_eq!(dl["key"], "g-huge");
+    assert!(
+        dl["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("too large"),
+        "{dl}"
+    );
+    let event: serde_json::Value = serde_json::from_str(dl["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        event["readers"].as_array().unwrap().len(),
+        200,
+        "the whole event is kept"
+    );
+    assert!(
+        read_all(&bootstrap, GROUP_TOPIC)
+            .iter()
+            .all(|r| r.key != b"g-huge")
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_kafka_refuses_for_good_also_goes_to_the_dead_letter_topic() {
+    let cluster = cluster();
+    cluster
+        .create_topic("tim.dead_letters", PARTITIONS, 1)
+        .unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    // Writing to the raw topic is not authorized, for good.
+    cluster
+        .topic_error(
+            RAW_TOPIC,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        &bootstrap,
+        dir.path(),
+        &[("kafka", "dead_letter_topic = \"tim.dead_letters\"")],
+    );
+    let gw = Gateway::start(timbridge::config::Config::parse(&text).unwrap())
+        .await
+        .unwrap();
+    let addr = gw.local_addr();
+    let q = format!("/callback?{}", signed_query("Group.CallbackAfterSendMsg"));
+    let raw = r#"{"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"g-raw-denied"}"#;
+    assert_ok(&post(addr, &q, raw.as_bytes()).await);
+    let q = format!(
+        "/callback?{}",
+        signed_query("Group.CallbackAfterReadReceipt")
+    );
+    assert_ok(&post(addr, &q, group_body("g-fine", 1).as_bytes()).await);
+
+    let dl = read_topic(&bootstrap, "tim.dead_letters", 1, Duration::from_secs(30));
+    assert_eq!(dl.len(), 1);
+    assert_eq!(dl[0].key, b"g-raw-denied");
+    assert_eq!(dl[0].raw_value, raw.as_bytes());
+    assert_eq!(
+        read_topic(&bootstrap, GROUP_TOPIC, 1, Duration::from_secs(30)).len(),
+        1
+    );
+    let file = std::fs::read_to_string(dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
+        .unwrap();
+    assert!(file.contains("g-raw-denied"), "{file}");
+    gw.shutdown().await.unwrap();
+}
