@@ -123,7 +123,7 @@ impl Gateway {
         log_recovery(&config.spool.dir, &report);
 
         let metrics = Arc::new(Metrics::new());
-        metrics.spool_max_bytes.set(config.spool.max_bytes as i64);
+        metrics.register_spool(spool.clone(), config.spool.max_bytes);
         let (kafka_up_tx, kafka_up_rx) = watch::channel(false);
         let publisher = Publisher::start(
             &config.kafka,

@@ -9,6 +9,10 @@
 //! gauges are read from the spool at scrape time rather than kept in step by
 //! hand, so they cannot drift.
 
+use std::sync::Mutex;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts, Registry, TextEncoder,
@@ -25,6 +29,8 @@ pub fn command_label(command: &str) -> &'static str {
     }
 }
 
+use crate::spool::Spool;
+
 pub struct Metrics {
     pub registry: Registry,
     pub callbacks: IntCounterVec,
@@ -37,12 +43,6 @@ pub struct Metrics {
     pub kafka_up: IntGauge,
     pub kafka_queue_messages: IntGauge,
     pub kafka_broker_rtt: Gauge,
-    pub spool_events: IntGauge,
-    pub spool_bytes: IntGauge,
-    pub spool_max_bytes: IntGauge,
-    pub spool_oldest_age: Gauge,
-    pub spool_segments: IntGauge,
-    pub spool_syncs: IntGauge,
     pub dead_letter: IntCounter,
     pub duplicates_dropped: IntCounter,
     pub log_lines_suppressed: IntCounter,
@@ -129,30 +129,6 @@ impl Metrics {
                 "Average broker round-trip time over the last statistics interval, worst broker.",
             )
             .expect("valid metric"),
-            spool_events: IntGauge::new(
-                "timbridge_spool_events",
-                "Records in the spool that Kafka has not acknowledged yet.",
-            )
-            .expect("valid metric"),
-            spool_bytes: IntGauge::new("timbridge_spool_bytes", "Bytes of spool segment files on disk.")
-                .expect("valid metric"),
-            spool_max_bytes: IntGauge::new(
-                "timbridge_spool_max_bytes",
-                "The configured spool limit; callbacks are answered 503 beyond it.",
-            )
-            .expect("valid metric"),
-            spool_oldest_age: Gauge::new(
-                "timbridge_spool_oldest_event_age_seconds",
-                "Age of the oldest record not yet in Kafka (0 when the spool is empty): the lag to alert on.",
-            )
-            .expect("valid metric"),
-            spool_segments: IntGauge::new("timbridge_spool_segments", "Spool segment files on disk.")
-                .expect("valid metric"),
-            spool_syncs: IntGauge::new(
-                "timbridge_spool_syncs",
-                "fdatasync calls the spool has made since start.",
-            )
-            .expect("valid metric"),
             dead_letter: IntCounter::new(
                 "timbridge_dead_letter_total",
                 "Records Kafka will never take, moved to the dead-letter file (and topic, when set).",
@@ -189,12 +165,6 @@ impl Metrics {
             Box::new(m.kafka_up.clone()),
             Box::new(m.kafka_queue_messages.clone()),
             Box::new(m.kafka_broker_rtt.clone()),
-            Box::new(m.spool_events.clone()),
-            Box::new(m.spool_bytes.clone()),
-            Box::new(m.spool_max_bytes.clone()),
-            Box::new(m.spool_oldest_age.clone()),
-            Box::new(m.spool_segments.clone()),
-            Box::new(m.spool_syncs.clone()),
             Box::new(m.dead_letter.clone()),
             Box::new(m.duplicates_dropped.clone()),
             Box::new(m.log_lines_suppressed.clone()),
@@ -213,6 +183,14 @@ impl Metrics {
         m
     }
 
+    /// Registers the spool's gauges, read from the spool at each scrape.
+    pub fn register_spool(&self, spool: Spool, max_bytes: u64) {
+        let c = SpoolCollector::new(spool, max_bytes);
+        if let Err(e) = self.registry.register(Box::new(c)) {
+            tracing::error!(error = %e, "cannot register the spool metrics");
+        }
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8192);
@@ -227,5 +205,96 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The spool's state as gauges, taken from [`Spool::stats`] when Prometheus
+/// scrapes, so they can never drift from the spool itself.
+struct SpoolCollector {
+    spool: Spool,
+    events: IntGauge,
+    bytes: IntGauge,
+    max_bytes: IntGauge,
+    oldest_age: Gauge,
+    segments: IntGauge,
+    syncs: IntCounter,
+    /// Concurrent scrapes must not both add the same syncs to the counter.
+    syncs_seen: Mutex<()>,
+    descs: Vec<Desc>,
+}
+
+impl SpoolCollector {
+    fn new(spool: Spool, max_bytes: u64) -> SpoolCollector {
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let c = SpoolCollector {
+            spool,
+            events: gauge(
+                "timbridge_spool_events",
+                "Records in the spool that Kafka has not acknowledged yet.",
+            ),
+            bytes: gauge("timbridge_spool_bytes", "Bytes of spool segment files on disk."),
+            max_bytes: gauge(
+                "timbridge_spool_max_bytes",
+                "The configured spool limit; callbacks are answered 503 beyond it.",
+            ),
+            oldest_age: Gauge::new(
+                "timbridge_spool_oldest_event_age_seconds",
+                "Age of the oldest record not yet in Kafka (0 when the spool is empty): the lag to alert on.",
+            )
+            .expect("valid metric"),
+            segments: gauge("timbridge_spool_segments", "Spool segment files on disk."),
+            syncs: IntCounter::new(
+                "timbridge_spool_syncs_total",
+                "fdatasync calls the spool has made (one per group commit with fsync = always).",
+            )
+            .expect("valid metric"),
+            syncs_seen: Mutex::new(()),
+            descs: Vec::new(),
+        };
+        c.max_bytes.set(max_bytes as i64);
+        let descs = [
+            c.events.desc(),
+            c.bytes.desc(),
+            c.max_bytes.desc(),
+            c.oldest_age.desc(),
+            c.segments.desc(),
+            c.syncs.desc(),
+        ]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+        SpoolCollector { descs, ..c }
+    }
+}
+
+impl Collector for SpoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let s = self.spool.stats();
+        self.events.set(s.pending_events as i64);
+        self.bytes.set(s.bytes as i64);
+        self.segments.set(s.segments as i64);
+        self.oldest_age
+            .set(s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0));
+        {
+            let _one_at_a_time = self.syncs_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = self.syncs.get();
+            self.syncs.inc_by(s.counters.syncs.saturating_sub(seen));
+        }
+        [
+            self.events.collect(),
+            self.bytes.collect(),
+            self.max_bytes.collect(),
+            self.oldest_age.collect(),
+            self.segments.collect(),
+            self.syncs.collect(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }

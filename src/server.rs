@@ -120,7 +120,6 @@ impl Routes {
                 self.callback(req).await
             }
             (&Method::GET, "/metrics") => {
-                self.refresh_gauges();
                 let body = self.intake.metrics().render();
                 text(
                     StatusCode::OK,
@@ -223,17 +222,6 @@ impl Routes {
             StatusCode::SERVICE_UNAVAILABLE
         };
         text(status, "application/json", body)
-    }
-
-    fn refresh_gauges(&self) {
-        let m = self.intake.metrics();
-        let s = self.intake.spool().stats();
-        m.spool_events.set(s.pending_events as i64);
-        m.spool_bytes.set(s.bytes as i64);
-        m.spool_segments.set(s.segments as i64);
-        m.spool_syncs.set(s.counters.syncs as i64);
-        m.spool_oldest_age
-            .set(s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0));
     }
 }
 
