@@ -143,8 +143,17 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// The value of `name` (e.g. `addr=`) in a log line.
+/// The value of `name` (e.g. `addr=`) in a log line, pretty or JSON.
 pub fn field(line: &str, name: &str) -> String {
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(line) {
+        let key = name.trim_end_matches('=');
+        if let Some(v) = o.get(key) {
+            return v
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| v.to_string());
+        }
+    }
     let start = line
         .find(name)
         .map(|i| i + name.len())
