@@ -3,6 +3,8 @@
 //! librdkafka's own log arrives through the producer's context (target
 //! `librdkafka`), so one filter governs both.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -15,8 +17,12 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
             anyhow::anyhow!("log.level = {:?} is not a valid filter: {e}", config.level)
         })?,
     };
+    // Colour only for a person at a terminal: escape codes in a log file or
+    // a collector are noise.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let result = match config.format {
         LogFormat::Pretty => builder.try_init(),
