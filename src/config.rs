@@ -320,8 +320,12 @@ impl Config {
                 ));
             }
         }
-        if self.server.max_body_bytes == 0 {
-            return invalid("server.max_body_bytes must be above 0".into());
+        // A raw forward spools the whole body as one record.
+        const MAX_BODY: usize = crate::spool::MAX_RECORD_LEN / 2;
+        if self.server.max_body_bytes == 0 || self.server.max_body_bytes > MAX_BODY {
+            return invalid(format!(
+                "server.max_body_bytes must be 1 to {MAX_BODY} (Tencent's callbacks are at most a few tens of KB)"
+            ));
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections must be above 0".into());

@@ -163,7 +163,7 @@ impl Intake {
 
     async fn check_and_spool(
         &self,
-        query: &CallbackQuery,
+        query: &CallbackQuery<'_>,
         body: Bytes,
     ) -> Result<Accepted, Rejection> {
         let app = self.authenticate(query)?;
@@ -241,7 +241,7 @@ impl Intake {
         Ok(Accepted::Events)
     }
 
-    fn authenticate(&self, query: &CallbackQuery) -> Result<&App, Rejection> {
+    fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<&App, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,
@@ -301,7 +301,7 @@ impl Intake {
         }
     }
 
-    fn log_rejection(&self, query: &CallbackQuery, r: &Rejection) {
+    fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {
         if let Some(suppressed) = self.rejection_log.admit() {
             tracing::warn!(
                 status = r.kind.status().as_u16(),

@@ -36,7 +36,7 @@ use crate::config::KafkaConfig;
 use crate::event::SCHEMA;
 use crate::intake::now_ms;
 use crate::metrics::Metrics;
-use crate::record::{Record, TopicRole};
+use crate::record::{RecordRef, TopicRole};
 use crate::spool::{Spool, SpoolReader};
 
 /// Records handed to librdkafka and not yet reported on, at most.
@@ -265,17 +265,17 @@ struct DeadLetters {
 
 impl DeadLetters {
     fn bury(&self, spool: &Spool, metrics: &Metrics, inflight: InFlight, reason: &str) {
-        let record = Record::decode(&inflight.data).ok();
+        let record = RecordRef::decode(&inflight.data).ok();
         let line = serde_json::json!({
             "spool_id": inflight.spool_id,
             "reason": reason,
             "buried_at_ms": now_ms(),
             "topic_role": record.as_ref().map(|r| r.topic.label()),
-            "callback_command": record.as_ref().map(|r| r.command.as_str()),
+            "callback_command": record.as_ref().map(|r| r.command),
             "sdk_app_id": record.as_ref().map(|r| r.sdk_app_id),
             "event_id": record.as_ref().and_then(|r| r.event_id.map(|e| e.as_str().to_owned())),
-            "key": record.as_ref().map(|r| String::from_utf8_lossy(&r.key).into_owned()),
-            "value": record.as_ref().map(|r| String::from_utf8_lossy(&r.value).into_owned()),
+            "key": record.as_ref().map(|r| String::from_utf8_lossy(r.key).into_owned()),
+            "value": record.as_ref().map(|r| String::from_utf8_lossy(r.value).into_owned()),
         });
         match self.append_line(&line) {
             Ok(()) => {
@@ -499,7 +499,8 @@ impl Sender {
         permits: &Arc<Semaphore>,
         stop: &mut watch::Receiver<bool>,
     ) -> bool {
-        let record = match Record::decode(&item.data) {
+        let data = item.data.clone();
+        let record = match RecordRef::decode(&data) {
             Ok(r) => r,
             Err(e) => {
                 let reason = e.to_string();
@@ -552,7 +553,7 @@ impl Sender {
         headers = headers
             .insert(Header {
                 key: "tim-callback-command",
-                value: Some(record.command.as_str()),
+                value: Some(record.command),
             })
             .insert(Header {
                 key: "tim-sdkappid",
@@ -563,8 +564,8 @@ impl Sender {
                 value: Some("application/json"),
             });
         let mut base = BaseRecord::with_opaque_to(topic, Box::new(item))
-            .key(record.key.as_slice())
-            .payload(record.value.as_slice())
+            .key(record.key)
+            .payload(record.value)
             .headers(headers);
         loop {
             match self.producer.send(base) {

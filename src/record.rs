@@ -83,7 +83,34 @@ impl Record {
         out
     }
 
-    pub fn decode(mut b: &[u8]) -> Result<Record, DecodeError> {
+    /// Decodes an owned copy; the publisher uses [`RecordRef::decode`].
+    pub fn decode(b: &[u8]) -> Result<Record, DecodeError> {
+        let r = RecordRef::decode(b)?;
+        Ok(Record {
+            topic: r.topic,
+            key: r.key.to_vec(),
+            value: r.value.to_vec(),
+            event_id: r.event_id,
+            command: r.command.to_owned(),
+            sdk_app_id: r.sdk_app_id,
+        })
+    }
+}
+
+/// A spooled record viewed in place: what the publisher hands librdkafka
+/// (which copies it) without copying it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub topic: TopicRole,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub event_id: Option<EventId>,
+    pub command: &'a str,
+    pub sdk_app_id: u64,
+}
+
+impl<'a> RecordRef<'a> {
+    pub fn decode(mut b: &'a [u8]) -> Result<RecordRef<'a>, DecodeError> {
         let version = take(&mut b, 1)?[0];
         if version != VERSION {
             return Err(DecodeError("unknown version"));
@@ -108,14 +135,13 @@ impl Record {
         };
         let cmd_len = u16::from_le_bytes(array(take(&mut b, 2)?)?) as usize;
         let command = std::str::from_utf8(take(&mut b, cmd_len)?)
-            .map_err(|_| DecodeError("command is not UTF-8"))?
-            .to_owned();
+            .map_err(|_| DecodeError("command is not UTF-8"))?;
         let key_len = u32::from_le_bytes(array(take(&mut b, 4)?)?) as usize;
-        let key = take(&mut b, key_len)?.to_vec();
-        Ok(Record {
+        let key = take(&mut b, key_len)?;
+        Ok(RecordRef {
             topic,
             key,
-            value: b.to_vec(),
+            value: b,
             event_id,
             command,
             sdk_app_id,

@@ -143,7 +143,8 @@ impl Routes {
         // A request that began before shutdown is finished, even if its body
         // arrives after the signal.
         let refuse = self.intake.is_refusing();
-        let query = req.uri().query().unwrap_or("").to_owned();
+        let (head, body) = req.into_parts();
+        let query = head.uri.query().unwrap_or("");
         let too_large = || {
             Rejection::new(
                 RejectKind::TooLarge,
@@ -151,17 +152,17 @@ impl Routes {
             )
         };
         // Refuse on the declared length before reading a byte of it.
-        let declared = req
-            .headers()
+        let declared = head
+            .headers
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             let r = too_large();
-            self.intake.reject_unread(&query, &r, started);
+            self.intake.reject_unread(query, &r, started);
             return rejected(&r, true);
         }
-        let limited = Limited::new(req.into_body(), self.max_body_bytes);
+        let limited = Limited::new(body, self.max_body_bytes);
         let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
             Ok(Ok(collected)) => collected.to_bytes(),
             Ok(Err(e)) => {
@@ -173,7 +174,7 @@ impl Routes {
                 } else {
                     Rejection::new(RejectKind::Invalid, "body could not be read")
                 };
-                self.intake.reject_unread(&query, &r, started);
+                self.intake.reject_unread(query, &r, started);
                 return rejected(&r, true);
             }
             Err(_) => {
@@ -181,11 +182,11 @@ impl Routes {
                     RejectKind::Timeout,
                     format!("body not received within {:?}", self.body_read_timeout),
                 );
-                self.intake.reject_unread(&query, &r, started);
+                self.intake.reject_unread(query, &r, started);
                 return rejected(&r, true);
             }
         };
-        match self.intake.handle(&query, body, started, refuse).await {
+        match self.intake.handle(query, body, started, refuse).await {
             Ok(_) => {
                 let mut resp = Response::new(Full::new(Bytes::from_static(OK_BODY)));
                 resp.headers_mut()

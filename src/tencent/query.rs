@@ -4,21 +4,24 @@
 //! and, when authentication is on, `Sign=…&RequestTime=…`. Parameter names are
 //! matched exactly as Tencent spells them.
 
+use std::borrow::Cow;
+
 /// The parameters timbridge uses; the rest (`contenttype`) are ignored.
+/// Values borrow from the request line unless they needed decoding.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CallbackQuery {
-    pub sdk_app_id: Option<String>,
-    pub callback_command: Option<String>,
-    pub sign: Option<String>,
-    pub request_time: Option<String>,
-    pub client_ip: Option<String>,
-    pub platform: Option<String>,
+pub struct CallbackQuery<'a> {
+    pub sdk_app_id: Option<Cow<'a, str>>,
+    pub callback_command: Option<Cow<'a, str>>,
+    pub sign: Option<Cow<'a, str>>,
+    pub request_time: Option<Cow<'a, str>>,
+    pub client_ip: Option<Cow<'a, str>>,
+    pub platform: Option<Cow<'a, str>>,
 }
 
-impl CallbackQuery {
+impl<'a> CallbackQuery<'a> {
     /// Parses a raw query string (without the `?`), percent-decoding values.
     /// A repeated parameter keeps its first value.
-    pub fn parse(raw: &str) -> CallbackQuery {
+    pub fn parse(raw: &'a str) -> CallbackQuery<'a> {
         let mut q = CallbackQuery::default();
         for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
             let slot = match name.as_ref() {
@@ -31,7 +34,7 @@ impl CallbackQuery {
                 _ => continue,
             };
             if slot.is_none() {
-                *slot = Some(value.into_owned());
+                *slot = Some(value);
             }
         }
         q
