@@ -323,3 +323,62 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{FsyncMode, SpoolConfig};
+
+    fn intake(dir: &std::path::Path) -> (Intake, crate::spool::SpoolReader) {
+        let config = Config::parse("[[apps]]\nsdk_app_id = 7\n").unwrap();
+        let apps = config.resolve_apps().unwrap();
+        let (spool, reader, _) = Spool::open(SpoolConfig {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            fsync: FsyncMode::Never,
+            segment_bytes: 1 << 16,
+        })
+        .unwrap();
+        (
+            Intake::new(&config, apps, spool, Arc::new(Metrics::new())),
+            reader,
+        )
+    }
+
+    const QUERY: &str = "SdkAppid=7&CallbackCommand=C2C.CallbackAfterMsgReport";
+    const BODY: &[u8] = br#"{"Report_Account":"a","Peer_Account":"b","LastReadTime":1670574414}"#;
+
+    #[tokio::test]
+    async fn once_refusing_new_callbacks_get_503_and_nothing_is_spooled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intake, _reader) = intake(dir.path());
+        intake.start_refusing();
+        assert!(intake.is_draining());
+        let r = intake
+            .handle(
+                QUERY,
+                Bytes::from_static(BODY),
+                Instant::now(),
+                intake.is_refusing(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(r.kind, RejectKind::Overloaded);
+        assert_eq!(r.kind.status(), hyper::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.info.contains("shutting down"), "{}", r.info);
+        assert_eq!(intake.spool().stats().pending_events, 0);
+    }
+
+    #[tokio::test]
+    async fn a_request_that_started_before_the_refusal_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (intake, _reader) = intake(dir.path());
+        let refuse = intake.is_refusing();
+        intake.start_refusing();
+        let ok = intake
+            .handle(QUERY, Bytes::from_static(BODY), Instant::now(), refuse)
+            .await;
+        assert_eq!(ok, Ok(Accepted::Events));
+        assert_eq!(intake.spool().stats().pending_events, 1);
+    }
+}
