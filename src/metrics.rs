@@ -18,6 +18,41 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
+/// Every value the `command` label takes.
+pub const COMMAND_LABELS: [&str; 4] = [
+    crate::tencent::GROUP_READ_RECEIPT,
+    crate::tencent::C2C_READ_RECEIPT,
+    crate::tencent::C2C_REPORT,
+    "other",
+];
+
+/// Every value the `outcome` label takes.
+pub const OUTCOME_LABELS: [&str; 9] = [
+    "accepted",
+    "duplicate",
+    "ignored",
+    "forwarded",
+    "invalid",
+    "unauthorized",
+    "unknown_app",
+    "too_large",
+    "overloaded",
+];
+
+/// Every value the `kind` label of `timbridge_events_total` takes.
+pub const EVENT_KIND_LABELS: [&str; 4] = ["group_message", "c2c_message", "c2c_watermark", "raw"];
+
+/// Every value the `reason` label of `timbridge_kafka_errors_total` takes.
+pub const KAFKA_ERROR_LABELS: [&str; 7] = [
+    "timed_out",
+    "too_large",
+    "not_authorized",
+    "unknown_topic",
+    "queue_full",
+    "transport",
+    "other",
+];
+
 /// The label values `command` may take: the three read-receipt commands, or `other`.
 pub fn command_label(command: &str) -> &'static str {
     use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
@@ -151,6 +186,20 @@ impl Metrics {
             .expect("valid metric"),
             registry,
         };
+        // Every label value exists from the start, at zero: a series that
+        // appears only with its first increment hides that first burst from
+        // rate() and increase(), which is exactly what alerts look for.
+        for command in COMMAND_LABELS {
+            for outcome in OUTCOME_LABELS {
+                m.callbacks.with_label_values(&[command, outcome]);
+            }
+        }
+        for kind in EVENT_KIND_LABELS {
+            m.events.with_label_values(&[kind]);
+        }
+        for reason in KAFKA_ERROR_LABELS {
+            m.kafka_errors.with_label_values(&[reason]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

@@ -358,6 +358,16 @@ impl Publisher {
                 to_topic: dl_tx,
             },
         };
+        for topic in [
+            Some(&kafka.group_topic),
+            Some(&kafka.c2c_topic),
+            kafka.raw_topic.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            metrics.kafka_delivered.with_label_values(&[topic]);
+        }
         let producer: ThreadedProducer<DeliveryContext> =
             producer_config(kafka, brokers).create_with_context(context)?;
         let producer = Arc::new(producer);

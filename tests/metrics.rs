@@ -105,6 +105,14 @@ async fn counters_follow_the_traffic() {
     assert_eq!(c("C2C.CallbackAfterMsgReadReceipt", "accepted"), 1.0);
     assert_eq!(c("C2C.CallbackAfterMsgReport", "accepted"), 1.0);
     assert_eq!(c("other", "forwarded"), 1.0);
+    // Every label value is there from the start, at zero, so that alerts
+    // see the first increase.
+    assert_eq!(c("other", "overloaded"), 0.0);
+    assert_eq!(c("C2C.CallbackAfterMsgReport", "too_large"), 0.0);
+    assert_eq!(
+        must(&text, "timbridge_kafka_errors_total{reason=\"timed_out\"}"),
+        0.0
+    );
     assert_eq!(
         must(&text, "timbridge_callback_duration_seconds_count"),
         7.0
