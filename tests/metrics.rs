@@ -173,7 +173,7 @@ async fn counters_follow_the_traffic() {
     assert!(must(&text, "process_resident_memory_bytes") > 0.0);
     // No label carries a GroupId or an account: one series per user would
     // ruin Prometheus.
-    for forbidden in ["@TGS#", "amy", "zed", "user0"] {
+    for forbidden in ["@TGS#", "c2c:amy", "user0", "\"amy\"", "\"zed\""] {
         assert!(!text.contains(forbidden), "{forbidden} leaked into a label");
     }
     promtool_check(&text);
