@@ -16,12 +16,8 @@ fn group_path(query: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_get_their_status_and_write_nothing() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
     let body = group_body("g-rejected", 1);
 
@@ -147,11 +143,11 @@ async fn rejections_get_their_status_and_write_nothing() {
         )
         .await,
     );
-    let recs = read_all(&bootstrap, GROUP_TOPIC);
+    let recs = read_all(&s.bootstrap, GROUP_TOPIC);
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(recs[0].key, b"g-good");
-    assert!(read_all(&bootstrap, C2C_TOPIC).is_empty());
-    assert!(read_all(&bootstrap, RAW_TOPIC).is_empty());
+    assert!(read_all(&s.bootstrap, C2C_TOPIC).is_empty());
+    assert!(read_all(&s.bootstrap, RAW_TOPIC).is_empty());
 
     let (_, metrics) = get_text(addr, "/metrics").await;
     for line in [
@@ -173,12 +169,8 @@ async fn rejections_get_their_status_and_write_nothing() {
 async fn a_chunked_body_over_the_limit_is_refused_while_reading() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let mut conn = tokio::net::TcpStream::connect(gw.local_addr())
         .await
         .unwrap();
@@ -199,16 +191,14 @@ async fn a_chunked_body_over_the_limit_is_refused_while_reading() {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
-    assert!(read_all(&bootstrap, GROUP_TOPIC).is_empty());
+    assert!(read_all(&s.bootstrap, GROUP_TOPIC).is_empty());
     gw.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_is_cut_off_and_others_are_still_served() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&bootstrap, dir.path(), "");
+    let s = setup();
+    let mut cfg = config(&s.bootstrap, s.dir.path(), "");
     cfg.server.body_read_timeout = Duration::from_millis(300);
     let gw = Gateway::start(cfg).await.unwrap();
     let addr = gw.local_addr();
@@ -243,12 +233,8 @@ async fn a_slow_body_is_cut_off_and_others_are_still_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_routes_and_methods() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
     assert_eq!(get_text(addr, "/healthz").await.0, 200);
     let (status, body) = get_text(addr, "/readyz").await;

@@ -7,16 +7,11 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use timbridge::Gateway;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_three_commands_become_schema_valid_records() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
 
     for (command, body) in [
@@ -34,9 +29,9 @@ async fn all_three_commands_become_schema_valid_records() {
     }
 
     let schema = schema();
-    let group = read_topic(&bootstrap, GROUP_TOPIC, 2, Duration::from_secs(20));
+    let group = read_topic(&s.bootstrap, GROUP_TOPIC, 2, Duration::from_secs(20));
     assert_eq!(group.len(), 2, "{group:?}");
-    let c2c = read_topic(&bootstrap, C2C_TOPIC, 3, Duration::from_secs(20));
+    let c2c = read_topic(&s.bootstrap, C2C_TOPIC, 3, Duration::from_secs(20));
     assert_eq!(c2c.len(), 3, "{c2c:?}");
 
     for r in group.iter().chain(&c2c) {
@@ -114,17 +109,13 @@ async fn all_three_commands_become_schema_valid_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_without_a_token_needs_no_signature() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let q = format!(
         "/callback?SdkAppid={OPEN_APP}&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json"
     );
     assert_ok(&post(gw.local_addr(), &q, group_body("g-open", 7).as_bytes()).await);
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, 1, Duration::from_secs(20));
+    let recs = read_topic(&s.bootstrap, GROUP_TOPIC, 1, Duration::from_secs(20));
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].key, b"g-open");
     assert_eq!(recs[0].value["sdk_app_id"], OPEN_APP);
@@ -136,12 +127,8 @@ async fn an_app_without_a_token_needs_no_signature() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_callback_is_written_once_with_the_same_event_id() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let q = format!("/callback?{}", signed_query("C2C.CallbackAfterMsgReport"));
     assert_ok(&post(gw.local_addr(), &q, C2C_REPORT_BODY.as_bytes()).await);
     // Tencent's retry-on-timeout sends the same content again.
@@ -153,7 +140,7 @@ async fn a_repeated_callback_is_written_once_with_the_same_event_id() {
         ),
         "{metrics}"
     );
-    let recs = read_all(&bootstrap, C2C_TOPIC);
+    let recs = read_all(&s.bootstrap, C2C_TOPIC);
     assert_eq!(recs.len(), 1, "{recs:?}");
     gw.shutdown().await.unwrap();
 }

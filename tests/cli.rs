@@ -1,11 +1,13 @@
 //! The command line as users and scripts rely on it: check-config, send,
 //! --version, and the shipped config.toml starting on the embedded Kafka.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_timbridge");
+use common::process::{BIN, field, strip_ansi};
 
 fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
@@ -152,10 +154,10 @@ fn serve_shipped_config() -> Served {
             .expect("the gateway logs its bootstrap address and listening address");
         let plain = strip_ansi(&line);
         if plain.contains("EMBEDDED KAFKA") && plain.contains("NOT FOR PRODUCTION") {
-            bootstrap = field(&plain, "bootstrap=");
+            bootstrap = Some(field(&plain, "bootstrap="));
         }
         if plain.contains("timbridge listening") {
-            addr = field(&plain, "addr=");
+            addr = Some(field(&plain, "addr="));
         }
     }
     // Keep draining so the child never blocks on a full pipe; hand the
@@ -195,33 +197,6 @@ fn wait_for_log(pred: impl Fn(&str) -> bool, within: Duration) -> String {
             }
         }
     })
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-fn field(line: &str, name: &str) -> Option<String> {
-    let start = line.find(name)? + name.len();
-    let rest = &line[start..];
-    let rest = rest.trim_start_matches('"');
-    let end = rest
-        .find(|c: char| c.is_whitespace() || c == '"')
-        .unwrap_or(rest.len());
-    Some(rest[..end].to_owned())
 }
 
 #[test]

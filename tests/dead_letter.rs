@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use timbridge::Gateway;
 
 /// A group receipt whose event is far larger than `message.max.bytes`.
 fn huge_receipt() -> String {
@@ -21,17 +20,10 @@ fn huge_receipt() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("kafka.properties", "\"message.max.bytes\" = 4096")],
-    );
-    let gw = Gateway::start(timbridge::config::Config::parse(&text).unwrap())
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s
+        .gateway(&[("kafka.properties", "\"message.max.bytes\" = 4096")])
+        .await;
     let addr = gw.local_addr();
     let q = || {
         format!(
@@ -43,7 +35,7 @@ async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() 
     assert_ok(&post(addr, &q(), huge_receipt().as_bytes()).await);
     assert_ok(&post(addr, &q(), group_body("g-after", 1).as_bytes()).await);
 
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, 2, Duration::from_secs(30));
+    let recs = read_topic(&s.bootstrap, GROUP_TOPIC, 2, Duration::from_secs(30));
     let keys: Vec<_> = recs.iter().map(|r| r.key.clone()).collect();
     assert!(
         keys.contains(&b"g-before".to_vec()) && keys.contains(&b"g-after".to_vec()),
@@ -60,8 +52,9 @@ async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() 
     })
     .await;
 
-    let file = std::fs::read_to_string(dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
-        .unwrap();
+    let file =
+        std::fs::read_to_string(s.dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
+            .unwrap();
     let lines: Vec<serde_json::Value> = file
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -84,7 +77,7 @@ async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() 
         "the whole event is kept"
     );
     assert!(
-        read_all(&bootstrap, GROUP_TOPIC)
+        read_all(&s.bootstrap, GROUP_TOPIC)
             .iter()
             .all(|r| r.key != b"g-huge")
     );
@@ -93,27 +86,20 @@ async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_kafka_refuses_for_good_also_goes_to_the_dead_letter_topic() {
-    let cluster = cluster();
-    cluster
+    let s = setup();
+    s.cluster
         .create_topic("tim.dead_letters", PARTITIONS, 1)
         .unwrap();
-    let bootstrap = cluster.bootstrap_servers();
     // Writing to the raw topic is not authorized, for good.
-    cluster
+    s.cluster
         .topic_error(
             RAW_TOPIC,
             rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
         )
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("kafka", "dead_letter_topic = \"tim.dead_letters\"")],
-    );
-    let gw = Gateway::start(timbridge::config::Config::parse(&text).unwrap())
-        .await
-        .unwrap();
+    let gw = s
+        .gateway(&[("kafka", "dead_letter_topic = \"tim.dead_letters\"")])
+        .await;
     let addr = gw.local_addr();
     let q = format!("/callback?{}", signed_query("Group.CallbackAfterSendMsg"));
     let raw = r#"{"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"g-raw-denied"}"#;
@@ -124,16 +110,17 @@ async fn a_record_kafka_refuses_for_good_also_goes_to_the_dead_letter_topic() {
     );
     assert_ok(&post(addr, &q, group_body("g-fine", 1).as_bytes()).await);
 
-    let dl = read_topic(&bootstrap, "tim.dead_letters", 1, Duration::from_secs(30));
+    let dl = read_topic(&s.bootstrap, "tim.dead_letters", 1, Duration::from_secs(30));
     assert_eq!(dl.len(), 1);
     assert_eq!(dl[0].key, b"g-raw-denied");
     assert_eq!(dl[0].raw_value, raw.as_bytes());
     assert_eq!(
-        read_topic(&bootstrap, GROUP_TOPIC, 1, Duration::from_secs(30)).len(),
+        read_topic(&s.bootstrap, GROUP_TOPIC, 1, Duration::from_secs(30)).len(),
         1
     );
-    let file = std::fs::read_to_string(dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
-        .unwrap();
+    let file =
+        std::fs::read_to_string(s.dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE))
+            .unwrap();
     assert!(file.contains("g-raw-denied"), "{file}");
     gw.shutdown().await.unwrap();
 }

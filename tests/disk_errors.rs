@@ -11,7 +11,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use timbridge::Gateway;
 
 struct Tmpfs(std::path::PathBuf);
 
@@ -35,66 +34,49 @@ impl Drop for Tmpfs {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_recovers() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(dir.path(), "64k") else {
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(s.dir.path(), "64k") else {
         eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
         return;
     };
     // The spool's own limit is far above the disk's size: the disk fills first.
-    let gw = Gateway::start(config(
-        &bootstrap,
-        dir.path(),
-        "max_bytes = 1048576\nsegment_bytes = 8192",
-    ))
-    .await
-    .unwrap();
+    let gw = s
+        .gateway(&[("spool", "max_bytes = 1048576\nsegment_bytes = 8192")])
+        .await;
     let addr = gw.local_addr();
-    let q = || {
-        format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        )
-    };
-    let mut accepted = Vec::new();
-    let mut refused = None;
-    for i in 0..2000 {
-        let group = format!("g-disk-{i}");
-        let a = post(addr, &q(), group_body(&group, i).as_bytes()).await;
-        if a.status == 503 {
-            refused = Some(a);
-            break;
-        }
-        assert_ok(&a);
-        accepted.push(group);
-    }
-    let info = assert_fail(&refused.expect("the disk never filled"), 503);
+    let (accepted, refusal) = post_groups_until_refused(addr, "g-disk", 2000).await;
+    let info = assert_fail(&refusal, 503);
     assert!(info.contains("cannot be written"), "{info}");
     // Serving goes on.
     assert_eq!(get_text(addr, "/healthz").await.0, 200);
     assert_eq!(get_text(addr, "/readyz").await.0, 503);
-    let again = post(addr, &q(), group_body("g-disk-again", 0).as_bytes()).await;
+    let again = post(
+        addr,
+        &group_callback(),
+        group_body("g-disk-again", 0).as_bytes(),
+    )
+    .await;
     assert_fail(&again, 503);
 
-    cluster.broker_up(1).unwrap();
-    let recs = read_topic(
-        &bootstrap,
-        GROUP_TOPIC,
-        accepted.len(),
-        Duration::from_secs(60),
-    );
-    let keys: std::collections::HashSet<_> = recs.iter().map(|r| r.key.clone()).collect();
-    for g in &accepted {
-        assert!(keys.contains(g.as_bytes()), "{g} lost");
-    }
+    s.cluster.broker_up(1).unwrap();
+    assert_groups_arrive(&s.bootstrap, &accepted);
     // Delivered segments are deleted, the disk has room, callbacks are taken again.
-    let mut answer = post(addr, &q(), group_body("g-disk-after", 0).as_bytes()).await;
+    let mut answer = post(
+        addr,
+        &group_callback(),
+        group_body("g-disk-after", 0).as_bytes(),
+    )
+    .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while answer.status == 503 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        answer = post(addr, &q(), group_body("g-disk-after", 0).as_bytes()).await;
+        answer = post(
+            addr,
+            &group_callback(),
+            group_body("g-disk-after", 0).as_bytes(),
+        )
+        .await;
     }
     assert_ok(&answer);
     assert_eq!(get_text(addr, "/readyz").await.0, 200);

@@ -9,108 +9,62 @@ use std::time::Duration;
 
 use common::process::GatewayProcess;
 use common::*;
-use timbridge::Gateway;
 
-fn event_ids(recs: &[Received]) -> (usize, HashSet<String>) {
-    let ids: HashSet<String> = recs
-        .iter()
-        .map(|r| r.value["event_id"].as_str().unwrap().to_owned())
-        .collect();
-    (recs.len(), ids)
+fn distinct_event_ids(recs: &[Received]) -> usize {
+    recs.iter()
+        .map(|r| r.value["event_id"].as_str().unwrap())
+        .collect::<HashSet<_>>()
+        .len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_callbacks_survive_sigkill_during_an_outage() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(&bootstrap, dir.path(), &[]);
-
-    let gw = GatewayProcess::start(dir.path(), &text);
-    const N: u64 = 40;
-    for i in 0..N {
-        let q = format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        );
-        assert_ok(
-            &post(
-                gw.addr,
-                &q,
-                group_body(&format!("g-kill-{i}"), i).as_bytes(),
-            )
-            .await,
-        );
-    }
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let text = s.config_text(&[]);
+    let gw = GatewayProcess::start(s.dir.path(), &text);
+    let groups = post_groups(gw.addr, "g-kill", 0..40).await;
     // No flush, no sync, no goodbye.
     gw.kill9();
 
-    cluster.broker_up(1).unwrap();
-    let mut gw = GatewayProcess::start(dir.path(), &text);
+    s.cluster.broker_up(1).unwrap();
+    let mut gw = GatewayProcess::start(s.dir.path(), &text);
     gw.wait_for_log("spool opened", Duration::from_secs(5));
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, N as usize, Duration::from_secs(60));
-    let (total, ids) = event_ids(&recs);
-    let keys: HashSet<Vec<u8>> = recs.iter().map(|r| r.key.clone()).collect();
-    for i in 0..N {
-        assert!(
-            keys.contains(format!("g-kill-{i}").as_bytes()),
-            "g-kill-{i} lost"
-        );
-    }
-    assert_eq!(ids.len(), N as usize);
-    eprintln!("duplicates after SIGKILL and replay: {}", total - ids.len());
+    let recs = assert_groups_arrive(&s.bootstrap, &groups);
+    eprintln!(
+        "duplicates after SIGKILL and replay: {}",
+        recs.len() - distinct_event_ids(&recs)
+    );
     // Nothing more trickles in: the spool replayed each record once.
-    let all = read_all(&bootstrap, GROUP_TOPIC);
-    let (total, ids) = event_ids(&all);
-    assert_eq!(ids.len(), N as usize);
+    let all = read_all(&s.bootstrap, GROUP_TOPIC);
+    assert_eq!(distinct_event_ids(&all), groups.len());
     assert_eq!(
-        total, N as usize,
+        all.len(),
+        groups.len(),
         "the spool replayed records already delivered"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_message_timeout_loses_nothing() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("kafka.properties", "\"message.timeout.ms\" = 1000")],
-    );
-    let gw = Gateway::start(timbridge::config::Config::parse(&text).unwrap())
-        .await
-        .unwrap();
-    const N: u64 = 20;
-    for i in 0..N {
-        let q = format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        );
-        assert_ok(
-            &post(
-                gw.local_addr(),
-                &q,
-                group_body(&format!("g-timeout-{i}"), i).as_bytes(),
-            )
-            .await,
-        );
-    }
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let gw = s
+        .gateway(&[("kafka.properties", "\"message.timeout.ms\" = 1000")])
+        .await;
+    let groups = post_groups(gw.local_addr(), "g-timeout", 0..20).await;
     // librdkafka gives up on them (more than once) while the broker is away…
     let metrics = gw.metrics().clone();
+    let n = groups.len() as u64;
     wait_until("message timeouts", Duration::from_secs(30), || {
-        metrics.kafka_errors.with_label_values(&["timed_out"]).get() >= 2 * N
+        metrics.kafka_errors.with_label_values(&["timed_out"]).get() >= 2 * n
     })
     .await;
-    assert!(gw.spool().stats().pending_events >= N);
+    assert!(gw.spool().stats().pending_events >= n);
     // …and the spool sends them again once it is back.
-    cluster.broker_up(1).unwrap();
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, N as usize, Duration::from_secs(60));
-    let (_, ids) = event_ids(&recs);
-    assert_eq!(ids.len(), N as usize);
+    s.cluster.broker_up(1).unwrap();
+    let recs = assert_groups_arrive(&s.bootstrap, &groups);
+    assert_eq!(distinct_event_ids(&recs), groups.len());
     let spool = gw.spool().clone();
     wait_until("the spool drains", Duration::from_secs(30), || {
         spool.stats().pending_events == 0
@@ -121,19 +75,15 @@ async fn an_outage_longer_than_the_message_timeout_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_away_does_not_make_the_gateway_unready() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
     let metrics = gw.metrics().clone();
     wait_until("kafka up", Duration::from_secs(20), || {
         metrics.kafka_up.get() == 1
     })
     .await;
-    cluster.broker_down(1).unwrap();
+    s.cluster.broker_down(1).unwrap();
     wait_until("kafka down", Duration::from_secs(30), || {
         metrics.kafka_up.get() == 0
     })
@@ -142,7 +92,7 @@ async fn kafka_away_does_not_make_the_gateway_unready() {
     assert_eq!(status, 200, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(ready["kafka_reachable"], false, "{body}");
-    cluster.broker_up(1).unwrap();
+    s.cluster.broker_up(1).unwrap();
     wait_until("kafka up again", Duration::from_secs(30), || {
         metrics.kafka_up.get() == 1
     })

@@ -11,12 +11,10 @@ use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_are_logged_as_json_without_secrets_and_rate_limited() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let mut text = config_text(&bootstrap, dir.path(), &[]);
+    let s = setup();
+    let mut text = config_text(&s.bootstrap, s.dir.path(), &[]);
     text.push_str("\n[log]\nformat = \"json\"\nlevel = \"info\"\nrejections_per_second = 5\n");
-    let mut gw = GatewayProcess::start_with(dir.path(), &text, |cmd| {
+    let mut gw = GatewayProcess::start_with(s.dir.path(), &text, |cmd| {
         cmd.env_remove("RUST_LOG");
     });
     let bad_sign = timbridge::send::tencent_query(

@@ -24,12 +24,8 @@ fn must(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_follow_the_traffic() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
     let q = |cmd: &str| format!("/callback?{}", signed_query(cmd));
     let group = "Group.CallbackAfterReadReceipt";
@@ -182,21 +178,13 @@ async fn counters_follow_the_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_gauges_show_an_outage_and_its_end() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), "fsync = \"always\""))
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let gw = Gateway::start(config(&s.bootstrap, s.dir.path(), "fsync = \"always\""))
         .await
         .unwrap();
     let addr = gw.local_addr();
-    for i in 0..5 {
-        let q = format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        );
-        assert_ok(&post(addr, &q, group_body(&format!("g-m-{i}"), i).as_bytes()).await);
-    }
+    post_groups(addr, "g-m", 0..5).await;
     let (_, text) = get_text(addr, "/metrics").await;
     assert_eq!(must(&text, "timbridge_spool_events"), 5.0);
     assert_eq!(must(&text, "timbridge_kafka_up"), 0.0);
@@ -214,7 +202,7 @@ async fn spool_gauges_show_an_outage_and_its_end() {
         .is_some_and(|v| v >= 0.5)
     })
     .await;
-    cluster.broker_up(1).unwrap();
+    s.cluster.broker_up(1).unwrap();
     let spool = gw.spool().clone();
     wait_until("drained", Duration::from_secs(30), || {
         spool.stats().pending_events == 0

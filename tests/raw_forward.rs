@@ -12,12 +12,8 @@ const STATE: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_commands_are_forwarded_verbatim() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(&bootstrap, dir.path(), ""))
-        .await
-        .unwrap();
+    let s = setup();
+    let gw = s.gateway(&[]).await;
     let addr = gw.local_addr();
     let q = format!("/callback?{}", signed_query("Group.CallbackAfterSendMsg"));
     assert_ok(&post(addr, &q, SEND_MSG.as_bytes()).await);
@@ -26,7 +22,12 @@ async fn other_commands_are_forwarded_verbatim() {
     // Not JSON is still 400, whatever the command.
     assert_fail(&post(addr, &q, b"<xml/>").await, 400);
 
-    let recs = read_topic(&bootstrap, RAW_TOPIC, 2, std::time::Duration::from_secs(20));
+    let recs = read_topic(
+        &s.bootstrap,
+        RAW_TOPIC,
+        2,
+        std::time::Duration::from_secs(20),
+    );
     assert_eq!(recs.len(), 2, "{recs:?}");
     let send = recs
         .iter()
@@ -53,7 +54,7 @@ async fn other_commands_are_forwarded_verbatim() {
         APP.to_string().as_bytes(),
         "no GroupId: keyed by SdkAppid"
     );
-    assert!(read_all(&bootstrap, GROUP_TOPIC).is_empty());
+    assert!(read_all(&s.bootstrap, GROUP_TOPIC).is_empty());
 
     let (_, metrics) = get_text(addr, "/metrics").await;
     assert!(
@@ -65,10 +66,8 @@ async fn other_commands_are_forwarded_verbatim() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_raw_topic_other_commands_are_ignored_and_counted() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(&bootstrap, dir.path(), "");
+    let s = setup();
+    let mut cfg = config(&s.bootstrap, s.dir.path(), "");
     cfg.kafka.raw_topic = None;
     let gw = Gateway::start(cfg).await.unwrap();
     let addr = gw.local_addr();
@@ -79,6 +78,6 @@ async fn without_a_raw_topic_other_commands_are_ignored_and_counted() {
         metrics.contains("timbridge_callbacks_total{command=\"other\",outcome=\"ignored\"} 1"),
         "{metrics}"
     );
-    assert!(read_all(&bootstrap, RAW_TOPIC).is_empty());
+    assert!(read_all(&s.bootstrap, RAW_TOPIC).is_empty());
     gw.shutdown().await.unwrap();
 }

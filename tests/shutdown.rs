@@ -6,7 +6,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::process::{BIN, GatewayProcess};
 use common::*;
@@ -28,33 +28,11 @@ fn spool_stat(config: &std::path::Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("server", "shutdown_timeout = \"2s\"")],
-    );
-    let mut gw = GatewayProcess::start(dir.path(), &text);
-    let q = || {
-        format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        )
-    };
-    const N: u64 = 10;
-    for i in 0..N {
-        assert_ok(
-            &post(
-                gw.addr,
-                &q(),
-                group_body(&format!("g-term-{i}"), i).as_bytes(),
-            )
-            .await,
-        );
-    }
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let text = s.config_text(&[("server", "shutdown_timeout = \"2s\"")]);
+    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    let mut groups = post_groups(gw.addr, "g-term", 0..10).await;
 
     // A request in flight when the signal comes: head and half the body sent.
     let body = group_body("g-term-inflight", 0);
@@ -62,22 +40,19 @@ async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
     let mut inflight = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(
         "POST {} HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
-        q(),
+        group_callback(),
         body.len()
     );
     inflight.write_all(head.as_bytes()).await.unwrap();
     inflight.write_all(first.as_bytes()).await.unwrap();
     // Wait until the gateway is reading it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !get_text(gw.addr, "/metrics")
         .await
         .1
         .contains("timbridge_callbacks_in_flight 1")
     {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request never arrived"
-        );
+        assert!(Instant::now() < deadline, "the request never arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -85,9 +60,8 @@ async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
     gw.wait_for_log("shutting down", Duration::from_secs(5));
     // Past the drain delay (0 here) the listener is closed, and the request
     // under way is still finished.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
-        assert!(std::time::Instant::now() < deadline, "listener still open");
+        assert!(Instant::now() < deadline, "listener still open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     inflight.write_all(rest.as_bytes()).await.unwrap();
@@ -96,6 +70,7 @@ async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains(r#""ActionStatus":"OK""#), "{answer}");
+    groups.push("g-term-inflight".into());
 
     let status = gw.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status}\n{}", gw.log_text());
@@ -106,36 +81,22 @@ async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
     );
 
     // Everything answered OK is in the spool of the stopped gateway.
-    let stat = spool_stat(&dir.path().join("config.toml"));
+    let stat = spool_stat(&s.dir.path().join("config.toml"));
     assert!(
-        stat.contains(&format!("pending events: {}", N + 1)),
+        stat.contains(&format!("pending events: {}", groups.len())),
         "{stat}"
     );
 
-    cluster.broker_up(1).unwrap();
-    let _gw = GatewayProcess::start(dir.path(), &text);
-    let recs = read_topic(
-        &bootstrap,
-        GROUP_TOPIC,
-        (N + 1) as usize,
-        Duration::from_secs(60),
-    );
-    let keys: std::collections::HashSet<_> = recs.iter().map(|r| r.key.clone()).collect();
-    assert_eq!(keys.len(), (N + 1) as usize);
-    assert!(keys.contains(b"g-term-inflight".as_slice()));
+    s.cluster.broker_up(1).unwrap();
+    let _gw = GatewayProcess::start(s.dir.path(), &text);
+    assert_groups_arrive(&s.bootstrap, &groups);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_the_drain_delay_readyz_is_503_and_callbacks_are_still_taken() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("server", "drain_delay = \"3s\"")],
-    );
-    let mut gw = GatewayProcess::start(dir.path(), &text);
+    let s = setup();
+    let text = s.config_text(&[("server", "drain_delay = \"3s\"")]);
+    let mut gw = GatewayProcess::start(s.dir.path(), &text);
     assert_eq!(get_text(gw.addr, "/readyz").await.0, 200);
     gw.signal("TERM");
     gw.wait_for_log("/readyz is 503", Duration::from_secs(5));
@@ -145,47 +106,21 @@ async fn during_the_drain_delay_readyz_is_503_and_callbacks_are_still_taken() {
     assert_eq!(ready["draining"], true, "{body}");
     assert_eq!(ready["reason"], "shutting down", "{body}");
     // A load balancer may still send for a moment: those are not lost.
-    let q = format!(
-        "/callback?{}",
-        signed_query("Group.CallbackAfterReadReceipt")
-    );
-    assert_ok(&post(gw.addr, &q, group_body("g-during-drain", 1).as_bytes()).await);
+    let groups = post_groups(gw.addr, "g-during-drain", 0..1).await;
     let status = gw.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{}", gw.log_text());
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, 1, Duration::from_secs(20));
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].key, b"g-during-drain");
+    assert_groups_arrive(&s.bootstrap, &groups);
     // After the delay the listener is closed.
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_and_loses_nothing() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let text = config_text(
-        &bootstrap,
-        dir.path(),
-        &[("server", "shutdown_timeout = \"60s\"")],
-    );
-    let mut gw = GatewayProcess::start(dir.path(), &text);
-    const N: u64 = 5;
-    for i in 0..N {
-        let q = format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        );
-        assert_ok(
-            &post(
-                gw.addr,
-                &q,
-                group_body(&format!("g-twice-{i}"), i).as_bytes(),
-            )
-            .await,
-        );
-    }
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let text = s.config_text(&[("server", "shutdown_timeout = \"60s\"")]);
+    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    let groups = post_groups(gw.addr, "g-twice", 0..5).await;
     gw.signal("TERM");
     gw.wait_for_log("shutting down", Duration::from_secs(5));
     gw.signal("TERM");
@@ -193,9 +128,7 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
     let status = gw.wait_exit(Duration::from_secs(10));
     assert!(!status.success());
 
-    cluster.broker_up(1).unwrap();
-    let _gw = GatewayProcess::start(dir.path(), &text);
-    let recs = read_topic(&bootstrap, GROUP_TOPIC, N as usize, Duration::from_secs(60));
-    let keys: std::collections::HashSet<_> = recs.iter().map(|r| r.key.clone()).collect();
-    assert_eq!(keys.len(), N as usize);
+    s.cluster.broker_up(1).unwrap();
+    let _gw = GatewayProcess::start(s.dir.path(), &text);
+    assert_groups_arrive(&s.bootstrap, &groups);
 }

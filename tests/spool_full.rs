@@ -7,43 +7,18 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use timbridge::Gateway;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_answers_503_and_recovers_when_kafka_drains_it() {
-    let cluster = cluster();
-    let bootstrap = cluster.bootstrap_servers();
-    cluster.broker_down(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(config(
-        &bootstrap,
-        dir.path(),
-        "max_bytes = 16384\nsegment_bytes = 4096",
-    ))
-    .await
-    .unwrap();
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let gw = s
+        .gateway(&[("spool", "max_bytes = 16384\nsegment_bytes = 4096")])
+        .await;
     let addr = gw.local_addr();
-    let q = || {
-        format!(
-            "/callback?{}",
-            signed_query("Group.CallbackAfterReadReceipt")
-        )
-    };
 
-    let mut accepted = Vec::new();
-    let mut refused = None;
-    for i in 0..1000 {
-        let group = format!("g-full-{i}");
-        let a = post(addr, &q(), group_body(&group, i).as_bytes()).await;
-        if a.status == 503 {
-            refused = Some((group, a));
-            break;
-        }
-        assert_ok(&a);
-        accepted.push(group);
-    }
-    let (refused_group, answer) = refused.expect("the spool never filled");
-    let info = assert_fail(&answer, 503);
+    let (mut accepted, refusal) = post_groups_until_refused(addr, "g-full", 1000).await;
+    let info = assert_fail(&refusal, 503);
     assert!(info.contains("spool is full"), "{info}");
     assert!(!accepted.is_empty());
 
@@ -59,7 +34,7 @@ async fn a_full_spool_answers_503_and_recovers_when_kafka_drains_it() {
         "{metrics}"
     );
 
-    cluster.broker_up(1).unwrap();
+    s.cluster.broker_up(1).unwrap();
     let spool = gw.spool().clone();
     wait_until("room in the spool", Duration::from_secs(60), || {
         !spool.is_full()
@@ -69,19 +44,9 @@ async fn a_full_spool_answers_503_and_recovers_when_kafka_drains_it() {
     assert_eq!(status, 200, "{body}");
     // The refused callback, sent again (as Tencent's retry or the caller
     // would), is now accepted: the failed attempt did not mark it a duplicate.
-    let i = accepted.len() as u64;
-    assert_ok(&post(addr, &q(), group_body(&refused_group, i).as_bytes()).await);
-    accepted.push(refused_group);
+    let refused = accepted.len() as u64;
+    accepted.extend(post_groups(addr, "g-full", refused..refused + 1).await);
 
-    let recs = read_topic(
-        &bootstrap,
-        GROUP_TOPIC,
-        accepted.len(),
-        Duration::from_secs(60),
-    );
-    let keys: std::collections::HashSet<_> = recs.iter().map(|r| r.key.clone()).collect();
-    for g in &accepted {
-        assert!(keys.contains(g.as_bytes()), "{g} lost");
-    }
+    assert_groups_arrive(&s.bootstrap, &accepted);
     gw.shutdown().await.unwrap();
 }

@@ -301,3 +301,95 @@ pub fn group_body(group: &str, seq: u64) -> String {
     )
 }
 pub mod process;
+
+/// A mock cluster and a temp dir for one test's gateway and spool.
+pub struct Setup {
+    pub cluster: Cluster,
+    pub bootstrap: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn setup() -> Setup {
+    let cluster = cluster();
+    let bootstrap = cluster.bootstrap_servers();
+    Setup {
+        cluster,
+        bootstrap,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+impl Setup {
+    /// The test config as text, with `extra` lines in the named tables.
+    pub fn config_text(&self, extra: &[(&str, &str)]) -> String {
+        config_text(&self.bootstrap, self.dir.path(), extra)
+    }
+
+    /// An in-process gateway on the test config plus `extra`.
+    pub async fn gateway(&self, extra: &[(&str, &str)]) -> timbridge::Gateway {
+        let config = Config::parse(&self.config_text(extra)).expect("test config");
+        timbridge::Gateway::start(config)
+            .await
+            .expect("gateway starts")
+    }
+}
+
+/// The path and query of a signed group read receipt.
+pub fn group_callback() -> String {
+    format!(
+        "/callback?{}",
+        signed_query("Group.CallbackAfterReadReceipt")
+    )
+}
+
+/// Posts group receipts for groups `{prefix}-{i}`, each expected to be
+/// accepted; returns the group ids (the record keys to look for).
+pub async fn post_groups(
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    range: std::ops::Range<u64>,
+) -> Vec<String> {
+    let mut groups = Vec::new();
+    for i in range {
+        let group = format!("{prefix}-{i}");
+        assert_ok(&post(addr, &group_callback(), group_body(&group, i).as_bytes()).await);
+        groups.push(group);
+    }
+    groups
+}
+
+/// Posts group receipts until one is refused (at most `limit`); returns
+/// the accepted groups and the refusal.
+pub async fn post_groups_until_refused(
+    addr: std::net::SocketAddr,
+    prefix: &str,
+    limit: u64,
+) -> (Vec<String>, Answer) {
+    let mut accepted = Vec::new();
+    for i in 0..limit {
+        let group = format!("{prefix}-{i}");
+        let a = post(addr, &group_callback(), group_body(&group, i).as_bytes()).await;
+        if a.status != 200 {
+            return (accepted, a);
+        }
+        assert_ok(&a);
+        accepted.push(group);
+    }
+    panic!("none of {limit} callbacks was refused");
+}
+
+/// Reads the group topic until every one of `groups` has a record (or a
+/// minute passes) and asserts none is missing.
+pub fn assert_groups_arrive(bootstrap: &str, groups: &[String]) -> Vec<Received> {
+    let recs = read_topic(
+        bootstrap,
+        GROUP_TOPIC,
+        groups.len(),
+        Duration::from_secs(60),
+    );
+    let keys: std::collections::HashSet<&[u8]> = recs.iter().map(|r| r.key.as_slice()).collect();
+    for g in groups {
+        assert!(keys.contains(g.as_bytes()), "{g} lost");
+    }
+    recs
+}
