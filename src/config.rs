@@ -168,7 +168,7 @@ pub struct SpoolSettings {
     /// callback does not double the stream.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
-    /// At most this many event_ids are remembered (bounds memory: ~50 bytes each).
+    /// At most this many event_ids are remembered (bounds memory: ~25 bytes each).
     pub dedup_max_entries: usize,
 }
 

@@ -2,7 +2,11 @@
 //! and a caller's own retries must not double the stream.
 //!
 //! Bounded twice: by time (`spool.dedup_window`) and by count
-//! (`spool.dedup_max_entries`, about 50 bytes each), whichever comes first.
+//! (`spool.dedup_max_entries`, about 25 bytes each), whichever comes first.
+//! An entry is 64 bits of the event id (itself a hash; two different events
+//! sharing them among 200,000 remembered is a one-in-a-billion event, and
+//! the cost would be one dropped duplicate-looking event) and the time it
+//! was accepted, in milliseconds since the window started.
 //! This is a best effort on the way in; duplicates that can still happen
 //! (a replay after a crash) carry the same `event_id` for consumers to drop.
 
@@ -28,12 +32,12 @@ impl Hasher for IdHasher {
             self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
         }
     }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
     }
 }
 
-type IdSet = HashSet<u128, BuildHasherDefault<IdHasher>>;
+type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
 
 pub struct Dedup {
     window: Duration,
@@ -41,19 +45,20 @@ pub struct Dedup {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
+    /// Times are kept as milliseconds since this instant, to keep entries small.
+    epoch: Instant,
     seen: IdSet,
-    order: VecDeque<(Instant, u128)>,
+    order: VecDeque<(u64, u64)>,
 }
 
-fn compact(id: &EventId) -> u128 {
-    let mut raw = [0u8; 16];
-    if hex::decode_to_slice(id.0, &mut raw).is_err() {
+fn compact(id: &EventId) -> u64 {
+    let mut raw = [0u8; 8];
+    if hex::decode_to_slice(&id.0[..16], &mut raw).is_err() {
         // Not reachable for ids we make; fall back to the leading bytes.
-        raw.copy_from_slice(&id.0[..16]);
+        raw.copy_from_slice(&id.0[..8]);
     }
-    u128::from_le_bytes(raw)
+    u64::from_le_bytes(raw)
 }
 
 impl Dedup {
@@ -61,7 +66,11 @@ impl Dedup {
         Dedup {
             window,
             max_entries,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                epoch: Instant::now(),
+                seen: IdSet::default(),
+                order: VecDeque::new(),
+            }),
         }
     }
 
@@ -72,13 +81,19 @@ impl Dedup {
             return vec![true; ids.len()];
         }
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.expire(now, self.window, self.max_entries.saturating_sub(ids.len()));
+        let now_ms = now.saturating_duration_since(inner.epoch).as_millis() as u64;
+        let window_ms = self.window.as_millis() as u64;
+        inner.expire(
+            now_ms,
+            window_ms,
+            self.max_entries.saturating_sub(ids.len()),
+        );
         ids.iter()
             .map(|id| {
                 let key = compact(id);
                 let new = inner.seen.insert(key);
                 if new {
-                    inner.order.push_back((now, key));
+                    inner.order.push_back((now_ms, key));
                 }
                 new
             })
@@ -106,9 +121,9 @@ impl Dedup {
 }
 
 impl Inner {
-    fn expire(&mut self, now: Instant, window: Duration, keep_at_most: usize) {
+    fn expire(&mut self, now_ms: u64, window_ms: u64, keep_at_most: usize) {
         while let Some(&(at, key)) = self.order.front() {
-            if now.duration_since(at) < window && self.order.len() <= keep_at_most {
+            if now_ms.saturating_sub(at) < window_ms && self.order.len() <= keep_at_most {
                 break;
             }
             self.order.pop_front();
@@ -123,8 +138,8 @@ mod tests {
 
     fn id(n: u8) -> EventId {
         let mut b = [b'0'; 32];
-        b[31] = b"0123456789abcdef"[(n % 16) as usize];
-        b[30] = b"0123456789abcdef"[(n / 16) as usize];
+        b[1] = b"0123456789abcdef"[(n % 16) as usize];
+        b[0] = b"0123456789abcdef"[(n / 16) as usize];
         EventId(b)
     }
 
