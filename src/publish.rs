@@ -39,8 +39,11 @@ use crate::metrics::Metrics;
 use crate::record::{RecordRef, TopicRole};
 use crate::spool::{Spool, SpoolReader};
 
-/// Records handed to librdkafka and not yet reported on, at most.
-pub const MAX_IN_FLIGHT: usize = 8192;
+/// Records handed to librdkafka and not yet reported on, at most. Enough
+/// to keep a broker busy (the drain runs at over 100k records/s), few enough
+/// that a backlog waits on disk rather than in memory: each in-flight
+/// record also pins the spool read window it came from.
+pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// How long a failed record waits before it is sent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -436,8 +439,10 @@ async fn pump(
     // receiving from a channel is cancel-safe inside select!, so no record
     // can be dropped between the spool and the producer.
     let (fresh_tx, mut fresh_rx) = mpsc::channel::<InFlight>(1024);
+    // Small batches: a batch's records share one read buffer, which stays in
+    // memory until the last of them is delivered.
     let reader_task = tokio::spawn(async move {
-        while let Some(batch) = reader.next_batch(512, 1 << 20).await {
+        while let Some(batch) = reader.next_batch(256, 128 << 10).await {
             for r in batch {
                 let item = InFlight {
                     spool_id: r.id,
