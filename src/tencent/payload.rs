@@ -132,11 +132,25 @@ pub fn parse_other(body: &[u8]) -> Result<OtherCallback<'_>, String> {
 }
 
 fn typed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    // Plain serde_json first: tracking the path costs twice the parse, and
+    // it is only needed to say which field was wrong.
+    match serde_json::from_slice(body) {
+        Ok(value) => Ok(value),
+        Err(_) => Err(explain::<T>(body)),
+    }
+}
+
+/// Parses again, tracking the path, to name the field in the error.
+fn explain<'a, T: Deserialize<'a>>(body: &'a [u8]) -> String {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(describe)?;
-    // Trailing garbage after the object is not JSON either.
-    de.end().map_err(|e| format!("body is not JSON: {e}"))?;
-    Ok(value)
+    match serde_path_to_error::deserialize::<_, T>(&mut de) {
+        Err(e) => describe(e),
+        // Only trailing characters after a valid value remain.
+        Ok(_) => match de.end() {
+            Err(e) => format!("body is not JSON: {e}"),
+            Ok(()) => "body could not be parsed".into(),
+        },
+    }
 }
 
 fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> String {

@@ -23,18 +23,30 @@ impl<'a> CallbackQuery<'a> {
     /// A repeated parameter keeps its first value.
     pub fn parse(raw: &'a str) -> CallbackQuery<'a> {
         let mut q = CallbackQuery::default();
-        for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
-            let slot = match name.as_ref() {
+        let mut put = |name: &str, value: Cow<'a, str>| {
+            let slot = match name {
                 "SdkAppid" => &mut q.sdk_app_id,
                 "CallbackCommand" => &mut q.callback_command,
                 "Sign" => &mut q.sign,
                 "RequestTime" => &mut q.request_time,
                 "ClientIP" => &mut q.client_ip,
                 "OptPlatform" => &mut q.platform,
-                _ => continue,
+                _ => return,
             };
             if slot.is_none() {
                 *slot = Some(value);
+            }
+        };
+        // Tencent's values need no decoding (digits, hex, dotted names, IPs):
+        // then split in place; decode only a query that has escapes.
+        if raw.bytes().any(|b| b == b'%' || b == b'+') {
+            for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+                put(&name, value);
+            }
+        } else {
+            for pair in raw.split('&').filter(|p| !p.is_empty()) {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                put(name, Cow::Borrowed(value));
             }
         }
         q
