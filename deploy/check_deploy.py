@@ -54,9 +54,10 @@ REQUIRED_ALERTS = [
     "TimbridgeDown",
 ]
 READYZ_KEYS = {"ready", "reason", "spool_has_room", "draining", "kafka_reachable"}
-# What debian:bookworm-slim has (libc6, libgcc-s1, zlib1g are in the base).
+# What the runtime image has: debian:bookworm-slim's base (libc6, libgcc-s1,
+# zlib1g) and what the Dockerfile installs (libssl3: libssl, libcrypto).
 RUNTIME_LIBS = {"linux-vdso", "libc", "libm", "libgcc_s", "libz", "ld-linux-x86-64",
-                "ld-linux-aarch64", "libpthread", "libdl", "librt"}
+                "ld-linux-aarch64", "libpthread", "libdl", "librt", "libssl", "libcrypto"}
 GRACE_MARGIN_S = 5
 
 results: list[tuple[str, str, str]] = []  # (status, name, detail)
@@ -646,7 +647,7 @@ def register_smoke(binary: Path) -> None:
     env.pop("TIMBRIDGE_BROKERS", None)
     env.pop("TIMBRIDGE_CONFIG", None)
 
-    @check("binary: its shared libraries are all in debian:bookworm-slim")
+    @check("binary: its shared libraries are all in the runtime image")
     def _():
         if shutil.which("ldd") is None:
             raise Skip("no ldd")
@@ -654,6 +655,9 @@ def register_smoke(binary: Path) -> None:
         libs = {re.split(r"\.so", l.strip().split()[0])[0].split("/")[-1] for l in out.splitlines() if l.strip()}
         extra = libs - RUNTIME_LIBS
         assert not extra, f"the runtime image lacks {extra}: add their packages to the Dockerfile's runtime stage"
+        if libs & {"libssl", "libcrypto"}:
+            runtime = (DEPLOY / "Dockerfile").read_text().split("FROM debian:bookworm-slim", 1)[-1]
+            assert "libssl3" in runtime, "the binary links OpenSSL: install libssl3 in the runtime stage"
 
     @check("binary: `timbridge check-config` accepts config.container.toml")
     def _():

@@ -622,3 +622,60 @@ impl Sender {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PropertyValue;
+    use rdkafka::producer::BaseProducer;
+
+    /// Real clusters want TLS and SASL (SCRAM, PLAIN): the build must carry
+    /// OpenSSL, or librdkafka refuses the properties at start.
+    #[test]
+    fn tls_and_sasl_scram_properties_are_accepted() {
+        let mut kafka = KafkaConfig::default();
+        for (k, v) in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "timbridge"),
+            ("sasl.password", "secret"),
+        ] {
+            kafka
+                .properties
+                .insert(k.into(), PropertyValue::String(v.into()));
+        }
+        let producer: Result<BaseProducer, _> = producer_config(&kafka, "127.0.0.1:9").create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn user_properties_override_ours() {
+        let mut kafka = KafkaConfig::default();
+        kafka
+            .properties
+            .insert("linger.ms".into(), PropertyValue::Integer(50));
+        let c = producer_config(&kafka, "127.0.0.1:9");
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+    }
+
+    #[test]
+    fn every_error_reason_has_a_label_value() {
+        use rdkafka::error::KafkaError;
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::Fail,
+        ] {
+            let reason = error_reason(&KafkaError::MessageProduction(code));
+            assert!(
+                crate::metrics::KAFKA_ERROR_LABELS.contains(&reason),
+                "{reason}"
+            );
+        }
+    }
+}
