@@ -59,6 +59,8 @@ READYZ_KEYS = {"ready", "reason", "spool_has_room", "draining", "kafka_reachable
 RUNTIME_LIBS = {"linux-vdso", "libc", "libm", "libgcc_s", "libz", "ld-linux-x86-64",
                 "ld-linux-aarch64", "libpthread", "libdl", "librt", "libssl", "libcrypto"}
 GRACE_MARGIN_S = 5
+# timbridge's container resources, from the load harness (README, Performance).
+TIMBRIDGE_RESOURCES = {"requests": {"cpu": "250m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}}
 
 results: list[tuple[str, str, str]] = []  # (status, name, detail)
 
@@ -501,7 +503,7 @@ def check_overlay(name: str, docs: list[dict]) -> None:
         assert sc.get("runAsNonRoot") or spec.get("securityContext", {}).get("runAsNonRoot"), f"{wname}: runAsNonRoot"
         assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{wname}: drop ALL capabilities"
         res = c["resources"]
-        assert res["requests"] == {"cpu": "250m", "memory": "64Mi"} and res["limits"] == {"memory": "256Mi"}, res
+        assert res == TIMBRIDGE_RESOURCES, res
         env = {e["name"]: e for e in c.get("env", [])}
         assert "TIMBRIDGE_BROKERS" in env, f"{wname}: TIMBRIDGE_BROKERS"
         for var in TOKEN_ENVS:
@@ -575,7 +577,8 @@ def register_k8s_checks(kustomized: Path | None) -> None:
         for p in sorted(K8S.rglob("*.yaml")):
             text = p.read_text()
             for m in re.finditer(r"^(\s+)resources:(.*)$", text, re.M):
-                if "memory: 256Mi" in text[m.end():m.end() + 200]:   # timbridge's block
+                limit = TIMBRIDGE_RESOURCES["limits"]["memory"]
+                if f"memory: {limit}" in text[m.end():m.end() + 600]:   # timbridge's block
                     blocks += 1
                     assert "# measured: see README Performance" in m.group(2), f"{p.relative_to(DEPLOY)}: {m.group(0).strip()}"
         assert blocks >= 2, f"found {blocks} timbridge resources blocks"
