@@ -578,7 +578,13 @@ def register_k8s_checks(kustomized: Path | None) -> None:
             text = p.read_text()
             for m in re.finditer(r"^(\s+)resources:(.*)$", text, re.M):
                 limit = TIMBRIDGE_RESOURCES["limits"]["memory"]
-                if f"memory: {limit}" in text[m.end():m.end() + 600]:   # timbridge's block
+                # The block: the lines after `resources:` indented deeper than it.
+                block = []
+                for line in text[m.end():].splitlines()[1:]:
+                    if line.strip() and len(line) - len(line.lstrip()) <= len(m.group(1)):
+                        break
+                    block.append(line)
+                if f"memory: {limit}" in "\n".join(block):   # timbridge's block
                     blocks += 1
                     assert "# measured: see README Performance" in m.group(2), f"{p.relative_to(DEPLOY)}: {m.group(0).strip()}"
         assert blocks >= 2, f"found {blocks} timbridge resources blocks"
