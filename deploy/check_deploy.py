@@ -584,7 +584,8 @@ def register_k8s_checks(kustomized: Path | None) -> None:
                     if line.strip() and len(line) - len(line.lstrip()) <= len(m.group(1)):
                         break
                     block.append(line)
-                if f"memory: {limit}" in "\n".join(block):   # timbridge's block
+                body = "\n".join(block)
+                if "limits:" in body and f"memory: {limit}" in body.split("limits:", 1)[1]:   # timbridge's block
                     blocks += 1
                     assert "# measured: see README Performance" in m.group(2), f"{p.relative_to(DEPLOY)}: {m.group(0).strip()}"
         assert blocks >= 2, f"found {blocks} timbridge resources blocks"
