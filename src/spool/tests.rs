@@ -21,6 +21,10 @@ pub(crate) struct TestHooks {
     resumed: Condvar,
     fail_writes: AtomicU32,
     fail_syncs: AtomicU32,
+    /// Background syncs wait here while true, as if the disk were slow.
+    syncs_held: Mutex<bool>,
+    syncs_released: Condvar,
+    background_syncs_started: AtomicU32,
 }
 
 impl TestHooks {
@@ -51,6 +55,29 @@ impl TestHooks {
 
     pub(crate) fn take_sync_failure(&self) -> bool {
         take(&self.fail_syncs)
+    }
+
+    fn hold_syncs(&self, held: bool) {
+        *self
+            .syncs_held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = held;
+        self.syncs_released.notify_all();
+    }
+
+    /// Called by the syncer thread before each background sync.
+    pub(crate) fn background_sync_starts(&self) {
+        self.background_syncs_started.fetch_add(1, Ordering::SeqCst);
+        let mut held = self
+            .syncs_held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *held {
+            held = self
+                .syncs_released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 }
 
@@ -550,6 +577,44 @@ async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
             "interval sync never happened"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.fsync = FsyncMode::Interval(Duration::from_millis(5));
+    let (spool, reader, _) = open(&c);
+    let hooks = &spool.inner.shared.hooks;
+    hooks.hold_syncs(true);
+    spool.append(vec![ev(1)]).await.expect("append");
+    // Wait until a periodic sync has started and is stuck on the "disk".
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hooks.background_syncs_started.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no periodic sync started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Appends are answered while that sync is still running.
+    for i in 2..20 {
+        tokio::time::timeout(Duration::from_secs(2), spool.append(vec![ev(i)]))
+            .await
+            .expect("an append waited for the periodic sync")
+            .expect("append");
+    }
+    let synced = spool.stats().counters.syncs;
+    hooks.hold_syncs(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spool.stats().counters.syncs == synced {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the held sync never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     shut(spool, reader).await;
 }

@@ -7,6 +7,11 @@
 //! (milliseconds), new requests queue up and form the next group, so the
 //! number of syncs tracks the disk's speed, not the request rate.
 //!
+//! In `Interval` mode the periodic `fdatasync` runs on a syncer thread of
+//! its own, on a second descriptor of the active file: appends go on while
+//! the disk flushes, so no answer ever waits behind that sync (it takes
+//! milliseconds here, tens of them at worst).
+//!
 //! A failed write or sync fails the whole group, cuts the file back to its
 //! last good length and retires the segment: the next group starts a fresh
 //! file. Ids handed out to the failed group are never reused, so stale bytes
@@ -16,9 +21,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -85,7 +91,65 @@ pub(crate) struct Writer {
     roll_needed: bool,
     /// Segments retired with unsynced data in `Never` mode, synced at close.
     retired_unsynced: Vec<u64>,
+    /// `Interval` mode: where the periodic syncs run.
+    syncer: Option<Syncer>,
     closed: bool,
+}
+
+/// A thread that runs `fdatasync` for the writer, so that appends never
+/// wait behind one. It takes one job at a time: when the previous sync is
+/// still running at the next tick, that tick's sync is simply tried again
+/// at the one after.
+struct Syncer {
+    jobs: Option<SyncSender<(File, PathBuf)>>,
+    /// The error of a background sync, for the writer to act on.
+    failed: Arc<Mutex<Option<io::Error>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<Shared>) -> io::Result<Syncer> {
+        // Capacity 0: a job is handed over only when the thread is idle.
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<(File, PathBuf)>(0);
+        let failed = Arc::new(Mutex::new(None));
+        let report = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("spool-syncer".into())
+            .spawn(move || {
+                for (file, path) in rx {
+                    #[cfg(test)]
+                    shared.hooks.background_sync_starts();
+                    match file.sync_data() {
+                        Ok(()) => Counters::add(&shared.counters.syncs, 1),
+                        Err(e) => {
+                            *report.lock().unwrap_or_else(PoisonError::into_inner) =
+                                Some(io_context(e, "sync", &path));
+                        }
+                    }
+                }
+            })?;
+        Ok(Syncer {
+            jobs: Some(jobs),
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    fn take_failure(&self) -> Option<io::Error> {
+        self.failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Writer {
@@ -96,6 +160,7 @@ impl Writer {
         active: Option<ActiveFile>,
         next_id: u64,
     ) -> Self {
+        let shared_for_syncer = shared.clone();
         Self {
             shared,
             rx,
@@ -114,6 +179,17 @@ impl Writer {
             acks_due: Instant::now() + ACK_FLUSH_INTERVAL,
             roll_needed: false,
             retired_unsynced: Vec::new(),
+            syncer: match cfg.fsync {
+                FsyncMode::Interval(_) => match Syncer::start(shared_for_syncer) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        // Still correct, only slower: syncs run inline.
+                        tracing::warn!(error = %e, "cannot start the spool syncer thread; syncing on the writer thread");
+                        None
+                    }
+                },
+                _ => None,
+            },
             closed: false,
         }
     }
@@ -184,9 +260,14 @@ impl Writer {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        if let Some(e) = self.syncer.as_ref().and_then(Syncer::take_failure) {
+            Counters::add(&self.shared.counters.io_errors, 1);
+            self.roll_needed = true;
+            tracing::error!(error = %e, "periodic spool sync failed; recent events may be lost if the machine crashes");
+        }
         if self.sync_due.is_some_and(|d| now >= d) {
             self.sync_due = None;
-            if let Err(e) = self.sync_active() {
+            if let Err(e) = self.periodic_sync() {
                 Counters::add(&self.shared.counters.io_errors, 1);
                 // After a failed fsync the kernel may have dropped the dirty
                 // pages; do not keep appending to a file in unknown state.
@@ -321,6 +402,39 @@ impl Writer {
                 self.dirty = true;
                 Ok(())
             }
+        }
+    }
+
+    /// The `Interval` tick: hands the sync to the syncer thread when there is
+    /// one and it is idle; inline otherwise.
+    fn periodic_sync(&mut self) -> io::Result<()> {
+        let (Some(syncer), Some(a)) = (self.syncer.as_ref(), self.active.as_ref()) else {
+            return self.sync_active();
+        };
+        let Some(jobs) = syncer.jobs.as_ref() else {
+            return self.sync_active();
+        };
+        if !self.dirty {
+            return Ok(());
+        }
+        let path = segment_path(&self.shared.dir, a.first_id);
+        let file = a
+            .file
+            .try_clone()
+            .map_err(|e| io_context(e, "sync", &path))?;
+        match jobs.try_send((file, path)) {
+            Ok(()) => {
+                self.dirty = false;
+                Ok(())
+            }
+            Err(TrySendError::Full(_)) => {
+                // The last sync is still running: try again next interval.
+                if let FsyncMode::Interval(d) = self.fsync {
+                    self.sync_due = Instant::now().checked_add(d);
+                }
+                Ok(())
+            }
+            Err(TrySendError::Disconnected(_)) => self.sync_active(),
         }
     }
 
@@ -462,6 +576,11 @@ impl Writer {
     /// Syncs whatever is unsynced (every mode), flushes acks and stops
     /// accepting appends.
     fn close(&mut self) -> Result<(), SpoolError> {
+        // A background sync may still be running on data it was handed;
+        // the final sync here covers everything written, whatever it was.
+        if self.syncer.is_some() && self.active.is_some() {
+            self.dirty = true;
+        }
         let res = self
             .sync_retired()
             .and(self.sync_active())
