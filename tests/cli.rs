@@ -254,3 +254,33 @@ fn send_against_the_shipped_config_shows_a_delivery() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("401"));
 }
+
+#[test]
+fn the_shipped_config_shows_every_key() {
+    // check-config prints the effective config, every key with its value;
+    // each must appear in config.toml, set or commented, so that a newcomer
+    // finds it there.
+    let shipped_path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let shipped = std::fs::read_to_string(shipped_path).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", shipped_path])
+        .output()
+        .unwrap();
+    let effective = String::from_utf8(out.stdout).unwrap();
+    let mut keys = 0;
+    for line in effective.lines() {
+        let Some((key, _)) = line.split_once(" = ") else {
+            continue;
+        };
+        let key = key.trim().trim_matches('"');
+        if key.contains('.') {
+            continue; // a [kafka.properties] entry, the user's own
+        }
+        keys += 1;
+        assert!(
+            shipped.contains(&format!("{key} =")),
+            "config.toml does not show `{key}`"
+        );
+    }
+    assert!(keys >= 20, "{effective}");
+}
