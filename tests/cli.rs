@@ -15,6 +15,15 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
     p
 }
 
+/// `timbridge check-config --config PATH`.
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn version_and_help() {
     let out = Command::new(BIN).arg("--version").output().unwrap();
@@ -35,11 +44,7 @@ fn check_config_prints_the_effective_config_without_secrets() {
         "c.toml",
         "[[apps]]\nsdk_app_id = 1400000000\ntoken = \"hunter2\"\n[kafka.properties]\n\"sasl.password\" = \"pw\"\n",
     );
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert!(
         out.status.success(),
         "{}",
@@ -64,11 +69,7 @@ fn check_config_names_an_unknown_key_and_fails() {
         "c.toml",
         "[[apps]]\nsdk_app_id = 1\n[spool]\nmax_byte = 5\n",
     );
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = check_config(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_byte"), "{err}");
@@ -79,10 +80,7 @@ fn check_config_names_an_unknown_key_and_fails() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_byte"));
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", "/nonexistent/timbridge.toml"])
-        .output()
-        .unwrap();
+    let out = check_config("/nonexistent/timbridge.toml".as_ref());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/timbridge.toml"));
 }
@@ -90,10 +88,7 @@ fn check_config_names_an_unknown_key_and_fails() {
 #[test]
 fn the_shipped_config_is_valid_and_uses_the_embedded_kafka() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", shipped])
-        .output()
-        .unwrap();
+    let out = check_config(shipped.as_ref());
     assert!(
         out.status.success(),
         "{}",
@@ -262,10 +257,7 @@ fn the_shipped_config_shows_every_key() {
     // finds it there.
     let shipped_path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
     let shipped = std::fs::read_to_string(shipped_path).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", shipped_path])
-        .output()
-        .unwrap();
+    let out = check_config(shipped_path.as_ref());
     let effective = String::from_utf8(out.stdout).unwrap();
     let mut keys = 0;
     for line in effective.lines() {

@@ -88,6 +88,15 @@ fn take(c: &AtomicU32) -> bool {
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Polls `cond` until it holds; fails the test with `what` after `WAIT`.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn cfg(dir: &Path) -> SpoolConfig {
     SpoolConfig {
         dir: dir.to_path_buf(),
@@ -570,14 +579,10 @@ async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
         0,
         "interval mode synced before replying"
     );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while spool.stats().counters.syncs == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "interval sync never happened"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("interval sync never happened", || {
+        spool.stats().counters.syncs > 0
+    })
+    .await;
     shut(spool, reader).await;
 }
 
@@ -591,14 +596,10 @@ async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
     hooks.hold_syncs(true);
     spool.append(vec![ev(1)]).await.expect("append");
     // Wait until a periodic sync has started and is stuck on the "disk".
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while hooks.background_syncs_started.load(Ordering::SeqCst) == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no periodic sync started"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for("no periodic sync started", || {
+        hooks.background_syncs_started.load(Ordering::SeqCst) > 0
+    })
+    .await;
     // Appends are answered while that sync is still running.
     for i in 2..20 {
         tokio::time::timeout(Duration::from_secs(2), spool.append(vec![ev(i)]))
@@ -608,14 +609,10 @@ async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
     }
     let synced = spool.stats().counters.syncs;
     hooks.hold_syncs(false);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while spool.stats().counters.syncs == synced {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the held sync never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    wait_for("the held sync never finished", || {
+        spool.stats().counters.syncs != synced
+    })
+    .await;
     shut(spool, reader).await;
 }
 
@@ -913,14 +910,10 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
     spool.append(vec![ev(7), ev(8)]).await.expect("append");
     std::os::unix::fs::FileExt::write_all_at(&seg, &u32::MAX.to_le_bytes(), rec7).expect("poke");
     let next = tokio::spawn(async move { reader.next_batch(10, 1 << 20).await.map(|b| ids(&b)) });
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while spool.stats().counters.records_lost < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "damage never detected"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for("damage never detected", || {
+        spool.stats().counters.records_lost >= 3
+    })
+    .await;
     spool.append(vec![ev(9)]).await.expect("append");
     let got = tokio::time::timeout(WAIT, next)
         .await
