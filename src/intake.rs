@@ -204,7 +204,7 @@ impl Intake {
                     key,
                     value: body.to_vec(),
                     event_id: None,
-                    command: command.to_owned(),
+                    command: command.to_owned().into(),
                     sdk_app_id: app.sdk_app_id,
                 });
                 self.spool_records(&records, &[]).await?;
@@ -279,8 +279,7 @@ impl Intake {
         records: &[Record],
         ids: &[crate::record::EventId],
     ) -> Result<(), Rejection> {
-        let encoded: Vec<Bytes> = records.iter().map(|r| Bytes::from(r.encode())).collect();
-        match self.spool.append(encoded).await {
+        match self.spool.append(Record::encode_all(records)).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.dedup.forget(ids);

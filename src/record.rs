@@ -6,6 +6,10 @@
 //! encoding is a small versioned binary layout; the spool adds its own
 //! framing and checksum around it.
 
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
 /// An event id: 32 lower-case hex characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventId(pub [u8; 32]);
@@ -43,7 +47,8 @@ pub struct Record {
     pub value: Vec<u8>,
     /// Set for `read_receipt.v1` events; raw forwards have none.
     pub event_id: Option<EventId>,
-    pub command: String,
+    /// Static for the read-receipt commands; owned only for raw forwards.
+    pub command: Cow<'static, str>,
     pub sdk_app_id: u64,
 }
 
@@ -56,31 +61,55 @@ const VERSION: u8 = 1;
 pub struct DecodeError(&'static str);
 
 impl Record {
-    /// Appends the encoded record to `out` (one buffer per request, reused).
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.reserve(48 + self.command.len() + self.key.len() + self.value.len());
-        out.push(VERSION);
-        out.push(self.topic as u8);
-        out.extend_from_slice(&self.sdk_app_id.to_le_bytes());
+    /// The command as stored: at most `u16::MAX` bytes.
+    fn stored_command(&self) -> &[u8] {
+        let c = self.command.as_bytes();
+        &c[..c.len().min(u16::MAX as usize)]
+    }
+
+    /// Bytes `encode_into` writes.
+    pub fn encoded_len(&self) -> usize {
+        let id = if self.event_id.is_some() { 32 } else { 0 };
+        1 + 1 + 8 + 1 + id + 2 + self.stored_command().len() + 4 + self.key.len() + self.value.len()
+    }
+
+    /// Appends the encoded record to `out`.
+    pub fn encode_into(&self, out: &mut impl BufMut) {
+        out.put_u8(VERSION);
+        out.put_u8(self.topic as u8);
+        out.put_slice(&self.sdk_app_id.to_le_bytes());
         match &self.event_id {
             Some(id) => {
-                out.push(1);
-                out.extend_from_slice(&id.0);
+                out.put_u8(1);
+                out.put_slice(&id.0);
             }
-            None => out.push(0),
+            None => out.put_u8(0),
         }
-        let command = &self.command.as_bytes()[..self.command.len().min(u16::MAX as usize)];
-        out.extend_from_slice(&(command.len() as u16).to_le_bytes());
-        out.extend_from_slice(command);
-        out.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.key);
-        out.extend_from_slice(&self.value);
+        let command = self.stored_command();
+        out.put_slice(&(command.len() as u16).to_le_bytes());
+        out.put_slice(command);
+        out.put_slice(&(self.key.len() as u32).to_le_bytes());
+        out.put_slice(&self.key);
+        out.put_slice(&self.value);
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut out);
         out
+    }
+
+    /// A request's records encoded into one allocation, one `Bytes` each,
+    /// as the spool takes them.
+    pub fn encode_all(records: &[Record]) -> Vec<Bytes> {
+        let mut buf = BytesMut::with_capacity(records.iter().map(Record::encoded_len).sum());
+        records
+            .iter()
+            .map(|r| {
+                r.encode_into(&mut buf);
+                buf.split().freeze()
+            })
+            .collect()
     }
 
     /// Decodes an owned copy; the publisher uses [`RecordRef::decode`].
@@ -91,7 +120,7 @@ impl Record {
             key: r.key.to_vec(),
             value: r.value.to_vec(),
             event_id: r.event_id,
-            command: r.command.to_owned(),
+            command: Cow::Owned(r.command.to_owned()),
             sdk_app_id: r.sdk_app_id,
         })
     }
@@ -189,6 +218,20 @@ mod tests {
             ..sample(None)
         };
         assert_eq!(Record::decode(&raw.encode()).unwrap(), raw);
+    }
+
+    #[test]
+    fn encode_all_gives_each_record_its_own_bytes() {
+        let a = sample(Some(EventId([b'a'; 32])));
+        let b = Record {
+            key: b"other".to_vec(),
+            ..sample(None)
+        };
+        let out = Record::encode_all(&[a.clone(), b.clone()]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].len(), a.encoded_len());
+        assert_eq!(Record::decode(&out[0]).unwrap(), a);
+        assert_eq!(Record::decode(&out[1]).unwrap(), b);
     }
 
     #[test]
