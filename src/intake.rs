@@ -128,21 +128,11 @@ impl Intake {
         } else {
             self.check_and_spool(&query, body).await
         };
-        let command = query.callback_command.as_deref().unwrap_or("");
         let outcome = match &result {
             Ok(a) => a.outcome(),
-            Err(r) => {
-                self.log_rejection(&query, r);
-                r.kind.outcome()
-            }
+            Err(r) => r.kind.outcome(),
         };
-        self.metrics
-            .callbacks
-            .with_label_values(&[command_label(command), outcome])
-            .inc();
-        self.metrics
-            .callback_duration
-            .observe(started.elapsed().as_secs_f64());
+        self.account(&query, result.as_ref().err(), outcome, started);
         result
     }
 
@@ -150,11 +140,25 @@ impl Intake {
     /// large, too slow), which `handle` never saw.
     pub fn reject_unread(&self, raw_query: &str, rejection: &Rejection, started: Instant) {
         let query = CallbackQuery::parse(raw_query);
+        self.account(&query, Some(rejection), rejection.kind.outcome(), started);
+    }
+
+    /// Every answered callback, once: its outcome and time in the metrics,
+    /// and a (rate-limited) log line when it was rejected.
+    fn account(
+        &self,
+        query: &CallbackQuery<'_>,
+        rejection: Option<&Rejection>,
+        outcome: &str,
+        started: Instant,
+    ) {
+        if let Some(r) = rejection {
+            self.log_rejection(query, r);
+        }
         let command = query.callback_command.as_deref().unwrap_or("");
-        self.log_rejection(&query, rejection);
         self.metrics
             .callbacks
-            .with_label_values(&[command_label(command), rejection.kind.outcome()])
+            .with_label_values(&[command_label(command), outcome])
             .inc();
         self.metrics
             .callback_duration
