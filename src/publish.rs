@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::ClientContext;
-use rdkafka::client::Client;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -397,11 +396,6 @@ impl Publisher {
             stop,
             task,
         })
-    }
-
-    /// The librdkafka client, for metadata checks.
-    pub fn client(&self) -> &Client<DeliveryContext> {
-        self.producer.client()
     }
 
     /// Stops taking new records, gives what librdkafka holds up to `timeout`

@@ -12,7 +12,6 @@
 //! deadline.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,7 +94,7 @@ pub async fn serve(
             TokioIo::new(stream),
             service_fn(move |req| {
                 let routes = routes.clone();
-                async move { Ok::<_, Infallible>(routes.route(req, peer).await) }
+                async move { Ok::<_, Infallible>(routes.route(req).await) }
             }),
         );
         let conn = graceful.watch(conn);
@@ -112,7 +111,7 @@ pub async fn serve(
 }
 
 impl Routes {
-    async fn route(&self, req: Request<Incoming>, _peer: SocketAddr) -> Answer {
+    async fn route(&self, req: Request<Incoming>) -> Answer {
         let path = req.uri().path();
         match (req.method(), path) {
             (&Method::POST, p) if p == self.callback_path => {
