@@ -32,8 +32,14 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// The address callbacks, /metrics and /healthz share.
+    /// The address callbacks are served on (and /metrics, /healthz and
+    /// /readyz too, unless `admin_listen` is set).
     pub listen: String,
+    /// When set, /metrics, /healthz and /readyz are served here instead, on
+    /// their own connection budget, so that clients hogging the callback
+    /// listener cannot make probes fail or hide the metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<String>,
     /// Tencent appends its query string to this path.
     pub callback_path: String,
     pub max_body_bytes: usize,
@@ -44,8 +50,18 @@ pub struct ServerConfig {
     /// How long a client may take to send the body once the head is in.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// How long an answer may wait for the client to take it once the
+    /// socket's buffers are full; then the connection is closed. hyper has
+    /// no write timeout: without this a client that never reads holds its
+    /// connection forever.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Bytes of request bodies held in memory at once, over all connections;
+    /// past it a callback is answered 503, so that `max_connections` times
+    /// `max_body_bytes` cannot exhaust memory.
+    pub max_body_memory_bytes: usize,
     /// On SIGTERM: how long /readyz reports 503 while callbacks are still
     /// taken, before the listener closes, so that a load balancer stops
     /// sending first. Tencent does not retry, so refusing early loses data.
@@ -62,11 +78,14 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8080".into(),
+            admin_listen: None,
             callback_path: "/callback".into(),
             max_body_bytes: 1024 * 1024,
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            write_timeout: Duration::from_secs(5),
+            max_body_memory_bytes: 4 * 1024 * 1024,
             drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -307,6 +326,20 @@ impl Config {
                 self.server.listen
             ));
         }
+        if let Some(admin) = &self.server.admin_listen {
+            let Ok(addr) = admin.parse::<SocketAddr>() else {
+                return invalid(format!(
+                    "server.admin_listen = {admin:?} is not an address like 127.0.0.1:9090 or [::]:9090"
+                ));
+            };
+            if addr.port() != 0
+                && admin.parse::<SocketAddr>().ok() == self.server.listen.parse().ok()
+            {
+                return invalid(format!(
+                    "server.admin_listen = {admin:?} is the same address as server.listen: give the admin listener its own port, or remove the key"
+                ));
+            }
+        }
         if !self.server.callback_path.starts_with('/') {
             return invalid(format!(
                 "server.callback_path = {:?} must start with '/'",
@@ -329,6 +362,15 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections must be above 0".into());
+        }
+        if self.server.write_timeout.is_zero() {
+            return invalid("server.write_timeout must be above 0".into());
+        }
+        if self.server.max_body_memory_bytes < self.server.max_body_bytes {
+            return invalid(format!(
+                "server.max_body_memory_bytes ({}) is below server.max_body_bytes ({}): no body of the largest allowed size could ever be read; raise it or lower max_body_bytes",
+                self.server.max_body_memory_bytes, self.server.max_body_bytes
+            ));
         }
         if self.kafka.brokers.trim().is_empty() {
             return invalid(
@@ -392,6 +434,15 @@ impl Config {
                 })
             })
             .collect()
+    }
+
+    /// The admin listener's address, when one is configured.
+    pub fn admin_listen_addr(&self) -> Option<SocketAddr> {
+        // validate() has checked it parses.
+        self.server
+            .admin_listen
+            .as_deref()
+            .and_then(|a| a.parse().ok())
     }
 
     pub fn listen_addr(&self) -> SocketAddr {

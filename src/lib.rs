@@ -67,6 +67,7 @@ pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
 /// A running gateway: listener, spool and publisher.
 pub struct Gateway {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     bootstrap: String,
     intake: Arc<Intake>,
     spool: Spool,
@@ -142,12 +143,66 @@ impl Gateway {
             format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
         })?;
         let addr = listener.local_addr()?;
+        let admin = match config.admin_listen_addr() {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+                format!(
+                    "cannot listen on {a}: is another process using it? set server.admin_listen"
+                )
+            })?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (stop_server, stop_rx) = watch::channel(false);
-        let server = tokio::spawn({
+        let body_memory = server::BodyBudget::new(&config.server, intake.metrics());
+        let callback_role = if admin.is_some() {
+            server::Role::Callbacks
+        } else {
+            server::Role::Everything
+        };
+        let callbacks = tokio::spawn({
             let intake = intake.clone();
             let server_config = config.server.clone();
-            async move { server::serve(listener, &server_config, intake, kafka_up_rx, stop_rx).await }
+            let (body_memory, kafka_up, stop) =
+                (body_memory.clone(), kafka_up_rx.clone(), stop_rx.clone());
+            async move {
+                server::serve(
+                    listener,
+                    callback_role,
+                    &server_config,
+                    intake,
+                    body_memory,
+                    kafka_up,
+                    stop,
+                )
+                .await
+            }
         });
+        let admin_server = admin.map(|listener| {
+            let intake = intake.clone();
+            let server_config = config.server.clone();
+            tokio::spawn(async move {
+                server::serve(
+                    listener,
+                    server::Role::Admin,
+                    &server_config,
+                    intake,
+                    body_memory,
+                    kafka_up_rx,
+                    stop_rx,
+                )
+                .await
+            })
+        });
+        // One handle for both listeners: shutdown waits for each to drain.
+        let server = tokio::spawn(async move {
+            let _ = callbacks.await;
+            if let Some(admin) = admin_server {
+                let _ = admin.await;
+            }
+        });
+        if let Some(admin) = admin_addr {
+            tracing::info!(%admin, "admin listener: /metrics, /healthz and /readyz");
+        }
         tracing::info!(
             %addr,
             callback_path = %config.server.callback_path,
@@ -156,6 +211,7 @@ impl Gateway {
         );
         Ok(Gateway {
             addr,
+            admin_addr,
             bootstrap,
             intake,
             spool,
@@ -171,6 +227,12 @@ impl Gateway {
     /// Where the listener is bound (the port is real when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) is bound,
+    /// when `server.admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// The brokers the producer talks to (the embedded one's address when

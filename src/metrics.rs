@@ -53,6 +53,14 @@ pub const KAFKA_ERROR_LABELS: [&str; 7] = [
     "other",
 ];
 
+/// Every value the `listener` label of the connection metrics takes.
+pub const LISTENER_LABELS: [&str; 2] = ["callback", "admin"];
+
+/// Every value the `stage` label of `timbridge_connections_timed_out_total`
+/// takes: the request head did not arrive in time, or the client did not
+/// take its answer in time.
+pub const TIMEOUT_STAGE_LABELS: [&str; 2] = ["head", "answer"];
+
 /// The label values `command` may take: the three read-receipt commands, or `other`.
 pub fn command_label(command: &str) -> &'static str {
     use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
@@ -82,6 +90,11 @@ pub struct Metrics {
     pub duplicates_dropped: IntCounter,
     pub log_lines_suppressed: IntCounter,
     pub build_info: IntGaugeVec,
+    pub connections_open: IntGaugeVec,
+    pub connections_refused: IntCounterVec,
+    pub connections_timed_out: IntCounterVec,
+    pub body_memory_bytes: IntGauge,
+    pub body_memory_exhausted: IntCounter,
 }
 
 impl Metrics {
@@ -184,6 +197,40 @@ impl Metrics {
                 &["version"],
             )
             .expect("valid metric"),
+            connections_open: IntGaugeVec::new(
+                Opts::new(
+                    "timbridge_connections_open",
+                    "Connections being served, by listener (callback, admin).",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric"),
+            connections_refused: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_connections_refused_total",
+                    "Connections answered 503 and closed because the listener was serving its maximum.",
+                ),
+                &["listener"],
+            )
+            .expect("valid metric"),
+            connections_timed_out: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_connections_timed_out_total",
+                    "Connections closed because the client was too slow: stage=head (request head not in within header_read_timeout, idle keep-alive included) or answer (answer not taken within write_timeout).",
+                ),
+                &["listener", "stage"],
+            )
+            .expect("valid metric"),
+            body_memory_bytes: IntGauge::new(
+                "timbridge_body_memory_bytes",
+                "Bytes reserved for request bodies in memory now (at most server.max_body_memory_bytes).",
+            )
+            .expect("valid metric"),
+            body_memory_exhausted: IntCounter::new(
+                "timbridge_body_memory_exhausted_total",
+                "Callbacks answered 503 because the bodies already in memory filled server.max_body_memory_bytes.",
+            )
+            .expect("valid metric"),
             registry,
         };
         // Every label value exists from the start, at zero: a series that
@@ -199,6 +246,14 @@ impl Metrics {
         }
         for reason in KAFKA_ERROR_LABELS {
             m.kafka_errors.with_label_values(&[reason]);
+        }
+        for listener in LISTENER_LABELS {
+            m.connections_open.with_label_values(&[listener]);
+            m.connections_refused.with_label_values(&[listener]);
+            for stage in TIMEOUT_STAGE_LABELS {
+                m.connections_timed_out
+                    .with_label_values(&[listener, stage]);
+            }
         }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
@@ -218,6 +273,11 @@ impl Metrics {
             Box::new(m.duplicates_dropped.clone()),
             Box::new(m.log_lines_suppressed.clone()),
             Box::new(m.build_info.clone()),
+            Box::new(m.connections_open.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.connections_timed_out.clone()),
+            Box::new(m.body_memory_bytes.clone()),
+            Box::new(m.body_memory_exhausted.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

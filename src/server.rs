@@ -12,11 +12,16 @@
 //! deadline.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -24,41 +29,148 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::ServerConfig;
 use crate::intake::Intake;
+use crate::metrics::Metrics;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 
 /// Whether Kafka is reachable, as the publisher last saw it; reported by
 /// `/readyz` (never a reason to be unready: the spool absorbs outages).
 pub type KafkaStatus = watch::Receiver<bool>;
 
+/// Connections the admin listener serves at once. Probes and scrapes are a
+/// handful at a time; a small fixed budget of its own is what keeps them
+/// answering while the callback listener is full.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Callbacks and the operator routes on one address (no `admin_listen`).
+    Everything,
+    /// The callback path only (`admin_listen` is set); 404 for the rest.
+    Callbacks,
+    /// `/metrics`, `/healthz` and `/readyz` only.
+    Admin,
+}
+
+impl Role {
+    /// The `listener` label of the connection metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Role::Everything | Role::Callbacks => "callback",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 struct Routes {
     intake: Arc<Intake>,
+    role: Role,
     callback_path: String,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    body_memory: Arc<BodyBudget>,
     kafka_up: KafkaStatus,
 }
 
 type Answer = Response<Full<Bytes>>;
 
+/// The bytes of request bodies held in memory at once, over all
+/// connections: one semaphore permit per byte. Reservations never wait: a
+/// callback that does not fit is answered 503 at once (Tencent gives up
+/// after two seconds anyway, and a waiting request would hold its buffer).
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+    held: prometheus::IntGauge,
+}
+
+impl BodyBudget {
+    pub fn new(config: &ServerConfig, metrics: &Metrics) -> Arc<BodyBudget> {
+        Arc::new(BodyBudget {
+            bytes: Arc::new(Semaphore::new(config.max_body_memory_bytes)),
+            max: config.max_body_memory_bytes,
+            held: metrics.body_memory_bytes.clone(),
+        })
+    }
+
+    fn report(&self) {
+        self.held
+            .set((self.max - self.bytes.available_permits().min(self.max)) as i64);
+    }
+}
+
+/// Bytes reserved in the [`BodyBudget`], given back when dropped.
+struct Reservation<'a> {
+    budget: &'a BodyBudget,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl<'a> Reservation<'a> {
+    fn new(budget: &'a BodyBudget) -> Reservation<'a> {
+        Reservation {
+            budget,
+            permit: None,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.permit.as_ref().map_or(0, |p| p.num_permits())
+    }
+
+    /// Reserves `more` bytes, or fails at once when the budget has no room.
+    fn grow(&mut self, more: usize) -> Result<(), BodyError> {
+        if more == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(more).map_err(|_| BodyError::OverBudget)?;
+        let got = self
+            .budget
+            .bytes
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| BodyError::OverBudget)?;
+        match &mut self.permit {
+            Some(p) => p.merge(got),
+            None => self.permit = Some(got),
+        }
+        self.budget.report();
+        Ok(())
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.permit.take().is_some() {
+            self.budget.report();
+        }
+    }
+}
+
 /// Serves until `shutdown` fires, then drains connections for at most
 /// `drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
+    role: Role,
     config: &ServerConfig,
     intake: Arc<Intake>,
+    body_memory: Arc<BodyBudget>,
     kafka_up: KafkaStatus,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let metrics = intake.metrics().clone();
     let routes = Arc::new(Routes {
         intake,
+        role,
         callback_path: config.callback_path.clone(),
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
+        body_memory,
         kafka_up,
     });
     let mut builder = http1::Builder::new();
@@ -66,16 +178,22 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
         .keep_alive(true);
-    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let budget = match role {
+        Role::Admin => ADMIN_MAX_CONNECTIONS,
+        Role::Everything | Role::Callbacks => config.max_connections,
+    };
+    let connections = Arc::new(Semaphore::new(budget));
+    // Refusals are answered off the accept loop; bound how many at once so
+    // that a connection flood cannot turn them into a task flood.
+    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
+    let label = role.label();
+    let open = metrics.connections_open.with_label_values(&[label]);
     let graceful = GracefulShutdown::new();
     loop {
-        let permit = tokio::select! {
-            p = connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => break,
-        };
+        // Accept first and look for a slot after: with the slot taken first,
+        // `max_connections` clients that never finish would stop the accept
+        // loop, and every new client would hang in the kernel's queue with
+        // no answer at all.
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -88,21 +206,53 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics
+                .connections_refused
+                .with_label_values(&[label])
+                .inc();
+            if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream, budget).await;
+                    drop(slot);
+                });
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
         let conn = builder.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(io),
             service_fn(move |req| {
                 let routes = routes.clone();
                 async move { Ok::<_, Infallible>(routes.route(req).await) }
             }),
         );
         let conn = graceful.watch(conn);
+        let metrics = metrics.clone();
+        let open = open.clone();
+        open.inc();
         tokio::spawn(async move {
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+                let stage = if timed_out.load(Ordering::Relaxed) {
+                    Some("answer")
+                } else if e.is_timeout() {
+                    Some("head")
+                } else {
+                    None
+                };
+                if let Some(stage) = stage {
+                    metrics
+                        .connections_timed_out
+                        .with_label_values(&[label, stage])
+                        .inc();
+                }
+                tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
+            open.dec();
             drop(permit);
         });
     }
@@ -110,15 +260,161 @@ pub async fn serve(
     let _ = graceful.shutdown().await;
 }
 
+/// Connections being refused at once (past that, they are closed unanswered).
+const REFUSALS_AT_ONCE: usize = 256;
+
+/// Answers a connection over the budget with 503 and closes it. The answer
+/// waits for the request head (briefly), since HTTP clients take an answer
+/// that comes before their request as a broken connection; and the rest
+/// of the request is drained after it, since closing a socket with unread
+/// data sends a reset, which can destroy the answer before it is read.
+async fn refuse(mut stream: TcpStream, budget: usize) {
+    let body = fail_body(&Rejection::new(
+        RejectKind::Overloaded,
+        format!("the gateway is serving its maximum of {budget} connections; retry shortly"),
+    ));
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let answer = async {
+        let mut seen = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 64 * 1024 {
+            match stream.read(&mut chunk).await? {
+                0 => return Ok(()),
+                n => seen.extend_from_slice(&chunk[..n]),
+            }
+        }
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await?;
+        let mut drained = 0;
+        while drained < 64 * 1024 {
+            match stream.read(&mut chunk).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<_, io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+}
+
+/// A connection's socket with a deadline on answers: once a write finds the
+/// socket's buffers full, the client has `limit` to take everything hyper
+/// has buffered (hyper then flushes, which ends the wait); otherwise writes
+/// fail with `TimedOut` and hyper closes the connection. hyper itself has no
+/// write timeout, and a client that pipelines requests and never reads would
+/// otherwise hold its connection, and its slot, forever.
+struct AnswerDeadline<S> {
+    inner: S,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl<S> AnswerDeadline<S> {
+    fn new(inner: S, limit: Duration, timed_out: Arc<AtomicBool>) -> AnswerDeadline<S> {
+        AnswerDeadline {
+            inner,
+            limit,
+            stalled: None,
+            timed_out,
+        }
+    }
+
+    /// Called when a write would block: starts the clock on the first
+    /// blocked write, and fails once it has run out. Polling the timer
+    /// registers the task's waker, so hyper is woken to see the failure even
+    /// if the socket never becomes writable again.
+    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.timed_out.store(true, Ordering::Relaxed);
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not take its answer in time",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AnswerDeadline<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AnswerDeadline<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write(cx, buf) {
+            Poll::Pending => self.blocked(cx),
+            done => done,
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.blocked(cx),
+            done => done,
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // hyper flushes the socket only once its own buffer is written out:
+        // the client has taken the answer (into its kernel buffers at least).
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.stalled = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => self.blocked(cx),
+            err => err,
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match Pin::new(&mut self.inner).poll_shutdown(cx) {
+            Poll::Pending => self.blocked(cx),
+            done => done,
+        }
+    }
+}
+
 impl Routes {
     async fn route(&self, req: Request<Incoming>) -> Answer {
         let path = req.uri().path();
+        let callbacks = self.role != Role::Admin;
+        let admin = self.role != Role::Callbacks;
         match (req.method(), path) {
-            (&Method::POST, p) if p == self.callback_path => {
+            (&Method::POST, p) if callbacks && p == self.callback_path => {
                 let _counted = InFlight::enter(&self.intake.metrics().callbacks_in_flight);
                 self.callback(req).await
             }
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, "/metrics") if admin => {
                 let body = self.intake.metrics().render();
                 text(
                     StatusCode::OK,
@@ -126,9 +422,11 @@ impl Routes {
                     body,
                 )
             }
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
-            (&Method::GET, "/readyz") => self.readyz(),
-            (_, p) if p == self.callback_path => text(
+            (&Method::GET, "/healthz") if admin => {
+                text(StatusCode::OK, "text/plain", b"ok\n".to_vec())
+            }
+            (&Method::GET, "/readyz") if admin => self.readyz(),
+            (_, p) if callbacks && p == self.callback_path => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 b"callbacks are POSTed\n".to_vec(),
@@ -161,18 +459,30 @@ impl Routes {
             self.intake.reject_unread(query, &r, started);
             return rejected(&r, true);
         }
-        let limited = Limited::new(body, self.max_body_bytes);
-        let body = match tokio::time::timeout(self.body_read_timeout, limited.collect()).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) => {
-                let r = if e
-                    .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    too_large()
-                } else {
-                    Rejection::new(RejectKind::Invalid, "body could not be read")
-                };
+        // Room in the body-memory budget: the declared length up front, a
+        // chunked body as it grows. Held until the intake is done with it.
+        let mut reserved = Reservation::new(&self.body_memory);
+        if let Some(n) = declared
+            && reserved.grow(n as usize).is_err()
+        {
+            return self.over_budget(query, started);
+        }
+        let read = read_body(
+            body,
+            declared.unwrap_or(0) as usize,
+            self.max_body_bytes,
+            &mut reserved,
+        );
+        let body = match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(BodyError::TooLarge)) => {
+                let r = too_large();
+                self.intake.reject_unread(query, &r, started);
+                return rejected(&r, true);
+            }
+            Ok(Err(BodyError::OverBudget)) => return self.over_budget(query, started),
+            Ok(Err(BodyError::Read)) => {
+                let r = Rejection::new(RejectKind::Invalid, "body could not be read");
                 self.intake.reject_unread(query, &r, started);
                 return rejected(&r, true);
             }
@@ -185,7 +495,7 @@ impl Routes {
                 return rejected(&r, true);
             }
         };
-        match self.intake.handle(query, body, started, refuse).await {
+        let answer = match self.intake.handle(query, body, started, refuse).await {
             Ok(_) => {
                 let mut resp = Response::new(Full::new(Bytes::from_static(OK_BODY)));
                 resp.headers_mut()
@@ -193,7 +503,20 @@ impl Routes {
                 resp
             }
             Err(r) => rejected(&r, false),
-        }
+        };
+        drop(reserved);
+        answer
+    }
+
+    /// 503: the bodies being read already fill the budget.
+    fn over_budget(&self, query: &str, started: Instant) -> Answer {
+        self.intake.metrics().body_memory_exhausted.inc();
+        let r = Rejection::new(
+            RejectKind::Overloaded,
+            "too many request bodies in memory at once; retry shortly",
+        );
+        self.intake.reject_unread(query, &r, started);
+        rejected(&r, true)
     }
 
     fn readyz(&self) -> Answer {
@@ -259,4 +582,41 @@ fn rejected(r: &Rejection, close: bool) -> Answer {
             .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+enum BodyError {
+    TooLarge,
+    OverBudget,
+    Read,
+}
+
+/// Reads a body of at most `max` bytes into one buffer, keeping `reserved`
+/// at least the buffer's capacity: growth past what is reserved needs more
+/// of the budget first, and fails rather than waits when it is spent.
+async fn read_body(
+    mut body: Incoming,
+    declared: usize,
+    max: usize,
+    reserved: &mut Reservation<'_>,
+) -> Result<Bytes, BodyError> {
+    let mut buf: Vec<u8> = Vec::with_capacity(declared.min(max));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| BodyError::Read)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let len = buf.len() + data.len();
+        if len > max {
+            return Err(BodyError::TooLarge);
+        }
+        if len > buf.capacity() {
+            // Grow geometrically (not frame by frame) but never past `max`,
+            // and reserve the whole new capacity before allocating it.
+            let capacity = len.max(buf.capacity().saturating_mul(2)).min(max);
+            reserved.grow(capacity.saturating_sub(reserved.bytes()))?;
+            buf.reserve_exact(capacity - buf.len());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
 }
