@@ -140,6 +140,9 @@ def duration_s(text: str) -> float:
 CONFIG_TEXT = CONFIG_FILE.read_text()
 CONFIG = tomllib.loads(CONFIG_TEXT)
 LISTEN_PORT = int(CONFIG["server"]["listen"].rsplit(":", 1)[1])
+# Probes and the scrape go to server.admin_listen when it is set.
+ADMIN_LISTEN = CONFIG["server"].get("admin_listen")
+ADMIN_PORT = int(ADMIN_LISTEN.rsplit(":", 1)[1]) if ADMIN_LISTEN else LISTEN_PORT
 SPOOL_DIR = CONFIG["spool"]["dir"]
 DRAIN_S = duration_s(CONFIG["server"].get("drain_delay", "0s"))
 SHUTDOWN_S = duration_s(CONFIG["server"].get("shutdown_timeout", "10s"))
@@ -172,6 +175,8 @@ def _():
 def _():
     s = CONFIG["server"]
     assert s["listen"].startswith("0.0.0.0:"), "a container must listen on all addresses"
+    assert ADMIN_LISTEN and ADMIN_LISTEN.startswith("0.0.0.0:") and ADMIN_PORT != LISTEN_PORT, \
+        "probes and the scrape need server.admin_listen on all addresses, on a port of its own"
     assert DRAIN_S == 5, f"drain_delay is {DRAIN_S}s, the brief says 5s"
     assert SPOOL_DIR == "/var/lib/timbridge/spool", SPOOL_DIR
     assert CONFIG["log"]["format"] == "json"
@@ -258,14 +263,14 @@ def _():
         assert name in quiet, f"{name}: no test where it stays quiet"
 
 
-@check("prometheus.yml: scrapes timbridge:8080 and loads alerts.yml")
+@check("prometheus.yml: scrapes timbridge's admin port and loads alerts.yml")
 def _():
     prom = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     assert prom["rule_files"] == ["alerts.yml"]
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     assert "timbridge" in jobs
     targets = [t for sc in jobs["timbridge"]["static_configs"] for t in sc["targets"]]
-    assert targets == [f"timbridge:{LISTEN_PORT}"], targets
+    assert targets == [f"timbridge:{ADMIN_PORT}"], targets
     assert re.search(RULES["TimbridgeDown"]["expr"].split('job=~"')[1].split('"')[0], "timbridge")
 
 
@@ -380,7 +385,7 @@ def _():
     users = get("USER")
     assert users and users[-1].value[0].split(":")[0] not in ("root", "0"), "runs as root"
     assert [c.value for c in get("VOLUME")] == [(SPOOL_DIR,)], "VOLUME is the spool dir"
-    assert [c.value for c in get("EXPOSE")] == [(str(LISTEN_PORT),)]
+    assert [c.value for c in get("EXPOSE")] == [(str(LISTEN_PORT), str(ADMIN_PORT))]
     ep = get("ENTRYPOINT")
     assert len(ep) == 1 and ep[0].json and ep[0].value == ("/usr/local/bin/timbridge", "serve"), ep
     copies = [c.value for c in get("COPY")]
@@ -391,7 +396,7 @@ def _():
     assert any("ca-certificates" in c.value[0] for c in get("RUN"))
     assert [c.value for c in get("STOPSIGNAL")] == [("SIGTERM",)]
     cmd = healthcheck_command()
-    assert f"/dev/tcp/127.0.0.1/{LISTEN_PORT}" in cmd[-1] and "/healthz" in cmd[-1], cmd
+    assert f"/dev/tcp/127.0.0.1/{ADMIN_PORT}" in cmd[-1] and "/healthz" in cmd[-1], cmd
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert "target/" in ignore and ".git/" in ignore
 
@@ -420,7 +425,7 @@ def _():
     assert tb["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert "./config.container.toml:/etc/timbridge/config.toml:ro" in tb["volumes"]
     assert f"spool:{SPOOL_DIR}" in tb["volumes"]
-    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}"]
+    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}", f"{ADMIN_PORT}:{ADMIN_PORT}"]
     assert duration_s(tb["stop_grace_period"]) >= MIN_GRACE_S
     prom = svc["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prom["volumes"]
@@ -495,7 +500,7 @@ def check_overlay(name: str, docs: list[dict]) -> None:
             assert pr, f"{wname}: no {probe}"
             assert pr["httpGet"]["path"] == path, f"{wname}: {probe} asks {pr['httpGet']['path']}, not {path}"
             port = pr["httpGet"]["port"]
-            assert ports.get(port, port) == LISTEN_PORT, f"{wname}: {probe} port {port} is not {LISTEN_PORT}"
+            assert ports.get(port, port) == ADMIN_PORT, f"{wname}: {probe} port {port} is not {ADMIN_PORT} (admin_listen)"
         assert c["args"] == ["--config", "/etc/timbridge/config.toml"], c["args"]
         sc = c.get("securityContext", {})
         assert sc.get("readOnlyRootFilesystem") is True, f"{wname}: readOnlyRootFilesystem"
@@ -547,15 +552,19 @@ def check_overlay(name: str, docs: list[dict]) -> None:
         svcs = [s for s in by_kind.get("Service", []) if labels_match(sel, s["metadata"].get("labels", {}))]
         assert len(svcs) == 1, f"ServiceMonitor/{sm['metadata']['name']} selects {len(svcs)} Services (want 1: no double scrape)"
         sports = {p["name"] for p in svcs[0]["spec"]["ports"]}
+        admin_ports = {p["name"] for p in svcs[0]["spec"]["ports"]
+                       if p.get("port") == ADMIN_PORT or p.get("targetPort") in ("admin", ADMIN_PORT)}
         for ep in sm["spec"]["endpoints"]:
             assert ep["port"] in sports and ep.get("path", "/metrics") == "/metrics", ep
+            assert ep["port"] in admin_ports, f"ServiceMonitor scrapes port {ep['port']}, not the admin port {ADMIN_PORT}"
     for pm in by_kind.get("PodMonitor", []):
         sel = pm["spec"]["selector"]["matchLabels"]
         targets = [w for w in workloads if labels_match(sel, w["spec"]["template"]["metadata"]["labels"])]
         assert targets, f"PodMonitor/{pm['metadata']['name']} selects no workload"
         for ep in pm["spec"]["podMetricsEndpoints"]:
-            tb_ports = {p["name"] for w in targets for c in containers_named(w, "timbridge") for p in c["ports"]}
+            tb_ports = {p["name"]: p["containerPort"] for w in targets for c in containers_named(w, "timbridge") for p in c["ports"]}
             assert ep["port"] in tb_ports and ep.get("path", "/metrics") == "/metrics", ep
+            assert tb_ports[ep["port"]] == ADMIN_PORT, f"PodMonitor scrapes port {ep['port']}, not the admin port {ADMIN_PORT}"
         assert "timbridge" in pm["metadata"]["name"], "the PodMonitor's job name must contain 'timbridge' for TimbridgeDown"
     if name == "standalone":
         assert by_kind.get("ServiceMonitor") and by_kind.get("PodDisruptionBudget") and by_kind.get("StatefulSet")
@@ -682,9 +691,11 @@ def register_smoke(binary: Path) -> None:
             tmp = Path(tmp)
             cfg = tmp / "config.toml"
             assert f'dir = "{SPOOL_DIR}"' in CONFIG_TEXT
-            cfg.write_text(CONFIG_TEXT.replace(f'dir = "{SPOOL_DIR}"', f'dir = "{tmp / "spool"}"'))
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
+            port, admin_port = free_port(), free_port()
+            cfg.write_text(CONFIG_TEXT.replace(f'dir = "{SPOOL_DIR}"', f'dir = "{tmp / "spool"}"')
+                           .replace(f'admin_listen = "{ADMIN_LISTEN}"', f'admin_listen = "127.0.0.1:{admin_port}"'))
+            callbacks = f"http://127.0.0.1:{port}"
+            base = f"http://127.0.0.1:{admin_port}"
             log = open(tmp / "stderr.log", "w+")
             proc = subprocess.Popen([str(binary), "serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}",
                                      "--brokers", "embedded"], env=env, stdout=log, stderr=log)
@@ -701,11 +712,12 @@ def register_smoke(binary: Path) -> None:
                     time.sleep(0.2)
                 # The Dockerfile's HEALTHCHECK, aimed at this port, and at a closed one.
                 hc = healthcheck_command()
-                hc_here = hc[:-1] + [hc[-1].replace(f"/127.0.0.1/{LISTEN_PORT}", f"/127.0.0.1/{port}")]
+                hc_here = hc[:-1] + [hc[-1].replace(f"/127.0.0.1/{ADMIN_PORT}", f"/127.0.0.1/{admin_port}")]
                 r = subprocess.run(hc_here, capture_output=True, text=True, timeout=10)
                 assert r.returncode == 0, f"HEALTHCHECK failed against a healthy gateway: {r.stderr}"
                 closed = free_port()
-                hc_closed = hc[:-1] + [hc[-1].replace(f"/127.0.0.1/{LISTEN_PORT}", f"/127.0.0.1/{closed}")]
+                hc_closed = hc[:-1] + [hc[-1].replace(f"/127.0.0.1/{ADMIN_PORT}", f"/127.0.0.1/{closed}")]
+                assert http_get(callbacks + "/healthz")[0] == 404, "the callback port serves /healthz beside admin_listen"
                 r = subprocess.run(hc_closed, capture_output=True, text=True, timeout=10)
                 assert r.returncode != 0, "HEALTHCHECK passed with nothing listening"
                 status, body = http_get(base + "/readyz")
@@ -720,7 +732,7 @@ def register_smoke(binary: Path) -> None:
                     "Type": "Public", "EventTime": int(time.time() * 1000),
                     "GroupMsgReceiptList": [{"MsgSeq": 1, "ReadNum": 1, "UnreadNum": 0,
                                              "ReadReceiptMembers": [{"Member_Account": "user0"}]}]}))
-                r = subprocess.run([str(binary), "send", "--url", base + CONFIG["server"]["callback_path"],
+                r = subprocess.run([str(binary), "send", "--url", callbacks + CONFIG["server"]["callback_path"],
                                     "--sdkappid", str(app_id), "--token", token, str(cb)],
                                    capture_output=True, text=True, timeout=30, env=env)
                 assert r.returncode == 0, f"signed callback not accepted: {r.stdout} {r.stderr}"
