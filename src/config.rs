@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub body_read_timeout: Duration,
     /// Connections served at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Connections one client address may hold open at once (0: no cap).
+    /// Off by default: Tencent's callbacks come from few addresses, and
+    /// behind a load balancer or NAT every client may share one.
+    pub max_connections_per_ip: usize,
     /// How long an answer may wait for the client to take it once the
     /// socket's buffers are full; then the connection is closed. hyper has
     /// no write timeout: without this a client that never reads holds its
@@ -84,6 +88,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(5),
             body_read_timeout: Duration::from_secs(5),
             max_connections: 4096,
+            max_connections_per_ip: 0,
             write_timeout: Duration::from_secs(5),
             max_body_memory_bytes: 4 * 1024 * 1024,
             drain_delay: Duration::ZERO,

@@ -208,7 +208,7 @@ impl Metrics {
             connections_refused: IntCounterVec::new(
                 Opts::new(
                     "timbridge_connections_refused_total",
-                    "Connections answered 503 and closed because the listener was serving its maximum.",
+                    "Connections answered 503 and closed because the listener (or the client's address) was at its maximum.",
                 ),
                 &["listener"],
             )

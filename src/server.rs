@@ -11,12 +11,14 @@
 //! connections are told to close after their current request), up to a
 //! deadline.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -187,6 +189,14 @@ pub async fn serve(
     // that a connection flood cannot turn them into a task flood.
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
     let label = role.label();
+    // The admin listener's few clients are the operator's own: no per-address cap.
+    let per_ip = Arc::new(PerIp {
+        max: match role {
+            Role::Admin => 0,
+            Role::Everything | Role::Callbacks => config.max_connections_per_ip,
+        },
+        open: Mutex::new(HashMap::new()),
+    });
     let open = metrics.connections_open.with_label_values(&[label]);
     let graceful = GracefulShutdown::new();
     loop {
@@ -206,18 +216,33 @@ pub async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            metrics
-                .connections_refused
-                .with_label_values(&[label])
-                .inc();
-            if let Ok(slot) = refusals.clone().try_acquire_owned() {
-                tokio::spawn(async move {
-                    refuse(stream, budget).await;
-                    drop(slot);
-                });
+        let admitted = match connections.clone().try_acquire_owned() {
+            Err(_) => Err(format!(
+                "the gateway is serving its maximum of {budget} connections; retry shortly"
+            )),
+            Ok(permit) => match per_ip.enter(peer.ip()) {
+                Some(ip_slot) => Ok((permit, ip_slot)),
+                None => Err(format!(
+                    "this address already has {} connections open (server.max_connections_per_ip); retry shortly",
+                    per_ip.max
+                )),
+            },
+        };
+        let (permit, ip_slot) = match admitted {
+            Ok(slots) => slots,
+            Err(why) => {
+                metrics
+                    .connections_refused
+                    .with_label_values(&[label])
+                    .inc();
+                if let Ok(slot) = refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream, why).await;
+                        drop(slot);
+                    });
+                }
+                continue;
             }
-            continue;
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
@@ -253,11 +278,54 @@ pub async fn serve(
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
             open.dec();
+            drop(ip_slot);
             drop(permit);
         });
     }
     drop(listener);
     let _ = graceful.shutdown().await;
+}
+
+/// Connections open per client address, when `server.max_connections_per_ip`
+/// caps them (0: no cap, nothing is tracked).
+struct PerIp {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// A slot for one more connection from `ip`, or `None` at the cap.
+    fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        if self.max == 0 {
+            return Some(IpSlot(None));
+        }
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// One connection counted against its address; uncounted when dropped.
+struct IpSlot(Option<(Arc<PerIp>, IpAddr)>);
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        if let Some((per_ip, ip)) = self.0.take() {
+            let mut open = per_ip.open.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = open.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    // Forget the address: the map holds only addresses with
+                    // connections open, so it is bounded by max_connections.
+                    open.remove(&ip);
+                }
+            }
+        }
+    }
 }
 
 /// Connections being refused at once (past that, they are closed unanswered).
@@ -268,11 +336,8 @@ const REFUSALS_AT_ONCE: usize = 256;
 /// that comes before their request as a broken connection; and the rest
 /// of the request is drained after it, since closing a socket with unread
 /// data sends a reset, which can destroy the answer before it is read.
-async fn refuse(mut stream: TcpStream, budget: usize) {
-    let body = fail_body(&Rejection::new(
-        RejectKind::Overloaded,
-        format!("the gateway is serving its maximum of {budget} connections; retry shortly"),
-    ));
+async fn refuse(mut stream: TcpStream, why: String) {
+    let body = fail_body(&Rejection::new(RejectKind::Overloaded, why));
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

@@ -177,3 +177,53 @@ async fn a_full_listener_answers_503_at_once_instead_of_leaving_clients_hanging(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_per_address_cap_one_address_cannot_take_every_slot() {
+    let s = setup();
+    let gw = s
+        .gateway(&[(
+            "server",
+            "max_connections = 8\nmax_connections_per_ip = 2\nheader_read_timeout = \"60s\"",
+        )])
+        .await;
+    let addr = gw.local_addr();
+    let _held = [
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    wait_until(
+        "both connections are served",
+        Duration::from_secs(5),
+        || {
+            gw.metrics()
+                .connections_open
+                .with_label_values(&["callback"])
+                .get()
+                == 2
+        },
+    )
+    .await;
+    let a = post(addr, &group_callback(), group_body("third", 1).as_bytes()).await;
+    let info = assert_fail(&a, 503);
+    assert!(info.contains("max_connections_per_ip"), "{info}");
+
+    // Another address still gets in.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(addr).await.unwrap();
+    let body = group_body("other-address", 1);
+    let req = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        group_callback(),
+        body.len()
+    );
+    other.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
