@@ -1,11 +1,24 @@
 //! The HTTP front end: listener, connections, routes, limits, shutdown.
 //!
-//! HTTP/1.1 only (Tencent posts HTTP/1.1 with keep-alive). Slow or hostile
-//! clients are bounded three ways: a timeout on the request head (hyper's,
-//! which needs a timer), a timeout on the body (ours: hyper has none), and a
-//! body limit checked on `Content-Length` before reading and enforced while
-//! reading. A semaphore bounds the connections served at once; the rest
-//! wait in the kernel's accept queue instead of eating memory.
+//! HTTP/1.1 only (Tencent posts HTTP/1.1 with keep-alive). The port faces
+//! whoever can reach it, so every way a client can hold resources is bounded:
+//!
+//! - time: a deadline on the request head (hyper's, which needs a timer; it
+//!   also ends idle keep-alive), on the body (ours: hyper has none), and on
+//!   answers the client does not take (`AnswerDeadline`: hyper has no write
+//!   timeout, and a client that pipelines and never reads would otherwise
+//!   hold its connection forever);
+//! - connections: a budget per listener, optionally per client address. The
+//!   accept loop never waits for a slot: a connection over the budget is
+//!   answered 503 at once, so stuck clients cannot stop it from accepting;
+//! - memory: a body limit checked on `Content-Length` before reading and
+//!   enforced while reading, and a budget for all bodies held at once
+//!   ([`BodyBudget`]), so `max_connections` × `max_body_bytes` cannot
+//!   exhaust memory.
+//!
+//! With `admin_listen`, `/metrics`, `/healthz` and `/readyz` get a listener
+//! and budget of their own ([`Role`]), so probes keep answering while the
+//! callback listener is under attack.
 //!
 //! Shutdown: stop accepting, let in-flight requests finish (keep-alive
 //! connections are told to close after their current request), up to a
