@@ -27,7 +27,9 @@
 //!
 //! `metrics` is written by every stage and read by `/metrics`; `/readyz`
 //! asks the spool (room left?) and the intake (draining?). Whether Kafka is
-//! reachable is reported but never makes the gateway unready.
+//! reachable is reported but never makes the gateway unready. With
+//! `server.admin_listen` those routes and `/healthz` get a listener of their
+//! own, so that clients hogging the callback listener cannot fail the probes.
 //!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 
