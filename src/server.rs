@@ -356,13 +356,22 @@ async fn refuse(mut stream: TcpStream, why: String) {
         body.len()
     );
     let answer = async {
-        let mut seen = Vec::with_capacity(1024);
+        // Look for the head's end keeping only the last 3 bytes between
+        // reads: hundreds of refusals at once must not each hold a head.
         let mut chunk = [0u8; 4096];
-        while !seen.windows(4).any(|w| w == b"\r\n\r\n") && seen.len() < 64 * 1024 {
-            match stream.read(&mut chunk).await? {
-                0 => return Ok(()),
-                n => seen.extend_from_slice(&chunk[..n]),
+        let mut tail: Vec<u8> = Vec::with_capacity(chunk.len() + 3);
+        let mut seen = 0;
+        while seen < 64 * 1024 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
             }
+            seen += n;
+            tail.extend_from_slice(&chunk[..n]);
+            if tail.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+            tail.drain(..tail.len().saturating_sub(3));
         }
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&body).await?;
