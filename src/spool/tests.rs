@@ -685,6 +685,54 @@ async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
 }
 
 #[tokio::test]
+async fn after_a_failed_write_readiness_returns_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, reader, _) = open(&cfg(dir.path()));
+    spool
+        .inner
+        .shared
+        .hooks
+        .fail_writes
+        .store(1, Ordering::SeqCst);
+    spool
+        .append(vec![ev(1)])
+        .await
+        .expect_err("injected failure");
+    assert!(spool.is_full(), "a failed write must show for a moment");
+    // No appends, no acks: only time passes.
+    wait_for("readiness after a one-off disk error", || !spool.is_full()).await;
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn an_append_larger_than_the_spool_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.max_bytes = 4096;
+    c.segment_bytes = 1024;
+    let (spool, reader, _) = open(&c);
+    let err = spool
+        .append(vec![sized(1, 2100), sized(2, 2100)])
+        .await
+        .expect_err("larger than max_bytes");
+    assert!(
+        matches!(
+            err,
+            SpoolError::RequestTooLarge {
+                max_bytes: 4096,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("spool.max_bytes"), "{err}");
+    assert!(!spool.is_full());
+    assert_eq!(spool.stats().counters.full_rejections, 0);
+    spool.append(vec![ev(3)]).await.expect("a normal append");
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
 async fn failed_sync_fails_append_and_hides_its_records() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (spool, mut reader, _) = open(&cfg(dir.path()));

@@ -310,7 +310,7 @@ impl Writer {
                 full_hit = true;
                 Counters::add(&self.shared.counters.full_rejections, 1);
                 // Flag first: a caller that sees Full must also see is_full.
-                self.shared.lock_state().full = true;
+                self.shared.lock_state().refused_at = Some(Instant::now());
                 let _ = req.reply.send(Err(SpoolError::Full));
                 continue;
             }
@@ -349,7 +349,9 @@ impl Writer {
                 }
             }
             st.bytes += self.buf.len() as u64;
-            st.full = full_hit;
+            if !full_hit {
+                st.refused_at = None;
+            }
         }
         self.shared.data_ready.notify_one();
         let c = &self.shared.counters;
@@ -488,7 +490,7 @@ impl Writer {
     fn abandon_write(&mut self) {
         Counters::add(&self.shared.counters.io_errors, 1);
         self.roll_needed = true;
-        self.shared.lock_state().full = true;
+        self.shared.lock_state().refused_at = Some(Instant::now());
         if let Some(a) = &self.active
             && let Err(e) = a.file.set_len(a.len)
         {
@@ -500,7 +502,7 @@ impl Writer {
 
     fn fail_group(&mut self, e: &io::Error) {
         Counters::add(&self.shared.counters.io_errors, 1);
-        self.shared.lock_state().full = true;
+        self.shared.lock_state().refused_at = Some(Instant::now());
         for req in self.group.drain(..) {
             let _ = req.reply.send(Err(SpoolError::Io(clone_io(e))));
         }
