@@ -26,9 +26,12 @@
 //!   memory: a long Kafka outage may spool gigabytes), in id order, skipping
 //!   records already delivered before a restart.
 //! * **Recovery.** At open, every segment is scanned and each record's CRC
-//!   checked. A torn or corrupt record ends that segment's valid data; the
-//!   last segment is cut there so appends continue after good data, and
-//!   what was skipped is reported in [`RecoveryReport`].
+//!   checked. A record whose checksum fails while its length and id hold
+//!   and a valid record follows it (a flipped bit) is skipped alone, and
+//!   counted. Anything else (a torn tail, a broken length, an id out of
+//!   sequence) ends that segment's valid data; the last segment is cut
+//!   there so appends continue after good data. What was skipped is
+//!   reported in [`RecoveryReport`].
 //!
 //! # What each fsync mode guarantees
 //!
@@ -235,8 +238,9 @@ pub struct SpoolCounters {
     pub records_acked: u64,
     /// Segment files deleted after full delivery.
     pub segments_deleted: u64,
-    /// Records found unreadable after recovery (corrupted on disk while
-    /// running); they are skipped, and logged.
+    /// Records skipped as unreadable: single corrupt records found by
+    /// recovery at open, and records corrupted on disk while running. Each
+    /// is logged; none is delivered.
     pub records_lost: u64,
 }
 
@@ -322,7 +326,8 @@ impl Spool {
             max_bytes: cfg.max_bytes,
             state: Mutex::new(recovered.state),
             data_ready: Notify::new(),
-            counters: Counters::default(),
+            // Records recovery had to skip are the first ones lost.
+            counters: Counters::starting_lost(recovered.report.records_skipped),
             closing: AtomicBool::new(false),
             _lock: lock,
             #[cfg(test)]

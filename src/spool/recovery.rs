@@ -40,6 +40,10 @@ pub struct RecoveryReport {
     pub segments_deleted: usize,
     /// Every place where data was skipped, with the reason.
     pub damaged: Vec<DamagedSegment>,
+    /// Records skipped one by one because their checksum failed while the
+    /// records around them were intact (also listed in `damaged`); they
+    /// will not be delivered.
+    pub records_skipped: u64,
 }
 
 impl RecoveryReport {
@@ -92,6 +96,9 @@ pub enum DamageAction {
     Quarantined(PathBuf),
     /// An empty file left by a crash while creating a segment; removed.
     Removed,
+    /// One record's checksum failed but the records after it are intact:
+    /// that record alone is skipped (never delivered), the rest is kept.
+    RecordSkipped,
 }
 
 impl fmt::Display for DamageAction {
@@ -101,6 +108,7 @@ impl fmt::Display for DamageAction {
             Self::SkippedRest => f.write_str("rest of the file ignored"),
             Self::Quarantined(p) => write!(f, "file renamed to {}", p.display()),
             Self::Removed => f.write_str("file removed"),
+            Self::RecordSkipped => f.write_str("this record skipped, the ones after it kept"),
         }
     }
 }
@@ -115,8 +123,10 @@ struct Surveyed {
 
 struct Scanned {
     meta: SegMeta,
-    /// Offset and kind of the first damaged record.
+    /// Offset and kind of the damage that ends the usable data.
     damage: Option<(u64, Damage)>,
+    /// Single corrupt records inside the usable data (index, offset, size).
+    corrupt: Vec<(u64, u64, u64)>,
     /// Highest plausible id in the ack file.
     max_ack: Option<u64>,
 }
@@ -188,6 +198,12 @@ fn survey_segment(dir: &Path, first_id: u64, limit: u64) -> Result<Surveyed, Spo
     })
     .map_err(ctx)?;
     meta.extend(scan.records, scan.valid_len);
+    // Given up on at once, so they are neither replayed nor counted as
+    // pending, and the segment can still be deleted once the rest is
+    // delivered. Not persisted: the next open finds them again.
+    for &(idx, _, _) in &scan.corrupt {
+        meta.set_acked(first_id.saturating_add(idx));
+    }
     let max_ack = apply_acks(dir, &mut meta)?;
     let damage = scan.damage.map(|d| (scan.valid_len, d));
     Ok(Surveyed {
@@ -197,6 +213,7 @@ fn survey_segment(dir: &Path, first_id: u64, limit: u64) -> Result<Surveyed, Spo
         content: Ok(Scanned {
             meta,
             damage,
+            corrupt: scan.corrupt,
             max_ack,
         }),
     })
@@ -263,6 +280,18 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     }
 
     let last = good.len().checked_sub(1);
+    for (path, _, scanned) in &good {
+        for &(_, offset, size) in &scanned.corrupt {
+            report.records_skipped += 1;
+            report.damaged.push(DamagedSegment {
+                file: path.clone(),
+                offset,
+                bytes_skipped: size,
+                reason: Damage::BadCrc.to_string(),
+                action: DamageAction::RecordSkipped,
+            });
+        }
+    }
     for (i, (path, file_len, scanned)) in good.iter_mut().enumerate() {
         let Some((offset, damage)) = &scanned.damage else {
             continue;

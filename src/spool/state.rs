@@ -108,6 +108,15 @@ impl SegMeta {
         (self.first_unacked < self.count).then(|| self.first_id + self.first_unacked)
     }
 
+    /// The lowest id at or after `id` not yet acked (records given up on
+    /// as corrupt are acked), if any.
+    pub(crate) fn next_unacked_from(&self, id: u64) -> Option<u64> {
+        let from = id.max(self.first_id + self.first_unacked);
+        (self.index(from)?..self.count)
+            .find(|&idx| !self.bit(idx))
+            .map(|idx| self.first_id + idx)
+    }
+
     /// Marks `id` delivered; false if it was already, or is not in here.
     pub(crate) fn set_acked(&mut self, id: u64) -> bool {
         let Some(idx) = self.index(id) else {
@@ -418,6 +427,13 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    pub(crate) fn starting_lost(records_lost: u64) -> Self {
+        Self {
+            records_lost: AtomicU64::new(records_lost),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
