@@ -581,6 +581,9 @@ fn scrub_message(message: &str, offending: Option<&str>) -> String {
     while let Some(open) = rest.find(['`', '"']) {
         let quote = rest[open..].chars().next().unwrap_or('`');
         let Some(len) = rest[open + 1..].find(quote) else {
+            // An unclosed quote: what follows may be the value.
+            scrubbed.push_str(&rest[..open]);
+            rest = " (value not shown)";
             break;
         };
         let close = open + 1 + len;
@@ -594,11 +597,14 @@ fn scrub_message(message: &str, offending: Option<&str>) -> String {
         rest = &rest[close + 1..];
     }
     scrubbed.push_str(rest);
-    scrubbed.push_str(tail);
-    match offending {
-        Some(v) if !names_a_key => scrubbed.replace(v, "(value not shown)"),
-        _ => scrubbed,
+    // A copy of the value outside quotes (a custom message). Short values
+    // are left alone: replacing "a" would shred the message, and the
+    // quoted copies, where serde puts values, are gone already.
+    if let Some(v) = offending.filter(|v| !names_a_key && v.len() >= 4) {
+        scrubbed = scrubbed.replace(v, "(value not shown)");
     }
+    scrubbed.push_str(tail);
+    scrubbed
 }
 
 fn valid_topic(t: &str) -> bool {
