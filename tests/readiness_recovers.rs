@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::tmpfs::Tmpfs;
 use common::*;
 
 /// A group receipt with `items` distinct messages, each read by a member
@@ -85,5 +86,47 @@ async fn readiness_returns_without_traffic_once_a_refusal_is_over() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_ok(&post(addr, &group_callback(), group_body("g-small", 1).as_bytes()).await);
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_returns_by_itself_after_a_transient_disk_full() {
+    let s = setup();
+    s.cluster.broker_down(1).unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(s.dir.path(), "256k") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Something else on the disk takes most of it, for a while.
+    let filler = s.dir.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 200 << 10]).unwrap();
+    let gw = s
+        .gateway(&[
+            ("spool", "max_bytes = 1048576\nsegment_bytes = 8192"),
+            ("server", "shutdown_timeout = \"1s\""),
+        ])
+        .await;
+    let addr = gw.local_addr();
+    let (_, refusal) = post_groups_until_refused(addr, "g-enospc", 2000).await;
+    let info = assert_fail(&refusal, 503);
+    assert!(info.contains("cannot be written"), "{info}");
+    assert_eq!(get_text(addr, "/readyz").await.0, 503);
+
+    // The disk has room again; nothing else happens: no callback, and
+    // Kafka still away, so no delivery frees anything either.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get_text(addr, "/readyz").await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed {status} after the disk had room again: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ok(&post(addr, &group_callback(), group_body("g-room", 1).as_bytes()).await);
     gw.shutdown().await.unwrap();
 }
