@@ -96,8 +96,9 @@ pub enum DamageAction {
     Quarantined(PathBuf),
     /// An empty file left by a crash while creating a segment; removed.
     Removed,
-    /// One record's checksum failed but the records after it are intact:
-    /// that record alone is skipped (never delivered), the rest is kept.
+    /// A record's checksum failed (or those of a run of adjacent records)
+    /// but the records after it are intact: only the bad ones are skipped
+    /// (never delivered), the rest is kept.
     RecordSkipped,
 }
 
@@ -108,7 +109,9 @@ impl fmt::Display for DamageAction {
             Self::SkippedRest => f.write_str("rest of the file ignored"),
             Self::Quarantined(p) => write!(f, "file renamed to {}", p.display()),
             Self::Removed => f.write_str("file removed"),
-            Self::RecordSkipped => f.write_str("this record skipped, the ones after it kept"),
+            Self::RecordSkipped => {
+                f.write_str("only these bytes skipped, the records after them kept")
+            }
         }
     }
 }
@@ -281,13 +284,30 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
 
     let last = good.len().checked_sub(1);
     for (path, _, scanned) in &good {
-        for &(_, offset, size) in &scanned.corrupt {
-            report.records_skipped += 1;
+        report.records_skipped += scanned.corrupt.len() as u64;
+        // One entry (and one log line) per run of adjacent bad records.
+        let mut runs: Vec<(u64, u64, u64, u64)> = Vec::new(); // last idx, offset, bytes, count
+        for &(idx, offset, size) in &scanned.corrupt {
+            match runs.last_mut() {
+                Some(run) if run.0 + 1 == idx => {
+                    run.0 = idx;
+                    run.2 += size;
+                    run.3 += 1;
+                }
+                _ => runs.push((idx, offset, size, 1)),
+            }
+        }
+        for (_, offset, bytes, count) in runs {
+            let reason = if count == 1 {
+                Damage::BadCrc.to_string()
+            } else {
+                format!("{count} records in a row: {}", Damage::BadCrc)
+            };
             report.damaged.push(DamagedSegment {
                 file: path.clone(),
                 offset,
-                bytes_skipped: size,
-                reason: Damage::BadCrc.to_string(),
+                bytes_skipped: bytes,
+                reason,
                 action: DamageAction::RecordSkipped,
             });
         }

@@ -389,6 +389,30 @@ async fn drain_after_close(spool: &Spool, reader: &mut SpoolReader) -> Vec<Spool
 }
 
 #[tokio::test]
+async fn a_run_of_corrupt_records_is_one_report_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=6).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg).expect("read");
+    for n in [1u64, 2, 3] {
+        let at = (HEADER_LEN + n * record_size(100)) as usize;
+        bytes[at + 24 + 50] ^= 0x01;
+    }
+    fs::write(&seg, &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_skipped, 3);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].bytes_skipped, 3 * record_size(100));
+    assert!(report.damaged[0].reason.contains("3 records"), "{report:?}");
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![1, 5, 6]);
+}
+
+#[tokio::test]
 async fn a_corrupt_last_record_is_a_torn_tail_and_cut() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cfg(dir.path());
