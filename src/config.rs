@@ -143,6 +143,37 @@ impl KafkaConfig {
     pub fn is_embedded(&self) -> bool {
         self.brokers == EMBEDDED_BROKERS
     }
+
+    /// Asks librdkafka whether it knows each `[kafka.properties]` key and
+    /// takes its value, so that `check-config` catches a misspelt property
+    /// instead of `serve` failing on it (or, worse, printing its value:
+    /// librdkafka's own message quotes the value, so it is never passed on
+    /// for a property that may be secret).
+    pub fn check_properties(&self) -> Result<(), ConfigError> {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaConfRes;
+        for (key, value) in &self.properties {
+            let mut one = rdkafka::ClientConfig::new();
+            one.set(key, value.to_string());
+            let Err(e) = one.create_native_config() else {
+                continue;
+            };
+            let why = match &e {
+                KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..) => {
+                    "is not a librdkafka property: check its spelling against librdkafka's CONFIGURATION.md".to_owned()
+                }
+                KafkaError::ClientConfig(_, desc, ..) if !is_secret_property(key) => {
+                    format!("has a value librdkafka refuses ({desc})")
+                }
+                _ => "has a value librdkafka refuses (value not shown: it may be a secret)"
+                    .to_owned(),
+            };
+            return Err(ConfigError::Invalid(format!(
+                "kafka.properties {key:?} {why}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// librdkafka takes every property as a string; TOML users naturally write
@@ -287,11 +318,18 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text. Errors name the key, line and
+    /// column but never quote the file: the line may hold a token.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |message| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| parse_error(describe_toml_error(text, &e, None)))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            parse_error(describe_toml_error(text, e.inner(), Some(&key)))
         })?;
         config.validate()?;
         Ok(config)
@@ -318,7 +356,7 @@ impl Config {
                 ));
             }
             if let Some(t) = &app.token
-                && (t.is_empty() || t.len() > 128)
+                && (t.is_empty() || t.len() > MAX_TOKEN_LEN)
             {
                 return invalid(format!(
                     "apps[{i}].token must be 1 to 128 characters (Tencent's limit); remove the key to switch authentication off"
@@ -399,6 +437,7 @@ impl Config {
                 ));
             }
         }
+        self.kafka.check_properties()?;
         if self.spool.max_bytes < self.spool.segment_bytes {
             return invalid(format!(
                 "spool.max_bytes ({}) is below spool.segment_bytes ({}): raise max_bytes or lower segment_bytes",
@@ -424,7 +463,18 @@ impl Config {
                 let token = match (&app.token, &app.token_env) {
                     (Some(t), _) => Some(t.clone()),
                     (None, Some(var)) => match std::env::var(var) {
-                        Ok(t) if !t.is_empty() => Some(t),
+                        // A token read from a secret file usually ends in a
+                        // newline, which would make every Sign mismatch.
+                        Ok(t) if !t.trim().is_empty() => {
+                            let t = t.trim();
+                            if t.len() > MAX_TOKEN_LEN {
+                                return Err(ConfigError::Invalid(format!(
+                                    "apps[{i}].token_env: the value of {var} is {} characters; a token is 1 to {MAX_TOKEN_LEN} (Tencent's limit): check the variable",
+                                    t.chars().count()
+                                )));
+                            }
+                            Some(t.to_owned())
+                        }
                         _ => {
                             return Err(ConfigError::Invalid(format!(
                                 "apps[{i}].token_env names {var}, which is not set or empty: export it, or use token"
@@ -478,12 +528,139 @@ impl Config {
 
 const REDACTED: &str = "<redacted>";
 
-/// librdkafka properties that carry secrets (SASL passwords, TLS keys).
-fn is_secret_property(key: &str) -> bool {
+/// Tencent's limit on a callback token's length.
+const MAX_TOKEN_LEN: usize = 128;
+
+impl Config {
+    /// Replaces every secret this config holds (tokens in the file, values
+    /// of secret-looking Kafka properties) found in `text`, for errors that
+    /// come from libraries which may quote them (librdkafka does).
+    pub fn scrub_secrets(&self, text: &str) -> String {
+        let secrets = self
+            .apps
+            .iter()
+            .filter_map(|a| a.token.clone())
+            .chain(
+                self.kafka
+                    .properties
+                    .iter()
+                    .filter(|(k, _)| is_secret_property(k))
+                    .map(|(_, v)| v.to_string()),
+            )
+            .filter(|s| !s.is_empty());
+        let mut out = text.to_owned();
+        for s in secrets {
+            out = out.replace(&s, REDACTED);
+        }
+        out
+    }
+}
+
+/// librdkafka properties that carry secrets (SASL passwords and OAuth
+/// configs, TLS keys and keystores, JAAS configs), matched loosely so that a
+/// misspelt one (`sasl.pasword`) is treated as secret too.
+pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
-    ["password", "secret", "key.pem", "ssl.key", "token", "jaas"]
-        .iter()
-        .any(|s| k.contains(s))
+    [
+        "pass",
+        "pasw",
+        "pwd",
+        "secret",
+        "token",
+        "jaas",
+        "oauthbearer.config",
+        "credential",
+        "private",
+        "key.pem",
+        "ssl.key",
+        "keystore",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+        && !matches!(k.as_str(), "ssl.key.location" | "ssl.keystore.location")
+}
+
+/// A TOML error as "key `apps[0].token` (line 3, column 9): invalid type:
+/// integer, expected a string". toml's own Display quotes the source line
+/// and serde's messages quote the offending value, either of which may be
+/// a secret; this keeps only the key, the position and the message with
+/// every quoted value taken out.
+fn describe_toml_error(text: &str, e: &toml::de::Error, key: Option<&str>) -> String {
+    let mut out = String::new();
+    if let Some(k) = key.filter(|k| !k.is_empty() && *k != ".") {
+        out.push_str(&format!("key `{k}` "));
+    }
+    let span = e.span();
+    if let Some(span) = &span {
+        let (line, column) = line_column(text, span.start);
+        out.push_str(&format!("(line {line}, column {column}): "));
+    } else if !out.is_empty() {
+        out.push_str(": ");
+    }
+    let value = span
+        .and_then(|s| text.get(s))
+        .map(|v| v.trim().trim_matches(['"', '\'']).trim())
+        .filter(|v| !v.is_empty());
+    out.push_str(&scrub_message(e.message(), value));
+    out
+}
+
+/// 1-based line and column (in characters) of byte `at`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let before = text.get(..at.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Takes the user's values out of a serde/toml message. What follows
+/// ", expected" is ours (type and key names) and kept; before it, quoted
+/// text is the user's, kept only where it is a key name ("unknown field
+/// `tokn`"). Any remaining copy of the offending text goes too.
+fn scrub_message(message: &str, offending: Option<&str>) -> String {
+    let first_line = message.lines().next().unwrap_or("").trim();
+    let (head, tail) = match first_line.find(", expected ") {
+        Some(i) => first_line.split_at(i),
+        None => (first_line, ""),
+    };
+    let names_a_key = [
+        "unknown field",
+        "missing field",
+        "duplicate field",
+        "duplicate key",
+    ]
+    .iter()
+    .any(|p| head.starts_with(p));
+    let mut scrubbed = String::with_capacity(first_line.len());
+    let mut rest = head;
+    let mut quoted_seen = 0;
+    while let Some(open) = rest.find(['`', '"']) {
+        let quote = rest[open..].chars().next().unwrap_or('`');
+        let Some(len) = rest[open + 1..].find(quote) else {
+            // An unclosed quote: what follows may be the value.
+            scrubbed.push_str(&rest[..open]);
+            rest = " (value not shown)";
+            break;
+        };
+        let close = open + 1 + len;
+        scrubbed.push_str(&rest[..open]);
+        if names_a_key && quoted_seen == 0 {
+            scrubbed.push_str(&rest[open..=close]);
+        } else {
+            scrubbed.push_str("(value not shown)");
+        }
+        quoted_seen += 1;
+        rest = &rest[close + 1..];
+    }
+    scrubbed.push_str(rest);
+    // A copy of the value outside quotes (a custom message). Short values
+    // are left alone: replacing "a" would shred the message, and the
+    // quoted copies, where serde puts values, are gone already.
+    if let Some(v) = offending.filter(|v| !names_a_key && v.len() >= 4) {
+        scrubbed = scrubbed.replace(v, "(value not shown)");
+    }
+    scrubbed.push_str(tail);
+    scrubbed
 }
 
 fn valid_topic(t: &str) -> bool {
@@ -508,7 +685,7 @@ mod humantime_serde {
         let text = String::deserialize(d)?;
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
-                "{text:?} is not a duration ({e}); write it like \"5s\" or \"200ms\""
+                "{text:?} is not a duration ({e}); write it like 5s or 200ms, in quotes"
             ))
         })
     }
@@ -581,6 +758,86 @@ mod tests {
         let apps = c.resolve_apps().unwrap();
         assert_eq!(apps[0].token.as_deref(), Some("s3cret"));
         assert!(!format!("{apps:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn token_env_values_are_trimmed_and_length_checked() {
+        let text = "[[apps]]\nsdk_app_id = 1\ntoken_env = \"TIMBRIDGE_TEST_TOKEN_NL\"\n";
+        let c = Config::parse(text).unwrap();
+        // SAFETY: no other test reads this variable.
+        unsafe { std::env::set_var("TIMBRIDGE_TEST_TOKEN_NL", "from-a-file\n") };
+        assert_eq!(
+            c.resolve_apps().unwrap()[0].token.as_deref(),
+            Some("from-a-file")
+        );
+        unsafe { std::env::set_var("TIMBRIDGE_TEST_TOKEN_NL", "x".repeat(200)) };
+        let err = c.resolve_apps().unwrap_err().to_string();
+        assert!(err.contains("1 to 128"), "{err}");
+        assert!(!err.contains("xxxx"), "{err}");
+        unsafe { std::env::set_var("TIMBRIDGE_TEST_TOKEN_NL", " \n") };
+        assert!(c.resolve_apps().is_err());
+    }
+
+    #[test]
+    fn secret_properties_are_recognised_even_misspelt() {
+        for k in [
+            "sasl.password",
+            "sasl.pasword",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "ssl.key.pem",
+            "sasl.jaas.config",
+        ] {
+            assert!(is_secret_property(k), "{k}");
+        }
+        for k in ["linger.ms", "sasl.username", "ssl.key.location", "acks"] {
+            assert!(!is_secret_property(k), "{k}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_name_key_line_and_column_but_no_value() {
+        let err = Config::parse("[[apps]]\nsdk_app_id = 1\ntoken = 12345678\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("apps[0].token"), "{err}");
+        assert!(err.contains("line 3, column 9"), "{err}");
+        assert!(err.contains("expected a string"), "{err}");
+        assert!(!err.contains("12345678"), "{err}");
+        let err = Config::parse("[spool]\nfsync = \"hunter2\"\n[[apps]]\nsdk_app_id = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("spool.fsync") && err.contains("`always`"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_kafka_properties_are_refused_by_name() {
+        let err = Config::parse(
+            "[[apps]]\nsdk_app_id = 1\n[kafka.properties]\n\"sasl.pasword\" = \"hunter2\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"sasl.pasword\" is not a librdkafka property"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn scrub_secrets_removes_tokens_and_secret_property_values() {
+        let c = Config::parse(
+            "[[apps]]\nsdk_app_id = 1\ntoken = \"tok-1\"\n[kafka.properties]\n\"sasl.password\" = \"pw-2\"\n",
+        )
+        .unwrap();
+        let out = c.scrub_secrets("error: tok-1 and pw-2 and linger");
+        assert_eq!(out, "error: <redacted> and <redacted> and linger");
     }
 
     #[test]

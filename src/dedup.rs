@@ -1,55 +1,81 @@
 //! Drops an event that was accepted moments ago: Tencent's retry-on-timeout
 //! and a caller's own retries must not double the stream.
 //!
-//! Bounded twice: by time (`spool.dedup_window`) and by count
+//! An id is remembered as *pending* while the request that brought it first
+//! writes it to the spool, and as *seen* only once that write succeeded. A
+//! copy arriving meanwhile waits for the original's outcome instead of being
+//! answered "duplicate" at once: otherwise it would be told OK for an event
+//! that, if the original's write then fails (spool full, disk error) or its
+//! client goes away, is nowhere. The pending mark is held by a [`Claim`]
+//! that releases it when dropped, so a request whose future hyper drops
+//! mid-way (client gone) cannot leave its ids marked.
+//!
+//! Seen ids are bounded twice: by time (`spool.dedup_window`) and by count
 //! (`spool.dedup_max_entries`, about 25 bytes each), whichever comes first.
 //! An entry is 64 bits of the event id (itself a hash; two different events
 //! sharing them among 200,000 remembered is a one-in-a-billion event, and
 //! the cost would be one dropped duplicate-looking event) and the time it
-//! was accepted, in milliseconds since the window started.
+//! was accepted, in milliseconds since the window started. Pending ids are
+//! bounded by the requests in flight.
+//!
+//! The sets are hashed with a per-process random key (std's `RandomState`):
+//! event ids derive from content an attacker chooses, and with a fixed hash
+//! they could be ground into long probe chains while the one lock is held.
+//!
 //! This is a best effort on the way in; duplicates that can still happen
 //! (a replay after a crash) carry the same `event_id` for consumers to drop.
 
-use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Mutex;
+use std::collections::hash_map::{Entry, RandomState};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 use crate::record::EventId;
 
-/// Event ids are already uniform hashes; hashing them again is wasted work.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
-    }
+/// What is known about one id of a request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Not seen and not pending: this request now owns it (see [`Claim`]).
+    New,
+    /// Accepted (in the spool) within the window, or repeated within this
+    /// same request: drop it.
+    Seen,
+    /// Another request is writing it right now; wait with
+    /// [`Pending::released`], then ask again.
+    Pending(Pending),
 }
 
-type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
+/// Another request's pending write of an id.
+#[derive(Debug)]
+pub struct Pending(watch::Receiver<()>);
+
+impl Pending {
+    /// Resolves once the owning request has committed or released its ids
+    /// (its [`Claim`] was dropped), whichever way its write went.
+    pub async fn released(mut self) {
+        // No value is ever sent: the sender is only dropped, which ends
+        // `changed` with an error for every receiver, including those that
+        // subscribe after the drop.
+        while self.0.changed().await.is_ok() {}
+    }
+}
 
 pub struct Dedup {
     window: Duration,
     max_entries: usize,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
 }
 
 struct Inner {
     /// Times are kept as milliseconds since this instant, to keep entries small.
     epoch: Instant,
-    seen: IdSet,
+    seen: HashSet<u64, RandomState>,
     order: VecDeque<(u64, u64)>,
+    /// Ids being written by some request, with the receiver that tells
+    /// waiters when that request is done.
+    pending: HashMap<u64, watch::Receiver<()>, RandomState>,
 }
 
 fn compact(id: &EventId) -> u64 {
@@ -61,63 +87,137 @@ fn compact(id: &EventId) -> u64 {
     u64::from_le_bytes(raw)
 }
 
+/// The ids a request owns while it writes them. [`Claim::commit`] after a
+/// successful append makes them "seen"; dropping the claim without commit
+/// (a failed append, or the request's future dropped) forgets them, so
+/// a retry is not taken for a duplicate. Either way waiters are woken.
+pub struct Claim {
+    inner: Arc<Mutex<Inner>>,
+    window_ms: u64,
+    max_entries: usize,
+    keys: Vec<u64>,
+    /// Dropped (never sent on) to wake every waiter.
+    done: Option<watch::Sender<()>>,
+}
+
+impl Claim {
+    /// The append succeeded: remember the ids as accepted.
+    pub fn commit(mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        let now_ms = inner.now_ms(Instant::now());
+        let keys = std::mem::take(&mut self.keys);
+        inner.expire(
+            now_ms,
+            self.window_ms,
+            self.max_entries.saturating_sub(keys.len()),
+        );
+        for key in keys {
+            inner.pending.remove(&key);
+            if inner.seen.insert(key) {
+                inner.order.push_back((now_ms, key));
+            }
+        }
+        drop(inner);
+        self.done.take();
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            let mut inner = lock(&self.inner);
+            for key in &self.keys {
+                inner.pending.remove(key);
+            }
+        }
+        // Wakes the waiters after the entries are gone, so that when they
+        // ask again they find the ids free (or seen, after a commit).
+        self.done.take();
+    }
+}
+
+fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // No code panics midway through an update; the sets stay consistent.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Dedup {
     pub fn new(window: Duration, max_entries: usize) -> Dedup {
         Dedup {
             window,
             max_entries,
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 epoch: Instant::now(),
-                seen: IdSet::default(),
+                seen: HashSet::default(),
                 order: VecDeque::new(),
-            }),
+                pending: HashMap::default(),
+            })),
         }
     }
 
-    /// Remembers the ids that are new and reports which they were (`true` =
-    /// new). A request that repeats one of its own ids counts it once.
-    pub fn admit(&self, ids: &[EventId], now: Instant) -> Vec<bool> {
-        if self.max_entries == 0 || self.window.is_zero() {
-            return vec![true; ids.len()];
-        }
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let now_ms = now.saturating_duration_since(inner.epoch).as_millis() as u64;
+    fn enabled(&self) -> bool {
+        self.max_entries > 0 && !self.window.is_zero()
+    }
+
+    /// Classifies each id (see [`Admission`]) and claims the new ones for
+    /// this request. A request that repeats one of its own ids gets it once
+    /// as `New` and then as `Seen`.
+    pub fn admit(&self, ids: &[EventId], now: Instant) -> (Vec<Admission>, Claim) {
         let window_ms = self.window.as_millis() as u64;
-        inner.expire(
-            now_ms,
+        let (done, own) = watch::channel(());
+        let mut claim = Claim {
+            inner: self.inner.clone(),
             window_ms,
-            self.max_entries.saturating_sub(ids.len()),
-        );
-        ids.iter()
+            max_entries: self.max_entries,
+            keys: Vec::new(),
+            done: Some(done),
+        };
+        if !self.enabled() {
+            return (ids.iter().map(|_| Admission::New).collect(), claim);
+        }
+        let mut inner = lock(&self.inner);
+        let now_ms = inner.now_ms(now);
+        inner.expire(now_ms, window_ms, self.max_entries);
+        let admissions = ids
+            .iter()
             .map(|id| {
                 let key = compact(id);
-                let new = inner.seen.insert(key);
-                if new {
-                    inner.order.push_back((now_ms, key));
+                if inner.seen.contains(&key) {
+                    return Admission::Seen;
                 }
-                new
+                match inner.pending.entry(key) {
+                    Entry::Occupied(e) if e.get().same_channel(&own) => Admission::Seen,
+                    Entry::Occupied(e) => Admission::Pending(Pending(e.get().clone())),
+                    Entry::Vacant(e) => {
+                        e.insert(own.clone());
+                        claim.keys.push(key);
+                        Admission::New
+                    }
+                }
             })
-            .collect()
-    }
-
-    /// Forgets ids whose acceptance failed (spool full), so that the retry
-    /// Tencent or the caller makes is not dropped as a duplicate.
-    pub fn forget(&self, ids: &[EventId]) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        for id in ids {
-            inner.seen.remove(&compact(id));
-        }
-        // Their entries in `order` stay until they expire; removing an
-        // absent key then is harmless.
+            .collect();
+        (admissions, claim)
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.inner.lock().map(|i| i.seen.len()).unwrap_or(0)
+        lock(&self.inner).seen.len()
+    }
+
+    #[cfg(test)]
+    fn pending_len(&self) -> usize {
+        lock(&self.inner).pending.len()
     }
 }
 
 impl Inner {
+    fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
     fn expire(&mut self, now_ms: u64, window_ms: u64, keep_at_most: usize) {
         while let Some(&(at, key)) = self.order.front() {
             if now_ms.saturating_sub(at) < window_ms && self.order.len() <= keep_at_most {
@@ -140,22 +240,35 @@ mod tests {
         EventId(b)
     }
 
+    /// Admits and commits at once, as a request whose append succeeded.
+    fn accept(d: &Dedup, ids: &[EventId], t: Instant) -> Vec<bool> {
+        let (adm, claim) = d.admit(ids, t);
+        claim.commit();
+        adm.iter().map(|a| matches!(a, Admission::New)).collect()
+    }
+
     #[test]
     fn a_repeat_within_the_window_is_dropped() {
         let d = Dedup::new(Duration::from_secs(60), 100);
         let t = Instant::now();
-        assert_eq!(d.admit(&[id(1), id(2)], t), vec![true, true]);
-        assert_eq!(d.admit(&[id(2), id(3)], t), vec![false, true]);
-        assert_eq!(d.admit(&[id(4), id(4)], t), vec![true, false]);
+        assert_eq!(accept(&d, &[id(1), id(2)], t), vec![true, true]);
+        assert_eq!(accept(&d, &[id(2), id(3)], t), vec![false, true]);
+        assert_eq!(accept(&d, &[id(4), id(4)], t), vec![true, false]);
     }
 
     #[test]
     fn ids_expire_after_the_window() {
         let d = Dedup::new(Duration::from_secs(60), 100);
         let t = Instant::now();
-        d.admit(&[id(1)], t);
-        assert_eq!(d.admit(&[id(1)], t + Duration::from_secs(59)), vec![false]);
-        assert_eq!(d.admit(&[id(1)], t + Duration::from_secs(61)), vec![true]);
+        accept(&d, &[id(1)], t);
+        assert_eq!(
+            accept(&d, &[id(1)], t + Duration::from_secs(59)),
+            vec![false]
+        );
+        assert_eq!(
+            accept(&d, &[id(1)], t + Duration::from_secs(61)),
+            vec![true]
+        );
     }
 
     #[test]
@@ -163,19 +276,70 @@ mod tests {
         let d = Dedup::new(Duration::from_secs(3600), 10);
         let t = Instant::now();
         for n in 0..100 {
-            d.admit(&[id(n)], t);
+            accept(&d, &[id(n)], t);
         }
         assert!(d.len() <= 10, "{}", d.len());
         // The newest are still remembered.
-        assert_eq!(d.admit(&[id(99)], t), vec![false]);
+        assert_eq!(accept(&d, &[id(99)], t), vec![false]);
     }
 
     #[test]
-    fn forgotten_ids_are_admitted_again() {
+    fn a_released_claim_lets_the_ids_in_again() {
         let d = Dedup::new(Duration::from_secs(60), 100);
         let t = Instant::now();
-        d.admit(&[id(1)], t);
-        d.forget(&[id(1)]);
-        assert_eq!(d.admit(&[id(1)], t), vec![true]);
+        let (_, claim) = d.admit(&[id(1)], t);
+        drop(claim);
+        assert_eq!(d.pending_len(), 0);
+        assert_eq!(accept(&d, &[id(1)], t), vec![true]);
+    }
+
+    #[tokio::test]
+    async fn a_copy_of_a_pending_id_waits_for_the_original() {
+        let d = Dedup::new(Duration::from_secs(60), 100);
+        let t = Instant::now();
+        let (_, claim) = d.admit(&[id(1)], t);
+        let (mut adm, second) = d.admit(&[id(1)], t);
+        drop(second);
+        let Some(Admission::Pending(p)) = adm.pop() else {
+            panic!("a copy of a pending id must wait");
+        };
+        let mut wait = tokio_test_wait(p);
+        assert!(
+            futures_poll_once(&mut wait).is_none(),
+            "released before the original finished"
+        );
+        claim.commit();
+        wait.await;
+        assert_eq!(accept(&d, &[id(1)], t), vec![false], "committed id is seen");
+        assert_eq!(d.pending_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_arriving_after_the_release_is_not_stuck() {
+        let d = Dedup::new(Duration::from_secs(60), 100);
+        let t = Instant::now();
+        let (_, claim) = d.admit(&[id(1)], t);
+        let (mut adm, _) = d.admit(&[id(1)], t);
+        drop(claim);
+        let Some(Admission::Pending(p)) = adm.pop() else {
+            panic!("expected pending");
+        };
+        tokio::time::timeout(Duration::from_secs(5), p.released())
+            .await
+            .expect("release seen");
+        assert_eq!(accept(&d, &[id(1)], t), vec![true], "released id is free");
+    }
+
+    fn tokio_test_wait(p: Pending) -> std::pin::Pin<Box<impl Future<Output = ()>>> {
+        Box::pin(p.released())
+    }
+
+    fn futures_poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(f).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
     }
 }

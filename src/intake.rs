@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use crate::config::{App, Config};
-use crate::dedup::Dedup;
+use crate::dedup::{Admission, Dedup};
 use crate::event::{self, Envelope};
 use crate::metrics::{Metrics, command_label};
 use crate::record::{Record, TopicRole};
@@ -211,7 +211,7 @@ impl Intake {
                     command: command.to_owned().into(),
                     sdk_app_id: app.sdk_app_id,
                 });
-                self.spool_records(&records, &[]).await?;
+                self.spool_records(&records).await?;
                 self.metrics.events.with_label_values(&["raw"]).inc();
                 return Ok(Accepted::Forwarded);
             }
@@ -219,30 +219,73 @@ impl Intake {
         if records.is_empty() {
             return Ok(Accepted::Events);
         }
-        let ids: Vec<_> = records.iter().filter_map(|r| r.event_id).collect();
-        let fresh = self.dedup.admit(&ids, Instant::now());
-        let dropped = fresh.iter().filter(|new| !**new).count();
-        if dropped == records.len() {
-            self.metrics.duplicates_dropped.inc_by(dropped as u64);
-            return Ok(Accepted::Duplicate);
-        }
-        let mut admitted = Vec::with_capacity(records.len());
-        let mut admitted_ids = Vec::with_capacity(records.len());
-        for (record, new) in records.into_iter().zip(fresh) {
-            if new {
-                if let Some(id) = record.event_id {
-                    admitted_ids.push(id);
+        self.spool_events(command, records).await
+    }
+
+    /// Spools a request's read-receipt records, except those accepted
+    /// moments ago. Never answers OK for an event that is not in the spool:
+    /// a record whose id another request is writing right now waits for
+    /// that write, and is then dropped (it went in) or written by this
+    /// request (it did not). See `dedup.rs`.
+    async fn spool_events(
+        &self,
+        command: &str,
+        mut records: Vec<Record>,
+    ) -> Result<Accepted, Rejection> {
+        let mut spooled = 0usize;
+        let mut dropped = 0usize;
+        loop {
+            let ids: Vec<_> = records.iter().filter_map(|r| r.event_id).collect();
+            let (admissions, claim) = if ids.len() == records.len() {
+                self.dedup.admit(&ids, Instant::now())
+            } else {
+                // Not reachable (every read-receipt record has an id); spool
+                // them all rather than guess which admission is whose.
+                self.dedup.admit(&[], Instant::now())
+            };
+            let mut own = Vec::with_capacity(records.len());
+            let mut waiting = Vec::new();
+            let mut waits = Vec::new();
+            if admissions.is_empty() {
+                own = records;
+            } else {
+                for (record, admission) in records.into_iter().zip(admissions) {
+                    match admission {
+                        Admission::New => own.push(record),
+                        Admission::Seen => dropped += 1,
+                        Admission::Pending(p) => {
+                            waiting.push(record);
+                            waits.push(p);
+                        }
+                    }
                 }
-                admitted.push(record);
             }
+            if !own.is_empty() {
+                // On error the claim is dropped, which releases the ids.
+                self.spool_records(&own).await?;
+                claim.commit();
+                spooled += own.len();
+                self.metrics
+                    .events
+                    .with_label_values(&[event::kind_of(command)])
+                    .inc_by(own.len() as u64);
+            } else {
+                drop(claim);
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            for p in waits {
+                p.released().await;
+            }
+            records = waiting;
         }
-        self.spool_records(&admitted, &admitted_ids).await?;
         self.metrics.duplicates_dropped.inc_by(dropped as u64);
-        self.metrics
-            .events
-            .with_label_values(&[event::kind_of(command)])
-            .inc_by(admitted.len() as u64);
-        Ok(Accepted::Events)
+        Ok(if spooled == 0 {
+            Accepted::Duplicate
+        } else {
+            Accepted::Events
+        })
     }
 
     fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<&App, Rejection> {
@@ -278,30 +321,31 @@ impl Intake {
         Ok(app)
     }
 
-    async fn spool_records(
-        &self,
-        records: &[Record],
-        ids: &[crate::record::EventId],
-    ) -> Result<(), Rejection> {
-        match self.spool.append(Record::encode_all(records)).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.dedup.forget(ids);
-                Err(match e {
-                    SpoolError::Full => Rejection::new(
+    async fn spool_records(&self, records: &[Record]) -> Result<(), Rejection> {
+        self.spool
+            .append(Record::encode_all(records))
+            .await
+            .map_err(|e| match e {
+                SpoolError::Full => Rejection::new(
+                    RejectKind::Overloaded,
+                    "spool is full: Kafka is not keeping up; retry later",
+                ),
+                // Retrying cannot help: the answer is 413, and the spool's
+                // room and readiness are untouched.
+                SpoolError::RecordTooLarge { .. } | SpoolError::RequestTooLarge { .. } => {
+                    Rejection::new(
+                        RejectKind::TooLarge,
+                        "the records this callback makes are larger than the spool can hold",
+                    )
+                }
+                other => {
+                    tracing::error!(error = %other, "cannot write to the spool");
+                    Rejection::new(
                         RejectKind::Overloaded,
-                        "spool is full: Kafka is not keeping up; retry later",
-                    ),
-                    other => {
-                        tracing::error!(error = %other, "cannot write to the spool");
-                        Rejection::new(
-                            RejectKind::Overloaded,
-                            "spool cannot be written (disk full or failing); retry later",
-                        )
-                    }
-                })
-            }
-        }
+                        "spool cannot be written (disk full or failing); retry later",
+                    )
+                }
+            })
     }
 
     fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {

@@ -137,7 +137,14 @@ impl Gateway {
             metrics.clone(),
             kafka_up_tx,
         )
-        .context("cannot create the Kafka producer: check [kafka.properties]")?;
+        // librdkafka's errors may quote a property's value: never print one
+        // raw, it may be a password.
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the Kafka producer: {}; check [kafka.properties]",
+                config.scrub_secrets(&e.to_string())
+            )
+        })?;
 
         let intake = Arc::new(Intake::new(&config, apps, spool.clone(), metrics));
         let listen = config.listen_addr();

@@ -327,6 +327,7 @@ struct SpoolCollector {
     oldest_age: Gauge,
     segments: IntGauge,
     syncs: IntCounter,
+    records_lost: IntCounter,
     /// Concurrent scrapes must not both add the same syncs to the counter.
     syncs_seen: Mutex<()>,
     descs: Vec<Desc>,
@@ -357,6 +358,11 @@ impl SpoolCollector {
                 "fdatasync calls the spool has made (one per group commit with fsync = always).",
             )
             .expect("valid metric"),
+            records_lost: IntCounter::new(
+                "timbridge_spool_records_lost_total",
+                "Spool records skipped because their bytes on disk are corrupt (found at start or while reading); each is logged, none is delivered.",
+            )
+            .expect("valid metric"),
             syncs_seen: Mutex::new(()),
             descs: Vec::new(),
         };
@@ -368,6 +374,7 @@ impl SpoolCollector {
             c.oldest_age.desc(),
             c.segments.desc(),
             c.syncs.desc(),
+            c.records_lost.desc(),
         ]
         .into_iter()
         .flatten()
@@ -393,6 +400,9 @@ impl Collector for SpoolCollector {
             let _one_at_a_time = self.syncs_seen.lock().unwrap_or_else(|p| p.into_inner());
             let seen = self.syncs.get();
             self.syncs.inc_by(s.counters.syncs.saturating_sub(seen));
+            let seen = self.records_lost.get();
+            self.records_lost
+                .inc_by(s.counters.records_lost.saturating_sub(seen));
         }
         [
             self.events.collect(),
@@ -401,6 +411,7 @@ impl Collector for SpoolCollector {
             self.oldest_age.collect(),
             self.segments.collect(),
             self.syncs.collect(),
+            self.records_lost.collect(),
         ]
         .into_iter()
         .flatten()

@@ -26,9 +26,12 @@
 //!   memory: a long Kafka outage may spool gigabytes), in id order, skipping
 //!   records already delivered before a restart.
 //! * **Recovery.** At open, every segment is scanned and each record's CRC
-//!   checked. A torn or corrupt record ends that segment's valid data; the
-//!   last segment is cut there so appends continue after good data, and
-//!   what was skipped is reported in [`RecoveryReport`].
+//!   checked. A record whose checksum fails while its length and id hold
+//!   and a valid record follows it (a flipped bit) is skipped alone, and
+//!   counted. Anything else (a torn tail, a broken length, an id out of
+//!   sequence) ends that segment's valid data; the last segment is cut
+//!   there so appends continue after good data. What was skipped is
+//!   reported in [`RecoveryReport`].
 //!
 //! # What each fsync mode guarantees
 //!
@@ -167,6 +170,17 @@ pub enum SpoolError {
         /// The limit.
         max: usize,
     },
+    /// One append larger than the whole spool (`max_bytes`): it can never
+    /// be stored, however much is delivered.
+    #[error(
+        "append of {bytes} bytes can never fit in the spool's {max_bytes} bytes (spool.max_bytes); reject the request, or raise spool.max_bytes"
+    )]
+    RequestTooLarge {
+        /// Encoded size of the append, with a segment header.
+        bytes: u64,
+        /// The spool's limit.
+        max_bytes: u64,
+    },
     /// `close` was called: the gateway is shutting down.
     #[error("spool is closed because timbridge is shutting down; the sender should retry later")]
     Closed,
@@ -224,8 +238,9 @@ pub struct SpoolCounters {
     pub records_acked: u64,
     /// Segment files deleted after full delivery.
     pub segments_deleted: u64,
-    /// Records found unreadable after recovery (corrupted on disk while
-    /// running); they are skipped, and logged.
+    /// Records skipped as unreadable: single corrupt records found by
+    /// recovery at open, and records corrupted on disk while running. Each
+    /// is logged; none is delivered.
     pub records_lost: u64,
 }
 
@@ -311,7 +326,8 @@ impl Spool {
             max_bytes: cfg.max_bytes,
             state: Mutex::new(recovered.state),
             data_ready: Notify::new(),
-            counters: Counters::default(),
+            // Records recovery had to skip are the first ones lost.
+            counters: Counters::starting_lost(recovered.report.records_skipped),
             closing: AtomicBool::new(false),
             _lock: lock,
             #[cfg(test)]
@@ -348,7 +364,9 @@ impl Spool {
     /// cancel the append. Errors: [`SpoolError::Full`] when `max_bytes` would
     /// be exceeded, [`SpoolError::Io`] when the write failed (nothing of the
     /// batch stays visible and later appends are tried normally),
-    /// [`SpoolError::RecordTooLarge`], [`SpoolError::Closed`].
+    /// [`SpoolError::RecordTooLarge`], [`SpoolError::RequestTooLarge`] (the
+    /// batch exceeds `max_bytes` itself; nothing else changes),
+    /// [`SpoolError::Closed`].
     pub fn append(
         &self,
         records: Vec<Bytes>,
@@ -378,7 +396,14 @@ impl Spool {
         if self.inner.shared.closing.load(Ordering::Acquire) {
             return Err(SpoolError::Closed);
         }
-        let bytes = records.iter().map(|r| record_size(r.len())).sum();
+        let bytes: u64 = records.iter().map(|r| record_size(r.len())).sum();
+        // Even an empty spool needs a fresh segment's header besides.
+        if bytes.saturating_add(HEADER_LEN) > self.inner.shared.max_bytes {
+            return Err(SpoolError::RequestTooLarge {
+                bytes: bytes.saturating_add(HEADER_LEN),
+                max_bytes: self.inner.shared.max_bytes,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::WriterStopped)?;
         tx.send(Msg::Append {
@@ -406,7 +431,7 @@ impl Spool {
             }
             // Room has returned even when this is the active segment: the
             // next append that needs the room rolls over and deletes it.
-            st.full = false;
+            st.refused_at = None;
             st.take_deletable(&shared.dir)
         };
         if !deletions.is_empty() {
@@ -421,13 +446,22 @@ impl Spool {
         shared.lock_state().stats(shared.counters.snapshot())
     }
 
-    /// True while the gateway should refuse new work: the last append failed
-    /// (Full or I/O) or the spool is at `max_bytes`. Turns false by itself
-    /// once room returns (deliveries delete segments, or a write succeeds).
+    /// True while the gateway should not be sent new work, judged from the
+    /// spool's actual room: the space not taken by undelivered data is below
+    /// [`room_margin`] of `max_bytes`, or an append failed (Full or I/O)
+    /// within the last [`REFUSAL_HOLD`]. Turns false by itself: when
+    /// deliveries free room, when a write succeeds, and in any case
+    /// `REFUSAL_HOLD` after the last failure, so that neither a one-off disk
+    /// error nor one oversized request can hold a drained spool unready.
+    /// A request larger than the whole spool is refused before it reaches
+    /// the writer ([`SpoolError::RequestTooLarge`]) and changes nothing here.
     pub fn is_full(&self) -> bool {
         let shared = &self.inner.shared;
         let st = shared.lock_state();
-        st.full || st.bytes.saturating_sub(st.reclaimable_bytes()) >= shared.max_bytes
+        let used = st.bytes.saturating_sub(st.reclaimable_bytes());
+        let room = shared.max_bytes.saturating_sub(used);
+        room < room_margin(shared.max_bytes)
+            || st.refused_at.is_some_and(|at| at.elapsed() < REFUSAL_HOLD)
     }
 
     /// Shutdown: refuses new appends, waits for the writer to finish the
@@ -442,6 +476,18 @@ impl Spool {
             .map_err(|_| SpoolError::WriterStopped)?;
         rx.await.unwrap_or(Err(SpoolError::WriterStopped))
     }
+}
+
+/// How long a failed append (Full or I/O error) keeps the spool reported
+/// full: long enough for a load balancer's probe to see it, short enough
+/// that readiness comes back by itself when nothing else changes.
+pub const REFUSAL_HOLD: Duration = Duration::from_secs(2);
+
+/// Room below which the spool counts as full: 1/64 of `max_bytes`, at most
+/// 1 MiB (a callback's largest body), so that a spool that can no longer
+/// take a typical request is not reported ready.
+pub fn room_margin(max_bytes: u64) -> u64 {
+    (max_bytes / 64).min(1 << 20)
 }
 
 /// Offline statistics of a spool directory, for `timbridge spool stat` on a

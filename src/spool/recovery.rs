@@ -40,6 +40,10 @@ pub struct RecoveryReport {
     pub segments_deleted: usize,
     /// Every place where data was skipped, with the reason.
     pub damaged: Vec<DamagedSegment>,
+    /// Records skipped one by one because their checksum failed while the
+    /// records around them were intact (also listed in `damaged`); they
+    /// will not be delivered.
+    pub records_skipped: u64,
 }
 
 impl RecoveryReport {
@@ -92,6 +96,10 @@ pub enum DamageAction {
     Quarantined(PathBuf),
     /// An empty file left by a crash while creating a segment; removed.
     Removed,
+    /// A record's checksum failed (or those of a run of adjacent records)
+    /// but the records after it are intact: only the bad ones are skipped
+    /// (never delivered), the rest is kept.
+    RecordSkipped,
 }
 
 impl fmt::Display for DamageAction {
@@ -101,6 +109,9 @@ impl fmt::Display for DamageAction {
             Self::SkippedRest => f.write_str("rest of the file ignored"),
             Self::Quarantined(p) => write!(f, "file renamed to {}", p.display()),
             Self::Removed => f.write_str("file removed"),
+            Self::RecordSkipped => {
+                f.write_str("only these bytes skipped, the records after them kept")
+            }
         }
     }
 }
@@ -115,8 +126,10 @@ struct Surveyed {
 
 struct Scanned {
     meta: SegMeta,
-    /// Offset and kind of the first damaged record.
+    /// Offset and kind of the damage that ends the usable data.
     damage: Option<(u64, Damage)>,
+    /// Single corrupt records inside the usable data (index, offset, size).
+    corrupt: Vec<(u64, u64, u64)>,
     /// Highest plausible id in the ack file.
     max_ack: Option<u64>,
 }
@@ -188,6 +201,12 @@ fn survey_segment(dir: &Path, first_id: u64, limit: u64) -> Result<Surveyed, Spo
     })
     .map_err(ctx)?;
     meta.extend(scan.records, scan.valid_len);
+    // Given up on at once, so they are neither replayed nor counted as
+    // pending, and the segment can still be deleted once the rest is
+    // delivered. Not persisted: the next open finds them again.
+    for &(idx, _, _) in &scan.corrupt {
+        meta.set_acked(first_id.saturating_add(idx));
+    }
     let max_ack = apply_acks(dir, &mut meta)?;
     let damage = scan.damage.map(|d| (scan.valid_len, d));
     Ok(Surveyed {
@@ -197,6 +216,7 @@ fn survey_segment(dir: &Path, first_id: u64, limit: u64) -> Result<Surveyed, Spo
         content: Ok(Scanned {
             meta,
             damage,
+            corrupt: scan.corrupt,
             max_ack,
         }),
     })
@@ -263,6 +283,35 @@ pub(crate) fn recover(dir: &Path) -> Result<Recovered, SpoolError> {
     }
 
     let last = good.len().checked_sub(1);
+    for (path, _, scanned) in &good {
+        report.records_skipped += scanned.corrupt.len() as u64;
+        // One entry (and one log line) per run of adjacent bad records.
+        let mut runs: Vec<(u64, u64, u64, u64)> = Vec::new(); // last idx, offset, bytes, count
+        for &(idx, offset, size) in &scanned.corrupt {
+            match runs.last_mut() {
+                Some(run) if run.0 + 1 == idx => {
+                    run.0 = idx;
+                    run.2 += size;
+                    run.3 += 1;
+                }
+                _ => runs.push((idx, offset, size, 1)),
+            }
+        }
+        for (_, offset, bytes, count) in runs {
+            let reason = if count == 1 {
+                Damage::BadCrc.to_string()
+            } else {
+                format!("{count} records in a row: {}", Damage::BadCrc)
+            };
+            report.damaged.push(DamagedSegment {
+                file: path.clone(),
+                offset,
+                bytes_skipped: bytes,
+                reason,
+                action: DamageAction::RecordSkipped,
+            });
+        }
+    }
     for (i, (path, file_len, scanned)) in good.iter_mut().enumerate() {
         let Some((offset, damage)) = &scanned.damage else {
             continue;

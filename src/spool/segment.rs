@@ -249,18 +249,29 @@ pub(crate) fn parse_record(buf: &[u8], expected_id: u64) -> Parsed {
 /// Outcome of scanning the records of one segment.
 #[derive(Debug)]
 pub(crate) struct ScanOutcome {
-    /// Valid records, consecutive from the first id.
+    /// Records up to the last valid one, consecutive from the first id;
+    /// includes those in `corrupt`.
     pub records: u64,
     /// Offset just past the last valid record.
     pub valid_len: u64,
     /// Why the scan stopped early, if it did.
     pub damage: Option<Damage>,
+    /// Records (index, offset, size on disk) whose checksum failed although
+    /// their framing held: a valid record follows each, so only that one
+    /// record is unusable. Counted in `records`; never to be delivered.
+    pub corrupt: Vec<(u64, u64, u64)>,
 }
 
 /// Reads records after the header until the end of the data, the first
-/// damaged record, or `limit` records. `on_record(index, append_time_ms,
-/// offset)` sees each valid record. Only real I/O errors are returned as
-/// errors; every kind of bad content ends the scan cleanly.
+/// damage that hides where the next record starts, or `limit` records.
+/// `on_record(index, append_time_ms, offset)` sees each valid record.
+///
+/// A record whose checksum fails but whose length and id are right (a bit
+/// flipped in its payload) costs that record alone when a valid record
+/// follows it: it goes to `corrupt` and the scan goes on. When none does
+/// (it is part of a torn tail), the data ends at the first such record.
+/// Only real I/O errors are returned as errors; every kind of bad content
+/// ends the scan cleanly.
 pub(crate) fn scan_records<R: Read>(
     r: &mut R,
     first_id: u64,
@@ -271,41 +282,54 @@ pub(crate) fn scan_records<R: Read>(
         records: 0,
         valid_len: HEADER_LEN,
         damage: None,
+        corrupt: Vec::new(),
     };
+    // Bad-checksum records since the last valid one: skipped only once a
+    // valid record shows that the framing after them held.
+    let mut unconfirmed: Vec<(u64, u64, u64)> = Vec::new();
+    let mut idx = 0u64;
+    let mut offset = HEADER_LEN;
     let mut head = [0u8; RECORD_HEADER_LEN];
     let mut payload = Vec::new();
-    loop {
+    let damage = loop {
         let n = read_full(r, &mut head)?;
         if n == 0 {
-            return Ok(out);
+            break None;
         }
         if n < head.len() {
-            out.damage = Some(Damage::Torn);
-            return Ok(out);
+            break Some(Damage::Torn);
         }
-        if out.records >= limit {
-            out.damage = Some(Damage::Overlap);
-            return Ok(out);
+        if idx >= limit {
+            break Some(Damage::Overlap);
         }
         let header = RecordHeader::parse(&head);
-        let expected = first_id.saturating_add(out.records);
+        let expected = first_id.saturating_add(idx);
         if let Err(d) = header.validate(expected) {
-            out.damage = Some(d);
-            return Ok(out);
+            break Some(d);
         }
         payload.resize(header.len as usize, 0);
         if read_full(r, &mut payload)? < payload.len() {
-            out.damage = Some(Damage::Torn);
-            return Ok(out);
+            break Some(Damage::Torn);
         }
         if record_crc(header.id, header.ts, &payload) != header.crc {
-            out.damage = Some(Damage::BadCrc);
-            return Ok(out);
+            unconfirmed.push((idx, offset, header.total_len()));
+        } else {
+            on_record(idx, header.ts, offset);
+            out.corrupt.append(&mut unconfirmed);
+            out.records = idx + 1;
+            out.valid_len = offset + header.total_len();
         }
-        on_record(out.records, header.ts, out.valid_len);
-        out.records += 1;
-        out.valid_len += header.total_len();
-    }
+        idx += 1;
+        offset += header.total_len();
+    };
+    // Bad records with nothing valid after them are a torn tail: the data
+    // ends at the first of them.
+    out.damage = if unconfirmed.is_empty() {
+        damage
+    } else {
+        Some(Damage::BadCrc)
+    };
+    Ok(out)
 }
 
 /// Like `read_exact`, but reports how much was read before end of file
@@ -429,9 +453,53 @@ mod tests {
             let mut b = bytes.clone();
             b[pos] ^= 0x40;
             let s = scan(&b, 1, u64::MAX);
-            assert_eq!(s.records, 1, "flip at {pos}");
-            assert!(s.damage.is_some(), "flip at {pos}");
+            let framing = matches!(pos - second, 0..4 | 8..16);
+            if framing {
+                // Length or id broken: where the next record starts is
+                // unknown, so the data ends here.
+                assert_eq!(s.records, 1, "flip at {pos}");
+                assert!(s.damage.is_some(), "flip at {pos}");
+                assert!(s.corrupt.is_empty(), "flip at {pos}");
+            } else {
+                // Checksum, time or payload: that record alone is lost.
+                assert_eq!(s.records, 3, "flip at {pos}");
+                assert_eq!(s.damage, None, "flip at {pos}");
+                assert_eq!(
+                    s.corrupt,
+                    vec![(1, second as u64, record_size(7))],
+                    "flip at {pos}"
+                );
+                assert_eq!(s.valid_len, bytes.len() as u64);
+            }
         }
+    }
+
+    #[test]
+    fn bad_checksums_with_nothing_valid_after_them_are_a_torn_tail() {
+        let bytes = encoded(1, &[b"one", b"two", b"three", b"four"]);
+        let third = (HEADER_LEN + 2 * record_size(3)) as usize;
+        let fourth = third + record_size(5) as usize;
+        let mut b = bytes.clone();
+        b[third + 25] ^= 1;
+        b[fourth + 25] ^= 1;
+        let s = scan(&b, 1, u64::MAX);
+        assert_eq!(s.records, 2);
+        assert_eq!(s.valid_len, third as u64);
+        assert_eq!(s.damage, Some(Damage::BadCrc));
+        assert!(s.corrupt.is_empty());
+
+        // Two bad in a row, then a valid one: both skipped, all kept.
+        let bytes = encoded(1, &[b"one", b"two", b"three", b"four", b"five"]);
+        let mut b = bytes.clone();
+        b[third + 25] ^= 1;
+        b[fourth + 25] ^= 1;
+        let s = scan(&b, 1, u64::MAX);
+        assert_eq!(s.records, 5);
+        assert_eq!(s.damage, None);
+        assert_eq!(
+            s.corrupt.iter().map(|c| c.0).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::SpoolCounters;
 use super::segment::{acks_path, segment_path};
@@ -106,6 +106,15 @@ impl SegMeta {
     /// Id of the lowest record not yet acked, if any.
     pub(crate) fn first_unacked_id(&self) -> Option<u64> {
         (self.first_unacked < self.count).then(|| self.first_id + self.first_unacked)
+    }
+
+    /// The lowest id at or after `id` not yet acked (records given up on
+    /// as corrupt are acked), if any.
+    pub(crate) fn next_unacked_from(&self, id: u64) -> Option<u64> {
+        let from = id.max(self.first_id + self.first_unacked);
+        (self.index(from)?..self.count)
+            .find(|&idx| !self.bit(idx))
+            .map(|idx| self.first_id + idx)
     }
 
     /// Marks `id` delivered; false if it was already, or is not in here.
@@ -275,9 +284,11 @@ pub(crate) struct State {
     pub active: Option<u64>,
     /// Sum of `disk_len`.
     pub bytes: u64,
-    /// Set when an append failed for lack of room or by I/O error; cleared
-    /// by the next successful append or when a deletion frees room.
-    pub full: bool,
+    /// When an append last failed for lack of room or by I/O error;
+    /// cleared by the next successful append or when a deletion frees room.
+    /// Readiness only looks at it for a short while (see `Spool::is_full`),
+    /// so it can never hold a drained spool unready.
+    pub refused_at: Option<Instant>,
     /// No more records will ever be appended.
     pub closed: bool,
 }
@@ -342,7 +353,7 @@ impl State {
 
     /// Takes out every segment whose records are all delivered, except the
     /// active one and the highest one (kept so ids continue after a
-    /// restart). Clears `full` if that freed room.
+    /// restart). Clears `refused_at` if that freed room.
     pub(crate) fn take_deletable(&mut self, dir: &Path) -> Deletions {
         let highest = self.segments.keys().next_back().copied();
         let doomed: Vec<u64> = self
@@ -360,7 +371,7 @@ impl State {
             }
         }
         if !doomed.is_empty() {
-            self.full = false;
+            self.refused_at = None;
         }
         Deletions {
             dir: dir.to_path_buf(),
@@ -416,6 +427,13 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    pub(crate) fn starting_lost(records_lost: u64) -> Self {
+        Self {
+            records_lost: AtomicU64::new(records_lost),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }
@@ -507,13 +525,13 @@ mod tests {
             st.segments.insert(first, s);
         }
         st.active = Some(11);
-        st.full = true;
+        st.refused_at = Some(Instant::now());
         for id in 1..31 {
             assert!(st.ack(dir.path(), id));
         }
         let d = st.take_deletable(dir.path());
         assert_eq!(d.first_ids, vec![1]);
-        assert!(!st.full);
+        assert!(st.refused_at.is_none());
         assert_eq!(st.segments.len(), 2);
         assert_eq!(st.bytes, 2 * (24 + 300));
         d.run();

@@ -21,6 +21,7 @@ pub(crate) struct TestHooks {
     resumed: Condvar,
     fail_writes: AtomicU32,
     fail_syncs: AtomicU32,
+    fail_truncates: AtomicU32,
     /// Background syncs wait here while true, as if the disk were slow.
     syncs_held: Mutex<bool>,
     syncs_released: Condvar,
@@ -55,6 +56,10 @@ impl TestHooks {
 
     pub(crate) fn take_sync_failure(&self) -> bool {
         take(&self.fail_syncs)
+    }
+
+    pub(crate) fn take_truncate_failure(&self) -> bool {
+        take(&self.fail_truncates)
     }
 
     fn hold_syncs(&self, held: bool) {
@@ -331,7 +336,7 @@ async fn torn_tail_is_cut_reported_and_appends_continue() {
 }
 
 #[tokio::test]
-async fn corrupted_byte_mid_record_is_caught_by_crc() {
+async fn a_corrupt_record_mid_segment_is_skipped_alone_and_counted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let c = cfg(dir.path());
     let (spool, reader, _) = open(&c);
@@ -340,19 +345,91 @@ async fn corrupted_byte_mid_record_is_caught_by_crc() {
 
     let seg = segment_path(dir.path(), 1);
     let mut bytes = fs::read(&seg).expect("read");
+    let len_before = bytes.len() as u64;
     let third = (HEADER_LEN + 2 * record_size(100)) as usize;
     bytes[third + 24 + 50] ^= 0x01; // payload of record 3; length and id intact
     fs::write(&seg, &bytes).expect("write");
 
     let (spool, mut reader, report) = open(&c);
-    assert_eq!(report.records_recovered, 2);
+    assert_eq!(report.records_recovered, 5);
+    assert_eq!(report.records_pending, 4);
+    assert_eq!(report.records_skipped, 1);
     assert_eq!(report.damaged.len(), 1);
-    assert!(
-        report.damaged[0].reason.contains("checksum"),
-        "{}",
-        report.damaged[0].reason
-    );
-    assert_eq!(report.damaged[0].offset, third as u64);
+    let d = &report.damaged[0];
+    assert!(d.reason.contains("checksum"), "{}", d.reason);
+    assert_eq!(d.offset, third as u64);
+    assert_eq!(d.bytes_skipped, record_size(100));
+    assert_eq!(d.action, DamageAction::RecordSkipped);
+    assert_eq!(file_len(&seg), len_before, "nothing may be cut");
+    assert_eq!(spool.stats().counters.records_lost, 1);
+    assert_eq!(spool.stats().pending_events, 4);
+    spool.append(vec![ev(6)]).await.expect("append");
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(ids(&got), vec![1, 2, 4, 5, 6]);
+    assert_eq!(got[2].payload, sized(4, 100));
+    assert_eq!(got[4].payload, ev(6));
+    drop(spool);
+    drop(reader);
+
+    // Once the rest is delivered, the segment can go: the skipped record
+    // does not hold it.
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 5);
+    for r in drain_after_close(&spool, &mut reader).await {
+        spool.ack(r.id);
+    }
+    assert_eq!(spool.stats().pending_events, 0);
+}
+
+/// Closes the spool and returns everything the reader still hands out.
+async fn drain_after_close(spool: &Spool, reader: &mut SpoolReader) -> Vec<SpooledRecord> {
+    spool.close().await.expect("close");
+    drain(reader).await
+}
+
+#[tokio::test]
+async fn a_run_of_corrupt_records_is_one_report_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=6).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg).expect("read");
+    for n in [1u64, 2, 3] {
+        let at = (HEADER_LEN + n * record_size(100)) as usize;
+        bytes[at + 24 + 50] ^= 0x01;
+    }
+    fs::write(&seg, &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_skipped, 3);
+    assert_eq!(report.damaged.len(), 1, "{report:?}");
+    assert_eq!(report.damaged[0].bytes_skipped, 3 * record_size(100));
+    assert!(report.damaged[0].reason.contains("3 records"), "{report:?}");
+    spool.close().await.expect("close");
+    assert_eq!(ids(&drain(&mut reader).await), vec![1, 5, 6]);
+}
+
+#[tokio::test]
+async fn a_corrupt_last_record_is_a_torn_tail_and_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=3).map(|i| sized(i, 100))).await;
+    shut(spool, reader).await;
+    let seg = segment_path(dir.path(), 1);
+    let mut bytes = fs::read(&seg).expect("read");
+    let third = (HEADER_LEN + 2 * record_size(100)) as usize;
+    bytes[third + 24 + 50] ^= 0x01;
+    fs::write(&seg, &bytes).expect("write");
+
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_recovered, 2);
+    assert_eq!(report.records_skipped, 0);
+    assert_eq!(report.damaged[0].action, DamageAction::Truncated);
+    assert_eq!(file_len(&seg), third as u64);
     spool.append(vec![ev(3)]).await.expect("append");
     spool.close().await.expect("close");
     let got = drain(&mut reader).await;
@@ -682,6 +759,87 @@ async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
         replay.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
         vec![ev(1), ev(4)]
     );
+}
+
+#[tokio::test]
+async fn a_failed_write_that_cannot_be_cut_back_is_not_replayed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(1)]).await.expect("append");
+    let hooks = &spool.inner.shared.hooks;
+    hooks.fail_writes.store(1, Ordering::SeqCst);
+    hooks.fail_truncates.store(1, Ordering::SeqCst);
+    // Half of this lands: the whole first record of the batch.
+    spool
+        .append(vec![sized(2, 300), sized(3, 300)])
+        .await
+        .expect_err("injected failure");
+    spool
+        .append(vec![ev(4)])
+        .await
+        .expect("append after failure");
+    let got = read_n(&mut reader, 2).await;
+    assert_eq!(got[1].payload, ev(4));
+    shut(spool, reader).await;
+
+    // Answered with an error, so it must never be delivered, not even
+    // after a restart.
+    let (spool, mut reader, _) = open(&c);
+    spool.close().await.expect("close");
+    let replay = drain(&mut reader).await;
+    assert_eq!(
+        replay.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
+        vec![ev(1), ev(4)]
+    );
+}
+
+#[tokio::test]
+async fn after_a_failed_write_readiness_returns_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, reader, _) = open(&cfg(dir.path()));
+    spool
+        .inner
+        .shared
+        .hooks
+        .fail_writes
+        .store(1, Ordering::SeqCst);
+    spool
+        .append(vec![ev(1)])
+        .await
+        .expect_err("injected failure");
+    assert!(spool.is_full(), "a failed write must show for a moment");
+    // No appends, no acks: only time passes.
+    wait_for("readiness after a one-off disk error", || !spool.is_full()).await;
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn an_append_larger_than_the_spool_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = cfg(dir.path());
+    c.max_bytes = 4096;
+    c.segment_bytes = 1024;
+    let (spool, reader, _) = open(&c);
+    let err = spool
+        .append(vec![sized(1, 2100), sized(2, 2100)])
+        .await
+        .expect_err("larger than max_bytes");
+    assert!(
+        matches!(
+            err,
+            SpoolError::RequestTooLarge {
+                max_bytes: 4096,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("spool.max_bytes"), "{err}");
+    assert!(!spool.is_full());
+    assert_eq!(spool.stats().counters.full_rejections, 0);
+    spool.append(vec![ev(3)]).await.expect("a normal append");
+    shut(spool, reader).await;
 }
 
 #[tokio::test]

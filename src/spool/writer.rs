@@ -14,9 +14,10 @@
 //!
 //! A failed write or sync fails the whole group, cuts the file back to its
 //! last good length and retires the segment: the next group starts a fresh
-//! file. Ids handed out to the failed group are never reused, so stale bytes
-//! that a failed truncation may leave behind can never be mistaken for a
-//! later record (recovery also rejects them by their out-of-sequence ids).
+//! file. Ids handed out to the failed group are never reused. Should the
+//! truncation fail too, the first leftover record's header is zeroed, since
+//! whole leftover records carry the next ids in sequence and recovery would
+//! otherwise replay events that were answered with an error.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -30,7 +31,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::oneshot;
 
-use super::segment::{HEADER_LEN, acks_path, encode_header, encode_record, segment_path};
+use super::segment::{
+    HEADER_LEN, RECORD_HEADER_LEN, acks_path, encode_header, encode_record, segment_path,
+};
 use super::state::{Counters, SAMPLE_EVERY, Sample, SegMeta, now_ms};
 use super::{FsyncMode, Shared, SpoolError, io_context};
 
@@ -310,7 +313,7 @@ impl Writer {
                 full_hit = true;
                 Counters::add(&self.shared.counters.full_rejections, 1);
                 // Flag first: a caller that sees Full must also see is_full.
-                self.shared.lock_state().full = true;
+                self.shared.lock_state().refused_at = Some(Instant::now());
                 let _ = req.reply.send(Err(SpoolError::Full));
                 continue;
             }
@@ -349,7 +352,9 @@ impl Writer {
                 }
             }
             st.bytes += self.buf.len() as u64;
-            st.full = full_hit;
+            if !full_hit {
+                st.refused_at = None;
+            }
         }
         self.shared.data_ready.notify_one();
         let c = &self.shared.counters;
@@ -488,19 +493,42 @@ impl Writer {
     fn abandon_write(&mut self) {
         Counters::add(&self.shared.counters.io_errors, 1);
         self.roll_needed = true;
-        self.shared.lock_state().full = true;
-        if let Some(a) = &self.active
-            && let Err(e) = a.file.set_len(a.len)
-        {
-            // Harmless for correctness: readers stop at the good length and
-            // recovery rejects the leftovers by their ids.
-            tracing::warn!(error = %e, "cannot cut spool segment back after a failed write");
+        self.shared.lock_state().refused_at = Some(Instant::now());
+        let Some(a) = &self.active else {
+            return;
+        };
+        #[cfg(test)]
+        let truncated = if self.shared.hooks.take_truncate_failure() {
+            Err(io::Error::other("injected truncate failure"))
+        } else {
+            a.file.set_len(a.len)
+        };
+        #[cfg(not(test))]
+        let truncated = a.file.set_len(a.len);
+        if let Err(e) = truncated {
+            // Readers stop at the good length, but whole records that did
+            // land carry the next ids in sequence: recovery would take them
+            // for records and replay events that were answered with an
+            // error. Spoil the first one's header instead (an overwrite in
+            // place needs no new space), so recovery stops there.
+            let spoiled = a
+                .file
+                .write_all_at(&[0u8; RECORD_HEADER_LEN], a.len)
+                .and_then(|()| a.file.sync_data());
+            match spoiled {
+                Ok(()) => {
+                    tracing::warn!(error = %e, "cannot cut spool segment back after a failed write; its leftovers were marked unusable instead")
+                }
+                Err(e2) => {
+                    tracing::error!(error = %e, error_marking = %e2, "cannot cut spool segment back after a failed write, nor mark its leftovers unusable; a restart may deliver events that were answered 503")
+                }
+            }
         }
     }
 
     fn fail_group(&mut self, e: &io::Error) {
         Counters::add(&self.shared.counters.io_errors, 1);
-        self.shared.lock_state().full = true;
+        self.shared.lock_state().refused_at = Some(Instant::now());
         for req in self.group.drain(..) {
             let _ = req.reply.send(Err(SpoolError::Io(clone_io(e))));
         }

@@ -1,0 +1,26 @@
+//! A small tmpfs mounted over a test's directory, for a disk that fills up.
+//! Mounting needs root (CI runs as root); elsewhere `mount` returns None
+//! and the test says it skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
