@@ -45,6 +45,7 @@ pub mod server;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -136,7 +137,14 @@ impl Gateway {
         )
         .context("cannot create the Kafka producer: check [kafka.properties]")?;
 
-        let intake = Arc::new(Intake::new(&config, apps, spool.clone(), metrics));
+        let mut intake = Intake::new(&config, apps, spool.clone(), metrics.clone());
+        if let Some(upstream) = &config.upstream {
+            intake = intake.with_upstream(
+                upstream::Upstream::new(upstream, metrics, config.log.rejections_per_second)
+                    .context("cannot set up [upstream]")?,
+            );
+        }
+        let intake = Arc::new(intake);
         let listen = config.listen_addr();
         let listener = TcpListener::bind(listen).await.with_context(|| {
             format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
