@@ -9,6 +9,9 @@
 //!                     ▼
 //!                  intake        one callback: tencent::query → tencent::auth →
 //!                     │          tencent::payload → event (normalize) → dedup
+//!                     │
+//!                     ├────────▶ upstream    other commands, with [upstream]: proxied
+//!                     │                      to the app, its answer back to Tencent
 //!                     ▼
 //!                  spool ──────▶ 200 OK   append (group commit); from here on the
 //!                     │                   gateway holds the only copy
@@ -24,6 +27,9 @@
 //! default, so the answer comes as soon as the records are in the spool, not
 //! when Kafka has them: Kafka may be away for an hour and the spool rides it
 //! out, replaying after a restart whatever has no delivery report yet.
+//!
+//! The upstream is never on the read-receipt path: a slow or dead app costs
+//! other commands a 502/504 and read receipts nothing.
 //!
 //! `metrics` is written by every stage and read by `/metrics`; `/readyz`
 //! asks the spool (room left?) and the intake (draining?). Whether Kafka is
