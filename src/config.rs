@@ -627,6 +627,45 @@ mod tests {
     }
 
     #[test]
+    fn upstream_defaults_apply_and_bad_urls_are_refused_naming_the_key() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[upstream]\nurl = \"https://app.internal:9443/im/callback\"\n"
+        ))
+        .unwrap();
+        let up = c.upstream.unwrap();
+        assert_eq!(up.timeout, Duration::from_millis(1500));
+        assert!(!up.forward_read_receipts);
+        assert_eq!(up.max_in_flight, 512);
+        assert_eq!(up.max_response_bytes, 65536);
+        assert!(Config::parse(MINIMAL).unwrap().upstream.is_none());
+        for (url, says) in [
+            ("127.0.0.1:9000/im", "http://"),
+            ("ftp://app/im", "http://"),
+            ("http://app/im?SdkAppid=1", "query string"),
+            ("http://user:pw@app/im", "user or password"),
+            ("not a url", "not a URL"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}[upstream]\nurl = \"{url}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("upstream.url") && err.contains(says),
+                "{url}: {err}"
+            );
+        }
+        let err = Config::parse(&format!(
+            "{MINIMAL}[upstream]\nurl = \"http://app/im\"\ntimeout = \"0s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream.timeout"), "{err}");
+        let err = Config::parse(&format!("{MINIMAL}[upstream]\ntimeout = \"1s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("url"), "{err}");
+    }
+
+    #[test]
     fn redacted_output_hides_tokens_and_secret_properties() {
         let text = "[[apps]]\nsdk_app_id = 1\ntoken = \"hunter2\"\n[kafka.properties]\n\"sasl.password\" = \"pw123\"\n\"linger.ms\" = 5\n";
         let c = Config::parse(text).unwrap();

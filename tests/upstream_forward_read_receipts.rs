@@ -76,3 +76,40 @@ async fn read_receipts_the_queue_cannot_hold_are_counted_not_waited_for() {
     assert_groups_arrive(&s.bootstrap, &groups);
     gw.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_is_retried_until_the_app_takes_it() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s
+        .gateway_with_upstream(
+            &format!("url = \"{}\"\nforward_read_receipts = true", app.url()),
+            &[],
+        )
+        .await;
+    // The app answers 503 to the first delivery of a "flaky" body.
+    let body = group_body("flaky-1", 1);
+    assert_ok(&post(gw.local_addr(), &group_callback(), body.as_bytes()).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answered = "timbridge_upstream_requests_total{outcome=\"answered\"} 2";
+    loop {
+        let (_, metrics) = get_text(gw.local_addr(), "/metrics").await;
+        if metrics.contains(answered) {
+            assert!(
+                metrics.contains("timbridge_upstream_forward_dropped_total{reason=\"expired\"} 0"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered twice:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The 503, then the delivery the app took, and nothing after it.
+    let seen = app.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen.iter().all(|s| s.body == body.as_bytes()));
+    gw.shutdown().await.unwrap();
+}

@@ -4,7 +4,8 @@
 //! What it answers depends on the `CallbackCommand` in the query string:
 //! `Slow.Command` waits 3 s, `Teapot.Command` answers 418 in plain text,
 //! `Huge.Command` answers 1 MiB, read receipts are answered after
-//! `READ_RECEIPT_DELAY`, and everything else gets [`REWRITTEN`] at once.
+//! `READ_RECEIPT_DELAY` (503 at once the first time when their body
+//! mentions `flaky`), and everything else gets [`REWRITTEN`] at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,12 +106,17 @@ async fn answer(
     let query = req.uri().query().unwrap_or("").to_owned();
     let headers = req.headers().clone();
     let body = req.into_body().collect().await.unwrap().to_bytes();
-    seen.lock().unwrap().push(Seen {
-        path,
-        query: query.clone(),
-        headers,
-        body,
-    });
+    let first_time = {
+        let mut seen = seen.lock().unwrap();
+        let first = !seen.iter().any(|s| s.body == body);
+        seen.push(Seen {
+            path,
+            query: query.clone(),
+            headers,
+            body: body.clone(),
+        });
+        first
+    };
     let reply = |status: u16, content_type: &str, body: Bytes| {
         Ok(Response::builder()
             .status(status)
@@ -124,6 +130,8 @@ async fn answer(
         return reply(418, "text/plain", Bytes::from_static(b"short and stout"));
     } else if query.contains("CallbackCommand=Huge.Command") {
         return reply(200, REWRITTEN_TYPE, Bytes::from(vec![b' '; 1 << 20]));
+    } else if first_time && body.windows(5).any(|w| w == b"flaky") {
+        return reply(503, "text/plain", Bytes::from_static(b"not now"));
     } else if query.contains("ReadReceipt") || query.contains("MsgReport") {
         tokio::time::sleep(READ_RECEIPT_DELAY).await;
     }
