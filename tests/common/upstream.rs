@@ -47,6 +47,37 @@ pub struct TestUpstream {
 
 impl TestUpstream {
     pub async fn start() -> TestUpstream {
+        Self::start_with(None).await
+    }
+
+    /// The same app over HTTPS, with a certificate for 127.0.0.1 issued by
+    /// a fresh self-signed CA; returns it and the CA's PEM.
+    pub async fn start_tls() -> (TestUpstream, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::start_with(Some(acceptor)).await, ca_cert.pem())
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> TestUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -61,12 +92,19 @@ impl TestUpstream {
                     };
                     connections.fetch_add(1, Ordering::SeqCst);
                     let seen = seen.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
                         let service = service_fn(move |req| answer(req, seen.clone()));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .keep_alive(true)
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
+                        let http = hyper::server::conn::http1::Builder::new();
+                        let _ = match tls {
+                            None => http.serve_connection(TokioIo::new(stream), service).await,
+                            Some(tls) => {
+                                let Ok(stream) = tls.accept(stream).await else {
+                                    return;
+                                };
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                        };
                     });
                 }
             }
@@ -81,6 +119,10 @@ impl TestUpstream {
 
     pub fn url(&self) -> String {
         format!("http://{}/im/callback", self.addr)
+    }
+
+    pub fn https_url(&self) -> String {
+        format!("https://{}/im/callback", self.addr)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
