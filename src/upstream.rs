@@ -402,7 +402,9 @@ async fn deliver_forwards(inner: Arc<Inner>, mut rx: mpsc::Receiver<Forward>) {
 }
 
 /// Headers that describe one connection, not the request (RFC 9110 7.6.1),
-/// plus those the client sets itself for the new request.
+/// plus those the client sets itself for the new request, and
+/// `Accept-Encoding`: only the app's Content-Type goes back to Tencent, so
+/// the app must not compress its answer.
 fn is_not_forwarded(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -418,6 +420,7 @@ fn is_not_forwarded(name: &HeaderName) -> bool {
             | "host"
             | "content-length"
             | "expect"
+            | "accept-encoding"
             | "x-forwarded-for"
     )
 }
@@ -531,6 +534,7 @@ mod tests {
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("user-agent", HeaderValue::from_static("tencent"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("accept-encoding", HeaderValue::from_static("gzip"));
         let out = forwarded_headers(&h, Some("10.0.0.7:5555".parse().unwrap()));
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         for gone in [
@@ -539,6 +543,7 @@ mod tests {
             "x-secret-hop",
             "transfer-encoding",
             "host",
+            "accept-encoding",
         ] {
             assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
         }
