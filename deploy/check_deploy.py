@@ -52,8 +52,9 @@ REQUIRED_ALERTS = [
     "TimbridgeOverloaded",
     "TimbridgeDeadLetters",
     "TimbridgeDown",
+    "TimbridgeUpstreamFailing",
 ]
-READYZ_KEYS = {"ready", "reason", "spool_has_room", "draining", "kafka_reachable"}
+READYZ_KEYS = {"ready", "reason", "spool_has_room", "draining", "kafka_reachable", "upstream_reachable"}
 # What the runtime image has: debian:bookworm-slim's base (libc6, libgcc-s1,
 # zlib1g) and what the Dockerfile installs (libssl3: libssl, libcrypto).
 RUNTIME_LIBS = {"linux-vdso", "libc", "libm", "libgcc_s", "libz", "ld-linux-x86-64",
@@ -521,8 +522,11 @@ def check_overlay(name: str, docs: list[dict]) -> None:
         cm_name = cfg_vol["configMap"]["name"]
         cms = [d for d in by_kind.get("ConfigMap", []) if d["metadata"]["name"] == cm_name]
         assert cms, f"{wname}: ConfigMap {cm_name} is not in the overlay"
-        assert cms[0]["data"]["config.toml"] == CONFIG_TEXT, \
-            f"ConfigMap {cm_name}: config.toml differs from deploy/config.container.toml"
+        if name.startswith("sidecar"):
+            check_sidecar_config(cms[0]["data"]["config.toml"], w, by_kind.get("Service", []))
+        else:
+            assert cms[0]["data"]["config.toml"] == CONFIG_TEXT, \
+                f"ConfigMap {cm_name}: config.toml differs from deploy/config.container.toml"
         spool = mounts[SPOOL_DIR]
         if w["kind"] == "StatefulSet":
             vct = [t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])]
@@ -574,6 +578,38 @@ def check_overlay(name: str, docs: list[dict]) -> None:
         assert len(pod_spec(d)["containers"]) == 2, "sidecar: the app and timbridge in one Pod"
 
 
+SIDECAR_CONFIG_FILE = K8S / "sidecar" / "configmap.yaml"
+
+
+def sidecar_config_text() -> str:
+    return load_yaml(SIDECAR_CONFIG_FILE)["data"]["config.toml"]
+
+
+def check_sidecar_config(text: str, deployment: dict, services: list[dict]) -> None:
+    """The sidecar sits in front of the app: its config is the container
+    config plus [upstream] at the app container, and server.callback_path set
+    to the app's path; the Service's callback port lands on timbridge."""
+    cfg = tomllib.loads(text)
+    up = cfg.pop("upstream", None)
+    assert up and up.get("url"), "sidecar: no [upstream] url: timbridge would answer the app's callbacks itself"
+    path = cfg["server"].pop("callback_path")
+    base = {k: (dict(v) if isinstance(v, dict) else v) for k, v in CONFIG.items()}
+    base["server"] = {k: v for k, v in CONFIG["server"].items() if k != "callback_path"}
+    assert cfg == base, "sidecar config.toml differs from config.container.toml beyond callback_path and [upstream]"
+    m = re.fullmatch(r"http://127\.0\.0\.1:(\d+)(/.*)", up["url"])
+    assert m, f"sidecar: upstream.url {up['url']} is not the app container on 127.0.0.1"
+    assert m.group(2) == path, f"sidecar: the app's path {m.group(2)} differs from callback_path {path}"
+    app_ports = {p["containerPort"]: p.get("name") for c in pod_spec(deployment)["containers"]
+                 if c["name"] != "timbridge" for p in c.get("ports", [])}
+    port = int(m.group(1))
+    assert port in app_ports, f"sidecar: upstream port {port} is not an app container port {sorted(app_ports)}"
+    fronted = [p for s in services for p in s["spec"]["ports"] if p.get("targetPort") == "timbridge"]
+    assert fronted, "sidecar: no Service port targets timbridge: Tencent's callbacks would bypass it"
+    still_app = [p for s in services for p in s["spec"]["ports"]
+                 if p.get("targetPort") in (port, app_ports[port])]
+    assert not still_app, f"sidecar: a Service port still reaches the app's callback port directly: {still_app}"
+
+
 def register_k8s_checks(kustomized: Path | None) -> None:
     assert OVERLAYS == ["sidecar", "sidecar-pvc", "standalone"], OVERLAYS
     for name in OVERLAYS:
@@ -601,7 +637,7 @@ def register_k8s_checks(kustomized: Path | None) -> None:
 
     @check("kubernetes/sidecar: the emptyDir trade-off is explained and a PVC variant exists")
     def _():
-        text = (K8S / "sidecar" / "deployment.yaml").read_text()
+        text = (K8S / "sidecar" / "timbridge-sidecar.yaml").read_text()
         assert "emptyDir" in text and "LOST" in text and "sidecar-pvc" in text
         assert (K8S / "sidecar-pvc" / "pvc.yaml").exists()
 
@@ -684,6 +720,16 @@ def register_smoke(binary: Path) -> None:
                            capture_output=True, text=True, env=env, timeout=30)
         assert r.returncode == 0, r.stderr
         assert token not in r.stdout, "check-config printed the token"
+
+    @check("binary: `timbridge check-config` accepts the sidecar's config (with [upstream])")
+    def _():
+        with tempfile.TemporaryDirectory(prefix="timbridge-deploy-check-") as tmp:
+            cfg = Path(tmp) / "config.toml"
+            cfg.write_text(sidecar_config_text())
+            r = subprocess.run([str(binary), "check-config", "--config", str(cfg)],
+                               capture_output=True, text=True, env=env, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert "[upstream]" in r.stdout, r.stdout
 
     @check("binary: serves with config.container.toml; HEALTHCHECK, /readyz, a callback, /metrics, SIGTERM drain")
     def _():

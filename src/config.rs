@@ -27,6 +27,10 @@ pub struct Config {
     pub spool: SpoolSettings,
     #[serde(default)]
     pub log: LogConfig,
+    /// The app behind the gateway: when set, callbacks that are not read
+    /// receipts are proxied to it and its answer goes back to Tencent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -269,6 +273,98 @@ impl Default for LogConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Where other commands go (`http://` or `https://`); Tencent's query
+    /// string is appended to it unchanged.
+    pub url: String,
+    /// The whole exchange with the upstream, connect to last byte. Tencent
+    /// waits 2 s in all, so an answer later than that is worth nothing.
+    #[serde(with = "humantime_serde", default = "UpstreamConfig::default_timeout")]
+    pub timeout: Duration,
+    /// Read receipts are also sent to the upstream, after they are spooled
+    /// and answered, for apps that still want them.
+    #[serde(default)]
+    pub forward_read_receipts: bool,
+    /// Proxied requests in flight at once; past it callbacks get 503, so a
+    /// stuck app cannot pile up connections and memory here.
+    #[serde(default = "UpstreamConfig::default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// The largest answer body taken from the upstream; a larger one is a
+    /// 502 (Tencent's answers are a few hundred bytes).
+    #[serde(default = "UpstreamConfig::default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// With `forward_read_receipts`: read receipts waiting to be sent; when
+    /// full, new ones are not forwarded (and counted).
+    #[serde(default = "UpstreamConfig::default_forward_queue")]
+    pub forward_queue: usize,
+    /// A PEM file of CA certificates to trust for an `https://` upstream
+    /// instead of the built-in public roots (for a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl UpstreamConfig {
+    fn default_timeout() -> Duration {
+        Duration::from_millis(1500)
+    }
+    fn default_max_in_flight() -> usize {
+        512
+    }
+    fn default_max_response_bytes() -> usize {
+        64 * 1024
+    }
+    fn default_forward_queue() -> usize {
+        10_000
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let uri: hyper::Uri = match self.url.parse() {
+            Ok(u) => u,
+            Err(e) => {
+                return invalid(format!(
+                    "upstream.url = {:?} is not a URL ({e}); write it like \"http://127.0.0.1:9000/im/callback\"",
+                    self.url
+                ));
+            }
+        };
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return invalid(format!(
+                "upstream.url = {:?} must start with http:// or https:// and name a host",
+                self.url
+            ));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return invalid(
+                "upstream.url must not carry a user or password: they would end up in logs".into(),
+            );
+        }
+        if uri.query().is_some() {
+            return invalid(format!(
+                "upstream.url = {:?} has a query string: remove it, Tencent's query string is appended as received",
+                self.url
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+            return invalid(
+                "upstream.timeout must be above 0 and at most 60s (Tencent waits 2s)".into(),
+            );
+        }
+        if self.max_in_flight == 0 {
+            return invalid("upstream.max_in_flight must be above 0".into());
+        }
+        if self.max_response_bytes == 0 {
+            return invalid("upstream.max_response_bytes must be above 0".into());
+        }
+        if self.forward_queue == 0 {
+            return invalid("upstream.forward_queue must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
@@ -449,6 +545,9 @@ impl Config {
         }
         if self.spool.fsync_interval.is_zero() {
             return invalid("spool.fsync_interval must be above 0".into());
+        }
+        if let Some(upstream) = &self.upstream {
+            upstream.validate()?;
         }
         Ok(())
     }
@@ -838,6 +937,45 @@ mod tests {
         .unwrap();
         let out = c.scrub_secrets("error: tok-1 and pw-2 and linger");
         assert_eq!(out, "error: <redacted> and <redacted> and linger");
+    }
+
+    #[test]
+    fn upstream_defaults_apply_and_bad_urls_are_refused_naming_the_key() {
+        let c = Config::parse(&format!(
+            "{MINIMAL}[upstream]\nurl = \"https://app.internal:9443/im/callback\"\n"
+        ))
+        .unwrap();
+        let up = c.upstream.unwrap();
+        assert_eq!(up.timeout, Duration::from_millis(1500));
+        assert!(!up.forward_read_receipts);
+        assert_eq!(up.max_in_flight, 512);
+        assert_eq!(up.max_response_bytes, 65536);
+        assert!(Config::parse(MINIMAL).unwrap().upstream.is_none());
+        for (url, says) in [
+            ("127.0.0.1:9000/im", "http://"),
+            ("ftp://app/im", "http://"),
+            ("http://app/im?SdkAppid=1", "query string"),
+            ("http://user:pw@app/im", "user or password"),
+            ("not a url", "not a URL"),
+        ] {
+            let err = Config::parse(&format!("{MINIMAL}[upstream]\nurl = \"{url}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("upstream.url") && err.contains(says),
+                "{url}: {err}"
+            );
+        }
+        let err = Config::parse(&format!(
+            "{MINIMAL}[upstream]\nurl = \"http://app/im\"\ntimeout = \"0s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("upstream.timeout"), "{err}");
+        let err = Config::parse(&format!("{MINIMAL}[upstream]\ntimeout = \"1s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("url"), "{err}");
     }
 
     #[test]

@@ -25,9 +25,10 @@ use crate::tencent::auth;
 use crate::tencent::payload;
 use crate::tencent::query::CallbackQuery;
 use crate::throttle::LogThrottle;
+use crate::upstream::{Origin, Upstream, UpstreamAnswer};
 
 /// What became of an accepted callback, for the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
     /// Read-receipt events written to the spool (or none: an empty list).
     Events,
@@ -37,15 +38,18 @@ pub enum Accepted {
     Forwarded,
     /// Another command, no raw topic configured.
     Ignored,
+    /// Another command, proxied to [upstream]: its answer goes back.
+    Proxied(UpstreamAnswer),
 }
 
 impl Accepted {
-    pub fn outcome(self) -> &'static str {
+    pub fn outcome(&self) -> &'static str {
         match self {
             Accepted::Events => "accepted",
             Accepted::Duplicate => "duplicate",
             Accepted::Forwarded => "forwarded",
             Accepted::Ignored => "ignored",
+            Accepted::Proxied(_) => "proxied",
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct Intake {
     /// Shutting down and past the drain delay: new callbacks get 503.
     refusing: AtomicBool,
     rejection_log: LogThrottle,
+    /// The app behind the gateway, when `[upstream]` is set.
+    upstream: Option<Upstream>,
 }
 
 impl Intake {
@@ -75,7 +81,18 @@ impl Intake {
             metrics,
             draining: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
+            upstream: None,
         }
+    }
+
+    /// Other commands go to `upstream` from now on (see [`crate::upstream`]).
+    pub fn with_upstream(mut self, upstream: Upstream) -> Intake {
+        self.upstream = Some(upstream);
+        self
+    }
+
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.upstream.as_ref()
     }
 
     pub fn spool(&self) -> &Spool {
@@ -119,15 +136,38 @@ impl Intake {
         started: Instant,
         refuse: bool,
     ) -> Result<Accepted, Rejection> {
+        self.handle_from(raw_query, body, started, refuse, Origin::default())
+            .await
+    }
+
+    /// [`Intake::handle`] for a request whose peer and headers are known:
+    /// they go on to the upstream with a proxied or forwarded callback.
+    pub async fn handle_from(
+        &self,
+        raw_query: &str,
+        body: Bytes,
+        started: Instant,
+        refuse: bool,
+        origin: Origin,
+    ) -> Result<Accepted, Rejection> {
         let query = CallbackQuery::parse(raw_query);
+        // Kept only when the read receipt may be forwarded after spooling.
+        let forward = self
+            .upstream
+            .as_ref()
+            .filter(|u| u.forwards_read_receipts())
+            .map(|u| (u, body.clone()));
         let result = if refuse {
             Err(Rejection::new(
                 RejectKind::Overloaded,
                 "gateway is shutting down; retry against another replica",
             ))
         } else {
-            self.check_and_spool(&query, body).await
+            self.check_and_spool(raw_query, &query, body, &origin).await
         };
+        if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
+            upstream.forward_read_receipt(raw_query, body, origin);
+        }
         let outcome = match &result {
             Ok(a) => a.outcome(),
             Err(r) => r.kind.outcome(),
@@ -167,8 +207,10 @@ impl Intake {
 
     async fn check_and_spool(
         &self,
+        raw_query: &str,
         query: &CallbackQuery<'_>,
         body: Bytes,
+        origin: &Origin,
     ) -> Result<Accepted, Rejection> {
         let app = self.authenticate(query)?;
         let command = match query.callback_command.as_deref() {
@@ -196,21 +238,28 @@ impl Intake {
             None => {
                 let other = payload::parse_other(&body)
                     .map_err(|why| Rejection::new(RejectKind::Invalid, why))?;
-                if !self.raw_enabled {
+                if !self.raw_enabled && self.upstream.is_none() {
                     return Ok(Accepted::Ignored);
                 }
                 let key = match &other.group_id {
                     Some(g) => g.as_bytes().to_vec(),
                     None => app.sdk_app_id.to_string().into_bytes(),
                 };
-                records.push(Record {
-                    topic: TopicRole::Raw,
-                    key,
-                    value: body.to_vec(),
-                    event_id: None,
-                    command: command.to_owned().into(),
-                    sdk_app_id: app.sdk_app_id,
-                });
+                if self.raw_enabled {
+                    records.push(Record {
+                        topic: TopicRole::Raw,
+                        key,
+                        value: body.to_vec(),
+                        event_id: None,
+                        command: command.to_owned().into(),
+                        sdk_app_id: app.sdk_app_id,
+                    });
+                }
+                if let Some(upstream) = &self.upstream {
+                    return self
+                        .proxy(upstream, raw_query, body, origin, &records)
+                        .await;
+                }
                 self.spool_records(&records).await?;
                 self.metrics.events.with_label_values(&["raw"]).inc();
                 return Ok(Accepted::Forwarded);
@@ -286,6 +335,37 @@ impl Intake {
         } else {
             Accepted::Events
         })
+    }
+
+    /// Proxies another command to the upstream, copying it to the raw topic
+    /// at the same time when one is configured. The app's answer decides
+    /// (a before-send callback must not fail because Kafka is away), so a
+    /// copy the spool cannot take is logged, not answered.
+    async fn proxy(
+        &self,
+        upstream: &Upstream,
+        raw_query: &str,
+        body: Bytes,
+        origin: &Origin,
+        raw: &[Record],
+    ) -> Result<Accepted, Rejection> {
+        let copy = async {
+            if raw.is_empty() {
+                return;
+            }
+            match self.spool_records(raw).await {
+                Ok(()) => self.metrics.events.with_label_values(&["raw"]).inc(),
+                Err(r) => {
+                    if self.rejection_log.admit().is_some() {
+                        tracing::warn!(reason = %r.info, "proxied callback not copied to the raw topic");
+                    } else {
+                        self.metrics.log_lines_suppressed.inc();
+                    }
+                }
+            }
+        };
+        let ((), answer) = tokio::join!(copy, upstream.proxy(raw_query, body, origin));
+        answer.map(Accepted::Proxied)
     }
 
     fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<&App, Rejection> {

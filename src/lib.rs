@@ -9,6 +9,9 @@
 //!                     ▼
 //!                  intake        one callback: tencent::query → tencent::auth →
 //!                     │          tencent::payload → event (normalize) → dedup
+//!                     │
+//!                     ├────────▶ upstream    other commands, with [upstream]: proxied
+//!                     │                      to the app, its answer back to Tencent
 //!                     ▼
 //!                  spool ──────▶ 200 OK   append (group commit); from here on the
 //!                     │                   gateway holds the only copy
@@ -24,6 +27,9 @@
 //! default, so the answer comes as soon as the records are in the spool, not
 //! when Kafka has them: Kafka may be away for an hour and the spool rides it
 //! out, replaying after a restart whatever has no delivery report yet.
+//!
+//! The upstream is never on the read-receipt path: a slow or dead app costs
+//! other commands a 502/504 and read receipts nothing.
 //!
 //! `metrics` is written by every stage and read by `/metrics`; `/readyz`
 //! asks the spool (room left?) and the intake (draining?). Whether Kafka is
@@ -47,6 +53,7 @@ pub mod server;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -146,7 +153,14 @@ impl Gateway {
             )
         })?;
 
-        let intake = Arc::new(Intake::new(&config, apps, spool.clone(), metrics));
+        let mut intake = Intake::new(&config, apps, spool.clone(), metrics.clone());
+        if let Some(upstream) = &config.upstream {
+            intake = intake.with_upstream(
+                upstream::Upstream::new(upstream, metrics, config.log.rejections_per_second)
+                    .context("cannot set up [upstream]")?,
+            );
+        }
+        let intake = Arc::new(intake);
         let listen = config.listen_addr();
         let listener = TcpListener::bind(listen).await.with_context(|| {
             format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")

@@ -27,11 +27,13 @@ pub const COMMAND_LABELS: [&str; 4] = [
 ];
 
 /// Every value the `outcome` label takes.
-pub const OUTCOME_LABELS: [&str; 9] = [
+pub const OUTCOME_LABELS: [&str; 11] = [
     "accepted",
     "duplicate",
     "ignored",
     "forwarded",
+    "proxied",
+    "upstream_failed",
     "invalid",
     "unauthorized",
     "unknown_app",
@@ -60,6 +62,12 @@ pub const LISTENER_LABELS: [&str; 2] = ["callback", "admin"];
 /// takes: the request head did not arrive in time, or the client did not
 /// take its answer in time.
 pub const TIMEOUT_STAGE_LABELS: [&str; 2] = ["head", "answer"];
+/// Every value the `outcome` label of `timbridge_upstream_requests_total` takes.
+pub const UPSTREAM_OUTCOME_LABELS: [&str; 5] =
+    ["answered", "unreachable", "timeout", "bad_answer", "busy"];
+
+/// Every value the `reason` label of `timbridge_upstream_forward_dropped_total` takes.
+pub const UPSTREAM_DROP_LABELS: [&str; 2] = ["queue_full", "expired"];
 
 /// The label values `command` may take: the three read-receipt commands, or `other`.
 pub fn command_label(command: &str) -> &'static str {
@@ -95,6 +103,9 @@ pub struct Metrics {
     pub connections_timed_out: IntCounterVec,
     pub body_memory_bytes: IntGauge,
     pub body_memory_exhausted: IntCounter,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: Histogram,
+    pub upstream_forward_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -231,6 +242,32 @@ impl Metrics {
                 "Callbacks answered 503 because the bodies already in memory filled server.max_body_memory_bytes.",
             )
             .expect("valid metric"),
+            upstream_requests: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_upstream_requests_total",
+                    "Requests sent to [upstream], by outcome (answered with any status, unreachable, timeout, bad_answer, busy: refused at max_in_flight).",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            upstream_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "timbridge_upstream_duration_seconds",
+                    "Time from sending a request to [upstream] to having its whole answer (or giving up).",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0,
+                ]),
+            )
+            .expect("valid metric"),
+            upstream_forward_dropped: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_upstream_forward_dropped_total",
+                    "Read receipts not delivered to [upstream] with forward_read_receipts, by reason (queue_full, expired: retried until their Sign went stale). They are in Kafka all the same.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             registry,
         };
         // Every label value exists from the start, at zero: a series that
@@ -255,6 +292,12 @@ impl Metrics {
                     .with_label_values(&[listener, stage]);
             }
         }
+        for outcome in UPSTREAM_OUTCOME_LABELS {
+            m.upstream_requests.with_label_values(&[outcome]);
+        }
+        for reason in UPSTREAM_DROP_LABELS {
+            m.upstream_forward_dropped.with_label_values(&[reason]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -278,6 +321,9 @@ impl Metrics {
             Box::new(m.connections_timed_out.clone()),
             Box::new(m.body_memory_bytes.clone()),
             Box::new(m.body_memory_exhausted.clone()),
+            Box::new(m.upstream_requests.clone()),
+            Box::new(m.upstream_duration.clone()),
+            Box::new(m.upstream_forward_dropped.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -52,6 +52,12 @@ use crate::config::ServerConfig;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
+use crate::upstream::Origin;
+
+/// The connection's peer, put into each request's extensions for the
+/// upstream's `X-Forwarded-For`.
+#[derive(Clone, Copy)]
+struct Peer(std::net::SocketAddr);
 
 /// Whether Kafka is reachable, as the publisher last saw it; reported by
 /// `/readyz` (never a reason to be unready: the spool absorbs outages).
@@ -263,7 +269,8 @@ pub async fn serve(
         let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
         let conn = builder.serve_connection(
             TokioIo::new(io),
-            service_fn(move |req| {
+            service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
                 let routes = routes.clone();
                 async move { Ok::<_, Infallible>(routes.route(req).await) }
             }),
@@ -527,7 +534,7 @@ impl Routes {
         // A request that began before shutdown is finished, even if its body
         // arrives after the signal.
         let refuse = self.intake.is_refusing();
-        let (head, body) = req.into_parts();
+        let (mut head, body) = req.into_parts();
         let query = head.uri.query().unwrap_or("");
         let too_large = || {
             Rejection::new(
@@ -582,7 +589,19 @@ impl Routes {
                 return rejected(&r, true);
             }
         };
-        let answer = match self.intake.handle(query, body, started, refuse).await {
+        let origin = match self.intake.upstream() {
+            Some(_) => Origin {
+                peer: head.extensions.get::<Peer>().map(|p| p.0),
+                headers: std::mem::take(&mut head.headers),
+            },
+            None => Origin::default(),
+        };
+        let answer = match self
+            .intake
+            .handle_from(query, body, started, refuse, origin)
+            .await
+        {
+            Ok(crate::intake::Accepted::Proxied(answer)) => answer.into_response(),
             Ok(_) => {
                 let mut resp = Response::new(Full::new(Bytes::from_static(OK_BODY)));
                 resp.headers_mut()
@@ -624,6 +643,9 @@ impl Routes {
             "spool_has_room": !spool_full,
             "draining": draining,
             "kafka_reachable": kafka_up,
+            // Never a reason to be unready: read receipts work without it.
+            "upstream_configured": self.intake.upstream().is_some(),
+            "upstream_reachable": self.intake.upstream().and_then(|u| u.reachable()),
         }))
         .unwrap_or_default();
         let status = if ready {

@@ -23,6 +23,12 @@ pub enum RejectKind {
     Overloaded,
     /// The client did not send the body in time: 408.
     Timeout,
+    /// [upstream] unreachable, or its answer broken or too large: 502.
+    UpstreamUnreachable,
+    /// [upstream] did not answer within its timeout: 504.
+    UpstreamTimeout,
+    /// [upstream] already has max_in_flight requests: 503.
+    UpstreamBusy,
 }
 
 impl RejectKind {
@@ -34,6 +40,9 @@ impl RejectKind {
             RejectKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RejectKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             RejectKind::Timeout => StatusCode::REQUEST_TIMEOUT,
+            RejectKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            RejectKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            RejectKind::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -48,6 +57,10 @@ impl RejectKind {
             RejectKind::TooLarge => 4,
             RejectKind::Overloaded => 5,
             RejectKind::Timeout => 6,
+            // 7 is forbidden_source's.
+            RejectKind::UpstreamUnreachable => 8,
+            RejectKind::UpstreamTimeout => 9,
+            RejectKind::UpstreamBusy => 10,
         }
     }
 
@@ -59,6 +72,9 @@ impl RejectKind {
             RejectKind::UnknownApp => "unknown_app",
             RejectKind::TooLarge => "too_large",
             RejectKind::Overloaded => "overloaded",
+            RejectKind::UpstreamUnreachable
+            | RejectKind::UpstreamTimeout
+            | RejectKind::UpstreamBusy => "upstream_failed",
         }
     }
 }
@@ -115,6 +131,9 @@ mod tests {
             RejectKind::TooLarge,
             RejectKind::Overloaded,
             RejectKind::Timeout,
+            RejectKind::UpstreamUnreachable,
+            RejectKind::UpstreamTimeout,
+            RejectKind::UpstreamBusy,
         ] {
             let body = fail_body(&Rejection::new(kind, "why \"quoted\""));
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

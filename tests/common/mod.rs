@@ -302,6 +302,7 @@ pub fn group_body(group: &str, seq: u64) -> String {
 }
 pub mod process;
 pub mod tmpfs;
+pub mod upstream;
 
 /// A mock cluster and a temp dir for one test's gateway and spool.
 pub struct Setup {

@@ -1,0 +1,574 @@
+//! The app behind the gateway (`[upstream]`): every callback that is not a
+//! read receipt is proxied to it, and its answer goes back to Tencent.
+//!
+//! Tencent Cloud Chat has one callback URL per SdkAppid. With this, the
+//! gateway can own that URL, keep read receipts for itself (fast, durable, to
+//! Kafka) and pass every other command to the app unchanged: the same query
+//! string and body bytes (so the app can still check `Sign` and
+//! `RequestTime`), and the app's status, `Content-Type` and body back as they
+//! are, since some callbacks (`*.CallbackBeforeSendMsg`) decide by their
+//! answer whether and how a message is delivered.
+//!
+//! The proxy is never on the read-receipt path: a slow or dead app costs
+//! other commands a 502/504 within `timeout`, and read receipts nothing.
+//! Bounded everywhere: one pooled keep-alive client, a cap on requests in
+//! flight (503 past it), request bodies as the server already limited them,
+//! answers capped at `max_response_bytes`, and with `forward_read_receipts`
+//! a bounded queue whose overflow is counted, never waited for.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::tencent::answer::{RejectKind, Rejection};
+use crate::throttle::LogThrottle;
+
+/// Idle pooled connections are closed after this. Below the 5 s keep-alive
+/// timeout of common app servers (Node.js), so the pool rarely hands out a
+/// connection the app is closing at that very moment.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// Read receipts being delivered to the upstream at once, with
+/// `forward_read_receipts`; the rest wait in the queue.
+const FORWARD_CONCURRENCY: usize = 8;
+
+/// How long a forwarded read receipt is retried. The app checks `Sign` and
+/// `RequestTime` within Tencent's 60-second window; after that a delivery
+/// would be refused anyway.
+const FORWARD_FOR: Duration = Duration::from_secs(55);
+
+/// Where a callback came from, for the headers sent on to the upstream.
+#[derive(Debug, Default, Clone)]
+pub struct Origin {
+    /// The TCP peer, added to `X-Forwarded-For`.
+    pub peer: Option<SocketAddr>,
+    /// The request's headers as received (hop-by-hop ones are dropped when
+    /// forwarding).
+    pub headers: HeaderMap,
+}
+
+/// The upstream's answer, returned to Tencent as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAnswer {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+impl UpstreamAnswer {
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(self.body));
+        *resp.status_mut() = self.status;
+        if let Some(ct) = self.content_type {
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        resp
+    }
+}
+
+/// The proxy: shared by all connections.
+pub struct Upstream {
+    inner: Arc<Inner>,
+    /// With `forward_read_receipts`: the queue to the delivery task.
+    forward: Option<mpsc::Sender<Forward>>,
+}
+
+struct Inner {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The configured URL; the query string is appended to it.
+    url: String,
+    /// For log lines: scheme, host and port only.
+    display: String,
+    timeout: Duration,
+    max_in_flight: usize,
+    max_response_bytes: usize,
+    in_flight: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    state: AtomicU8,
+    log: LogThrottle,
+}
+
+const STATE_UNKNOWN: u8 = 0;
+const STATE_ANSWERING: u8 = 1;
+const STATE_FAILING: u8 = 2;
+
+/// A read receipt waiting to be delivered.
+struct Forward {
+    query: String,
+    body: Bytes,
+    origin: Origin,
+    expires: Instant,
+}
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug)]
+enum Failure {
+    Unreachable(String),
+    Timeout,
+    BadAnswer(String),
+}
+
+impl Failure {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Failure::Unreachable(_) => "unreachable",
+            Failure::Timeout => "timeout",
+            Failure::BadAnswer(_) => "bad_answer",
+        }
+    }
+
+    fn describe(&self, timeout: Duration) -> String {
+        match self {
+            Failure::Unreachable(why) => format!("upstream unreachable: {why}"),
+            Failure::Timeout => format!("upstream did not answer within {timeout:?}"),
+            Failure::BadAnswer(why) => format!("upstream answer unusable: {why}"),
+        }
+    }
+}
+
+impl Upstream {
+    /// Builds the client and, with `forward_read_receipts`, starts the
+    /// delivery task. Must be called inside the runtime.
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        log_per_second: u32,
+    ) -> anyhow::Result<Upstream> {
+        let tls = tls_config(config.ca_file.as_deref())?;
+        let mut http = HttpConnector::new();
+        // The scheme is checked by the TLS layer on top.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_max_idle_per_host(config.max_in_flight)
+            .build(https);
+        let uri: Uri = config.url.parse().context(
+            "upstream.url is not a URL: write it like http://127.0.0.1:9000/im/callback",
+        )?;
+        let display = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or("http"),
+            uri.authority().map(|a| a.as_str()).unwrap_or("")
+        );
+        let inner = Arc::new(Inner {
+            client,
+            url: config.url.clone(),
+            display,
+            timeout: config.timeout,
+            max_in_flight: config.max_in_flight,
+            max_response_bytes: config.max_response_bytes,
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight)),
+            metrics,
+            state: AtomicU8::new(STATE_UNKNOWN),
+            log: LogThrottle::new(log_per_second),
+        });
+        let forward = config.forward_read_receipts.then(|| {
+            let (tx, rx) = mpsc::channel(config.forward_queue);
+            tokio::spawn(deliver_forwards(inner.clone(), rx));
+            tx
+        });
+        Ok(Upstream { inner, forward })
+    }
+
+    /// Proxies one callback: its query string and body as received, the
+    /// upstream's answer back. A failure is the FAIL answer to give Tencent.
+    pub async fn proxy(
+        &self,
+        raw_query: &str,
+        body: Bytes,
+        origin: &Origin,
+    ) -> Result<UpstreamAnswer, Rejection> {
+        let Ok(_permit) = self.inner.in_flight.clone().try_acquire_owned() else {
+            self.inner
+                .metrics
+                .upstream_requests
+                .with_label_values(&["busy"])
+                .inc();
+            return Err(Rejection::new(
+                RejectKind::UpstreamBusy,
+                format!(
+                    "{} requests to the upstream are already in flight (upstream.max_in_flight); retry later",
+                    self.inner.max_in_flight
+                ),
+            ));
+        };
+        self.inner.send(raw_query, body, origin).await.map_err(|f| {
+            let kind = match f {
+                Failure::Timeout => RejectKind::UpstreamTimeout,
+                _ => RejectKind::UpstreamUnreachable,
+            };
+            Rejection::new(kind, f.describe(self.inner.timeout))
+        })
+    }
+
+    /// Whether read receipts are also sent to the upstream.
+    pub fn forwards_read_receipts(&self) -> bool {
+        self.forward.is_some()
+    }
+
+    /// Queues a read receipt (already spooled and answered) for delivery to
+    /// the upstream; never waits. A full queue drops it, counted.
+    pub fn forward_read_receipt(&self, raw_query: &str, body: Bytes, origin: Origin) {
+        let Some(tx) = &self.forward else { return };
+        let item = Forward {
+            query: raw_query.to_owned(),
+            body,
+            origin,
+            expires: Instant::now() + FORWARD_FOR,
+        };
+        if tx.try_send(item).is_err() {
+            self.inner.dropped("queue_full");
+        }
+    }
+
+    /// Whether the upstream answered the last request sent to it: `None`
+    /// before the first one.
+    pub fn reachable(&self) -> Option<bool> {
+        match self.inner.state.load(Ordering::Relaxed) {
+            STATE_ANSWERING => Some(true),
+            STATE_FAILING => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl Inner {
+    /// One exchange, bounded by `timeout` from connect to the last byte of
+    /// the answer; counted and timed, failures logged (rate-limited).
+    async fn send(
+        &self,
+        raw_query: &str,
+        body: Bytes,
+        origin: &Origin,
+    ) -> Result<UpstreamAnswer, Failure> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.exchange(raw_query, body, origin))
+            .await
+            .unwrap_or(Err(Failure::Timeout));
+        self.metrics
+            .upstream_duration
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "answered",
+            Err(f) => f.outcome(),
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[outcome])
+            .inc();
+        let state = match &result {
+            Ok(_) | Err(Failure::BadAnswer(_)) => STATE_ANSWERING,
+            Err(_) => STATE_FAILING,
+        };
+        self.state.store(state, Ordering::Relaxed);
+        if let Err(f) = &result {
+            if let Some(suppressed) = self.log.admit() {
+                tracing::warn!(
+                    upstream = %self.display,
+                    reason = %f.describe(self.timeout),
+                    suppressed_before = suppressed,
+                    "upstream request failed"
+                );
+            } else {
+                self.metrics.log_lines_suppressed.inc();
+            }
+        }
+        result
+    }
+
+    async fn exchange(
+        &self,
+        raw_query: &str,
+        body: Bytes,
+        origin: &Origin,
+    ) -> Result<UpstreamAnswer, Failure> {
+        let uri = if raw_query.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}?{}", self.url, raw_query)
+        };
+        let mut req = Request::post(uri)
+            .body(Full::new(body))
+            .map_err(|e| Failure::Unreachable(format!("cannot build the request: {e}")))?;
+        *req.headers_mut() = forwarded_headers(&origin.headers, origin.peer);
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| Failure::Unreachable(client_error(&e)))?;
+        let status = resp.status();
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let max = self.max_response_bytes;
+        let body = Limited::new(resp.into_body(), max)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    Failure::BadAnswer(format!(
+                        "body over {max} bytes (upstream.max_response_bytes)"
+                    ))
+                } else {
+                    Failure::BadAnswer(format!("body broke off: {e}"))
+                }
+            })?
+            .to_bytes();
+        Ok(UpstreamAnswer {
+            status,
+            content_type,
+            body,
+        })
+    }
+
+    fn dropped(&self, reason: &'static str) {
+        self.metrics
+            .upstream_forward_dropped
+            .with_label_values(&[reason])
+            .inc();
+        if let Some(suppressed) = self.log.admit() {
+            tracing::warn!(
+                upstream = %self.display,
+                reason,
+                suppressed_before = suppressed,
+                "read receipt not forwarded to the upstream (it is in Kafka all the same)"
+            );
+        } else {
+            self.metrics.log_lines_suppressed.inc();
+        }
+    }
+
+    /// Delivers one read receipt, retrying failures and 5xx answers with
+    /// backoff until it expires.
+    async fn deliver(&self, item: Forward) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self
+                .send(&item.query, item.body.clone(), &item.origin)
+                .await
+            {
+                Ok(a) if !a.status.is_server_error() => return,
+                _ => {}
+            }
+            if Instant::now() + backoff >= item.expires {
+                self.dropped("expired");
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Takes queued read receipts and delivers up to `FORWARD_CONCURRENCY` at
+/// once; ends when the gateway drops its sender.
+async fn deliver_forwards(inner: Arc<Inner>, mut rx: mpsc::Receiver<Forward>) {
+    let slots = Arc::new(Semaphore::new(FORWARD_CONCURRENCY));
+    while let Some(item) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            inner.deliver(item).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Headers that describe one connection, not the request (RFC 9110 7.6.1),
+/// plus those the client sets itself for the new request, and
+/// `Accept-Encoding`: only the app's Content-Type goes back to Tencent, so
+/// the app must not compress its answer.
+fn is_not_forwarded(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "expect"
+            | "accept-encoding"
+            | "x-forwarded-for"
+    )
+}
+
+/// The request's headers minus hop-by-hop ones (also those named in
+/// `Connection`), with the peer appended to `X-Forwarded-For`.
+fn forwarded_headers(incoming: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
+    let named: Vec<HeaderName> = incoming
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(incoming.len() + 1);
+    for (name, value) in incoming {
+        if !is_not_forwarded(name) && !named.contains(name) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    let mut chain: Vec<String> = incoming
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if let Some(peer) = peer {
+        chain.push(peer.ip().to_canonical().to_string());
+    }
+    if !chain.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&chain.join(", "))
+    {
+        out.insert("x-forwarded-for", v);
+    }
+    out
+}
+
+/// The client's error with its root cause ("cannot connect: Connection
+/// refused"), never the URL.
+fn client_error(e: &hyper_util::client::legacy::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if e.is_connect() {
+        format!("cannot connect: {cause}")
+    } else {
+        format!("connection failed: {cause}")
+    }
+}
+
+/// TLS for `https://` upstreams: rustls with ring, so this path needs no
+/// OpenSSL; Mozilla's roots built in (the same in every image, whatever CA
+/// bundle the base image has), or `ca_file`'s certificates for a private CA.
+fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path).with_context(|| {
+                format!(
+                    "cannot read upstream.ca_file {}: give a PEM file of CA certificates",
+                    path.display()
+                )
+            })?;
+            for cert in certs {
+                let cert = cert.with_context(|| {
+                    format!("upstream.ca_file {} is not valid PEM", path.display())
+                })?;
+                roots.add(cert).with_context(|| {
+                    format!(
+                        "upstream.ca_file {} holds a certificate rustls cannot use",
+                        path.display()
+                    )
+                })?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!(
+                    "upstream.ca_file {} holds no certificate: give a PEM file of CA certificates",
+                    path.display()
+                );
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    // An explicit provider: the process-wide default would be ambiguous if
+    // another dependency enabled a second one.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("rustls has no usable protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_and_the_peer_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("host", HeaderValue::from_static("gateway.example"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("user-agent", HeaderValue::from_static("tencent"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        let out = forwarded_headers(&h, Some("10.0.0.7:5555".parse().unwrap()));
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret-hop",
+            "transfer-encoding",
+            "host",
+            "accept-encoding",
+        ] {
+            assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
+        }
+        assert_eq!(out["content-type"], "application/json");
+        assert_eq!(out["user-agent"], "tencent");
+        assert_eq!(out["x-forwarded-for"], "203.0.113.9, 10.0.0.7");
+    }
+
+    #[test]
+    fn the_peer_alone_starts_x_forwarded_for() {
+        let out = forwarded_headers(
+            &HeaderMap::new(),
+            Some("[::ffff:10.1.2.3]:1".parse().unwrap()),
+        );
+        assert_eq!(out["x-forwarded-for"], "10.1.2.3");
+        assert!(forwarded_headers(&HeaderMap::new(), None).is_empty());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err = format!("{:#}", tls_config(Some(&path)).unwrap_err());
+        assert!(err.contains("upstream.ca_file"), "{err}");
+        assert!(tls_config(None).is_ok());
+    }
+}

@@ -1,0 +1,169 @@
+//! A dead, slow, busy or babbling upstream gets Tencent a FAIL answer fast
+//! (502, 504, 503), counted as `upstream_failed`, while read receipts and
+//! /readyz carry on as if there were no upstream.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::upstream::*;
+use common::*;
+
+const SEND_MSG: &[u8] =
+    br#"{"CallbackCommand":"Group.CallbackAfterSendMsg","GroupId":"@TGS#up","MsgSeq":1}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_upstream_is_a_502_and_read_receipts_carry_on() {
+    let s = setup();
+    let gw = s
+        .gateway_with_upstream(&format!("url = \"{}\"", dead_url().await), &[])
+        .await;
+    let addr = gw.local_addr();
+    let started = Instant::now();
+    let a = post(addr, &callback_path("Group.CallbackAfterSendMsg"), SEND_MSG).await;
+    let info = assert_fail(&a, 502);
+    assert_eq!(a.json["ErrorCode"], 8);
+    assert!(info.contains("unreachable"), "{info}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    post_groups(addr, "up-down", 0..3).await;
+    let (status, readyz) = get_text(addr, "/readyz").await;
+    assert_eq!(status, 200, "{readyz}");
+    let readyz: serde_json::Value = serde_json::from_str(&readyz).unwrap();
+    assert_eq!(readyz["upstream_configured"], true);
+    assert_eq!(readyz["upstream_reachable"], false);
+
+    let (_, metrics) = get_text(addr, "/metrics").await;
+    for line in [
+        "timbridge_callbacks_total{command=\"other\",outcome=\"upstream_failed\"} 1",
+        "timbridge_upstream_requests_total{outcome=\"unreachable\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_slower_than_the_timeout_is_a_504_within_it() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s
+        .gateway_with_upstream(
+            &format!("url = \"{}\"\ntimeout = \"500ms\"", app.url()),
+            &[],
+        )
+        .await;
+    let addr = gw.local_addr();
+    let started = Instant::now();
+    let a = post(
+        addr,
+        &callback_path("Slow.Command"),
+        br#"{"CallbackCommand":"Slow.Command"}"#,
+    )
+    .await;
+    let took = started.elapsed();
+    let info = assert_fail(&a, 504);
+    assert_eq!(a.json["ErrorCode"], 9);
+    assert!(info.contains("500ms"), "{info}");
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1000),
+        "answered after {took:?}, want timeout + at most 0.5 s"
+    );
+    // While the app hangs, a read receipt does not wait for it.
+    let started = Instant::now();
+    let slow = tokio::spawn(async move {
+        let slow = callback_path("Slow.Command");
+        post(addr, &slow, br#"{"CallbackCommand":"Slow.Command"}"#).await
+    });
+    wait_until(
+        "the slow request reached the app",
+        Duration::from_secs(5),
+        || app.seen().len() == 2,
+    )
+    .await;
+    post_groups(addr, "up-slow", 0..1).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_fail(&slow.await.unwrap(), 504);
+
+    let (_, metrics) = get_text(addr, "/metrics").await;
+    assert!(
+        metrics.contains("timbridge_upstream_requests_total{outcome=\"timeout\"} 2"),
+        "{metrics}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_in_flight_callbacks_get_503_at_once() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s
+        .gateway_with_upstream(
+            &format!(
+                "url = \"{}\"\ntimeout = \"2s\"\nmax_in_flight = 1",
+                app.url()
+            ),
+            &[],
+        )
+        .await;
+    let addr = gw.local_addr();
+    let slow = tokio::spawn(async move {
+        let slow = callback_path("Slow.Command");
+        post(addr, &slow, br#"{"CallbackCommand":"Slow.Command"}"#).await
+    });
+    wait_until(
+        "the slow request reached the app",
+        Duration::from_secs(5),
+        || app.seen().len() == 1,
+    )
+    .await;
+    let started = Instant::now();
+    let a = post(addr, &callback_path("Group.CallbackAfterSendMsg"), SEND_MSG).await;
+    let info = assert_fail(&a, 503);
+    assert_eq!(a.json["ErrorCode"], 10);
+    assert!(info.contains("max_in_flight"), "{info}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(app.seen().len(), 1, "the refused callback reached the app");
+    assert_fail(&slow.await.unwrap(), 504);
+
+    let (_, metrics) = get_text(addr, "/metrics").await;
+    assert!(
+        metrics.contains("timbridge_upstream_requests_total{outcome=\"busy\"} 1"),
+        "{metrics}"
+    );
+    gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_max_response_bytes_is_a_502() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s
+        .gateway_with_upstream(
+            &format!("url = \"{}\"\nmax_response_bytes = 4096", app.url()),
+            &[],
+        )
+        .await;
+    let a = post(
+        gw.local_addr(),
+        &callback_path("Huge.Command"),
+        br#"{"CallbackCommand":"Huge.Command"}"#,
+    )
+    .await;
+    let info = assert_fail(&a, 502);
+    assert!(info.contains("max_response_bytes"), "{info}");
+    let (_, metrics) = get_text(gw.local_addr(), "/metrics").await;
+    assert!(
+        metrics.contains("timbridge_upstream_requests_total{outcome=\"bad_answer\"} 1"),
+        "{metrics}"
+    );
+    gw.shutdown().await.unwrap();
+}
