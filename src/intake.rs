@@ -18,6 +18,7 @@ use crate::config::{App, Config};
 use crate::dedup::Dedup;
 use crate::event::{self, Envelope};
 use crate::limits::{Limit, Limits, clip};
+use crate::logging::Untrusted;
 use crate::metrics::{Metrics, command_label};
 use crate::record::{Record, TopicRole};
 use crate::spool::{Spool, SpoolError};
@@ -270,7 +271,11 @@ impl Intake {
                 Limit::CommandBytes,
             ),
             ("ClientIP", query.client_ip.as_deref(), Limit::ClientIpBytes),
-            ("OptPlatform", query.platform.as_deref(), Limit::PlatformBytes),
+            (
+                "OptPlatform",
+                query.platform.as_deref(),
+                Limit::PlatformBytes,
+            ),
         ] {
             let max = self.limits.get(limit);
             if let Some(v) = value
@@ -367,14 +372,14 @@ impl Intake {
 
     fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {
         if let Some(suppressed) = self.rejection_log.admit() {
-            // Debug formatting escapes what the sender chose (newlines,
-            // terminal escapes), so no field can forge a line; the query
-            // fields are clipped, their length is the sender's too.
+            // The sender chose these (the reason may quote the body): escaped,
+            // no field can forge a line or reach a terminal; the query fields
+            // are clipped, their length is the sender's too.
             tracing::warn!(
                 status = r.kind.status().as_u16(),
-                reason = ?r.info,
-                command = ?clip(query.callback_command.as_deref().unwrap_or("-"), 128),
-                sdk_app_id = ?clip(query.sdk_app_id.as_deref().unwrap_or("-"), 32),
+                reason = %Untrusted(&r.info),
+                command = %Untrusted(clip(query.callback_command.as_deref().unwrap_or("-"), 128)),
+                sdk_app_id = %Untrusted(clip(query.sdk_app_id.as_deref().unwrap_or("-"), 32)),
                 suppressed_before = suppressed,
                 "callback rejected"
             );
