@@ -16,15 +16,16 @@
 //! consumers drop duplicates.
 //!
 //! A callback may add at most [`OUTPUT_BYTES_PER_REQUEST_BYTE`] bytes to the
-//! spool per byte of its request: [`normalize_within`] measures each record
-//! before building it and stops at the budget.
+//! spool per byte of its request (or a small fixed allowance, whichever is
+//! more): [`normalize_within`] measures each record before building it and
+//! stops at the budget.
 
 use std::io;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-pub use crate::limits::OUTPUT_BYTES_PER_REQUEST_BYTE;
+pub use crate::limits::{OUTPUT_BYTES_ALLOWANCE, OUTPUT_BYTES_PER_REQUEST_BYTE};
 use crate::record::{EventId, Record, TopicRole};
 use crate::tencent::payload::Callback;
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
@@ -182,9 +183,12 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
 }
 
 /// The spool bytes a callback of `request_bytes` (query string + body) may
-/// add: [`OUTPUT_BYTES_PER_REQUEST_BYTE`] per byte.
+/// add: [`OUTPUT_BYTES_PER_REQUEST_BYTE`] per byte, and never less than
+/// [`OUTPUT_BYTES_ALLOWANCE`].
 pub fn budget_for(request_bytes: usize) -> usize {
-    request_bytes.saturating_mul(OUTPUT_BYTES_PER_REQUEST_BYTE)
+    request_bytes
+        .saturating_mul(OUTPUT_BYTES_PER_REQUEST_BYTE)
+        .max(OUTPUT_BYTES_ALLOWANCE)
 }
 
 /// Turns a checked callback into its Kafka records, appending to `out`, as
@@ -712,18 +716,33 @@ mod tests {
         // The first record fitted; the second was measured, never built.
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].value.capacity(), out[0].value.len());
-        assert_eq!(budget_for(100), 1600);
+        assert_eq!(budget_for(100), OUTPUT_BYTES_ALLOWANCE);
+        assert_eq!(budget_for(1 << 20), 16 << 20);
     }
 
     #[test]
-    fn a_genuine_callback_stays_well_inside_its_budget() {
-        // The documented sample: query string plus body, as Tencent sends it.
-        let query = "SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json&ClientIP=127.0.0.1&OptPlatform=iOS";
-        let cb = parse(GROUP_READ_RECEIPT, GROUP.as_bytes())
-            .unwrap()
-            .unwrap();
-        let mut out = Vec::new();
-        let budget = budget_for(query.len() + GROUP.len());
-        assert_eq!(normalize_within(&cb, &ENV, budget / 4, &mut out), Ok(()));
+    fn genuine_callbacks_fit_their_budget() {
+        // The most a genuine callback asks per byte: Tencent's longest custom
+        // GroupId (48 bytes), an IPv6 ClientIP, and items without readers
+        // (50 of them, the most an admin receipt covers).
+        let query = "SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json&ClientIP=2001:db8:85a3:8d3:1319:8a2e:370:7348&OptPlatform=iOS";
+        let items: Vec<String> = (0..50)
+            .map(|i| format!(r#"{{"MsgSeq":{i},"ReadNum":1,"UnreadNum":6}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{}","Type":"Public","GroupMsgReceiptList":[{}],"EventTime":1670574414123}}"#,
+            "g".repeat(48),
+            items.join(",")
+        );
+        let env = Envelope {
+            client_ip: Some("2001:db8:85a3:8d3:1319:8a2e:370:7348"),
+            ..ENV
+        };
+        for body in [GROUP, body.as_str()] {
+            let cb = parse(GROUP_READ_RECEIPT, body.as_bytes()).unwrap().unwrap();
+            let mut out = Vec::new();
+            let budget = budget_for(query.len() + body.len());
+            assert_eq!(normalize_within(&cb, &env, budget, &mut out), Ok(()));
+        }
     }
 }
