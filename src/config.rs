@@ -31,6 +31,9 @@ pub struct Config {
     /// receipts are proxied to it and its answer goes back to Tencent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamConfig>,
+    /// How much one callback may ask for; see `crate::limits`.
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -549,6 +552,7 @@ impl Config {
         if let Some(upstream) = &self.upstream {
             upstream.validate()?;
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -44,6 +44,7 @@ pub mod dedup;
 pub mod embedded;
 pub mod event;
 pub mod intake;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod publish;

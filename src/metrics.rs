@@ -97,6 +97,7 @@ pub struct Metrics {
     pub dead_letter: IntCounter,
     pub duplicates_dropped: IntCounter,
     pub log_lines_suppressed: IntCounter,
+    pub callbacks_over_limit: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub connections_open: IntGaugeVec,
     pub connections_refused: IntCounterVec,
@@ -203,6 +204,14 @@ impl Metrics {
                 "Rejection log lines left out by the rate limit.",
             )
             .expect("valid metric"),
+            callbacks_over_limit: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_callbacks_over_limit_total",
+                    "Callbacks answered 400 for breaking an input limit, by limit (the [limits] key, or output_bytes).",
+                ),
+                &["limit"],
+            )
+            .expect("valid metric"),
             build_info: IntGaugeVec::new(
                 Opts::new("timbridge_build_info", "Always 1; the version is in the label."),
                 &["version"],
@@ -298,6 +307,9 @@ impl Metrics {
         for reason in UPSTREAM_DROP_LABELS {
             m.upstream_forward_dropped.with_label_values(&[reason]);
         }
+        for limit in crate::limits::Limit::ALL {
+            m.callbacks_over_limit.with_label_values(&[limit.key()]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -315,6 +327,7 @@ impl Metrics {
             Box::new(m.dead_letter.clone()),
             Box::new(m.duplicates_dropped.clone()),
             Box::new(m.log_lines_suppressed.clone()),
+            Box::new(m.callbacks_over_limit.clone()),
             Box::new(m.build_info.clone()),
             Box::new(m.connections_open.clone()),
             Box::new(m.connections_refused.clone()),
