@@ -123,3 +123,20 @@ fn a_budget_below_the_largest_body_is_refused() {
         .to_string();
     assert!(err.contains("server.max_body_memory_bytes"), "{err}");
 }
+
+#[test]
+fn a_budget_too_large_to_be_a_semaphore_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(
+        "127.0.0.1:9092",
+        dir.path(),
+        &[("server", "max_body_memory_bytes = 9223372036854775807")],
+    );
+    let err = timbridge::config::Config::parse(&text)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server.max_body_memory_bytes must be at most"),
+        "{err}"
+    );
+}
