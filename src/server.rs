@@ -11,10 +11,12 @@
 //! - connections: a budget per listener, optionally per client address. The
 //!   accept loop never waits for a slot: a connection over the budget is
 //!   answered 503 at once, so stuck clients cannot stop it from accepting;
-//! - memory: a body limit checked on `Content-Length` before reading and
-//!   enforced while reading, and a budget for all bodies held at once
-//!   ([`BodyBudget`]), so `max_connections` × `max_body_bytes` cannot
-//!   exhaust memory.
+//! - memory: hyper's buffers per connection and the request head are
+//!   capped ([`MAX_CONNECTION_BUFFER_BYTES`], [`MAX_HEAD_BYTES`]); a body
+//!   limit is checked on `Content-Length` before reading and enforced while
+//!   reading, and a budget for all bodies held at once ([`BodyBudget`]),
+//!   reserved as bytes arrive, so `max_connections` × `max_body_bytes`
+//!   cannot exhaust memory.
 //!
 //! With `admin_listen`, `/metrics`, `/healthz` and `/readyz` get a listener
 //! and budget of their own ([`Role`]), so probes keep answering while the
@@ -78,7 +80,8 @@ pub const MAX_CONNECTION_BUFFER_BYTES: usize = 32 * 1024;
 pub enum Role {
     /// Callbacks and the operator routes on one address (no `admin_listen`).
     Everything,
-    /// The callback path only (`admin_listen` is set); 404 for the rest.
+    /// The callback path and the static `/healthz` (`admin_listen` is set);
+    /// 404 for the rest.
     Callbacks,
     /// `/metrics`, `/healthz` and `/readyz` only.
     Admin,
