@@ -779,6 +779,45 @@ fn next_capacity(capacity: usize, len: usize, cap: usize) -> usize {
 mod tests {
     use super::*;
 
+    fn budget(bytes: usize) -> BodyBudget {
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(bytes)),
+            held: prometheus::IntGauge::new("held", "test").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_waits_briefly_for_room_then_gives_up() {
+        let budget = budget(1000);
+        let mut first = Reservation::new(&budget);
+        first.grow(900).await.ok().unwrap();
+        assert_eq!(budget.held.get(), 900);
+
+        // Room that comes back within the wait is taken.
+        let mut second = Reservation::new(&budget);
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(first);
+        };
+        let (grown, ()) = tokio::join!(second.grow(500), release);
+        assert!(grown.is_ok());
+        assert_eq!(budget.held.get(), 500);
+
+        // Room that does not come back within 500 ms in all: 503.
+        let started = Instant::now();
+        let mut third = Reservation::new(&budget);
+        assert!(matches!(third.grow(600).await, Err(BodyError::OverBudget)));
+        let waited = started.elapsed();
+        assert!(waited >= BUDGET_WAIT, "{waited:?}");
+        assert!(waited < BUDGET_WAIT * 2, "{waited:?}");
+        // The wait is per body, not per growth: the next attempt fails at once.
+        assert!(matches!(third.grow(600).await, Err(BodyError::OverBudget)));
+        assert!(started.elapsed() - waited < Duration::from_millis(100));
+        drop(second);
+        drop(third);
+        assert_eq!(budget.held.get(), 0);
+    }
+
     #[test]
     fn body_buffers_grow_with_what_has_arrived() {
         // A body in one piece: exactly its size.
