@@ -33,12 +33,15 @@ async fn idle_uploads_declaring_the_largest_body_do_not_starve_small_callbacks()
         idle.push(c);
     }
     let in_flight = || gw.metrics().callbacks_in_flight.get();
+    let refused = || gw.metrics().body_memory_exhausted.get() as i64;
     wait_until(
-        "the idle uploads are being read",
+        "the idle uploads are being read (or refused)",
         Duration::from_secs(5),
-        || in_flight() == 6,
+        || in_flight() + refused() == 6,
     )
     .await;
+    assert_eq!(refused(), 0, "idle uploads were refused: they held budget");
+    assert_eq!(in_flight(), 6);
     // One byte each has arrived: that is all they hold.
     assert!(gw.metrics().body_memory_bytes.get() <= 6, "{}", {
         gw.metrics().body_memory_bytes.get()
