@@ -269,7 +269,7 @@ pub async fn serve(
             Ok(permit) => match per_ip.enter(peer.ip()) {
                 Some(ip_slot) => Ok((permit, ip_slot)),
                 None => Err(format!(
-                    "this address already has {} connections open (server.max_connections_per_ip); retry shortly",
+                    "this address (an IPv6 one: its /64) already has {} connections open (server.max_connections_per_ip); retry shortly",
                     per_ip.max
                 )),
             },
@@ -371,6 +371,7 @@ impl PerIp {
         if self.max == 0 {
             return Some(IpSlot(None));
         }
+        let ip = client_of(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -378,6 +379,23 @@ impl PerIp {
         }
         *n += 1;
         Some(IpSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// The address a client is counted by: an IPv4 address (also when mapped
+/// into IPv6), or an IPv6 address's /64, which one host or subscriber
+/// usually holds whole (counting single IPv6 addresses, it could open its
+/// cap's worth from each of 2^64 of them).
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !(u128::MAX >> 64);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
     }
 }
 
@@ -816,6 +834,32 @@ mod tests {
         drop(second);
         drop(third);
         assert_eq!(budget.held.get(), 0);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_of(ip("2001:db8:1:2:aaaa::1")),
+            client_of(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_eq!(client_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_ne!(
+            client_of(ip("2001:db8:1:2::1")),
+            client_of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_of(ip("192.0.2.7")), ip("192.0.2.7"));
+
+        let per_ip = Arc::new(PerIp {
+            max: 1,
+            open: Mutex::new(HashMap::new()),
+        });
+        let first = per_ip.enter(ip("2001:db8::1")).expect("a slot");
+        assert!(per_ip.enter(ip("2001:db8::2")).is_none(), "same /64");
+        drop(first);
+        assert!(per_ip.enter(ip("2001:db8::2")).is_some());
+        assert!(per_ip.open.lock().unwrap().is_empty());
     }
 
     #[test]
