@@ -425,7 +425,8 @@ def _():
     assert tb["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert "./config.container.toml:/etc/timbridge/config.toml:ro" in tb["volumes"]
     assert f"spool:{SPOOL_DIR}" in tb["volumes"]
-    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}", f"{ADMIN_PORT}:{ADMIN_PORT}"]
+    # The admin port (/metrics) is published on the host's loopback only.
+    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}", f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}"]
     assert duration_s(tb["stop_grace_period"]) >= MIN_GRACE_S
     prom = svc["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prom["volumes"]
