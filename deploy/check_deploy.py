@@ -426,7 +426,8 @@ def _():
     assert tb["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
     assert "./config.container.toml:/etc/timbridge/config.toml:ro" in tb["volumes"]
     assert f"spool:{SPOOL_DIR}" in tb["volumes"]
-    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}", f"{ADMIN_PORT}:{ADMIN_PORT}"]
+    # The admin port (/metrics) is published on the host's loopback only.
+    assert tb["ports"] == [f"{LISTEN_PORT}:{LISTEN_PORT}", f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}"]
     assert duration_s(tb["stop_grace_period"]) >= MIN_GRACE_S
     prom = svc["prometheus"]
     assert "./prometheus:/etc/prometheus:ro" in prom["volumes"]
@@ -763,7 +764,10 @@ def register_smoke(binary: Path) -> None:
                 assert r.returncode == 0, f"HEALTHCHECK failed against a healthy gateway: {r.stderr}"
                 closed = free_port()
                 hc_closed = hc[:-1] + [hc[-1].replace(f"/127.0.0.1/{ADMIN_PORT}", f"/127.0.0.1/{closed}")]
-                assert http_get(callbacks + "/healthz")[0] == 404, "the callback port serves /healthz beside admin_listen"
+                # Beside admin_listen the callback port keeps only the static /healthz
+                # (for load balancers that health-check the traffic port).
+                assert http_get(callbacks + "/healthz")[0] == 200, "the callback port lost /healthz beside admin_listen"
+                assert http_get(callbacks + "/readyz")[0] == 404, "the callback port serves /readyz beside admin_listen"
                 r = subprocess.run(hc_closed, capture_output=True, text=True, timeout=10)
                 assert r.returncode != 0, "HEALTHCHECK passed with nothing listening"
                 status, body = http_get(base + "/readyz")

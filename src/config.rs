@@ -508,6 +508,18 @@ impl Config {
         if self.server.write_timeout.is_zero() {
             return invalid("server.write_timeout must be above 0".into());
         }
+        // Both size semaphores, which cannot exceed MAX_PERMITS (it would panic).
+        const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.server.max_connections > MAX_PERMITS {
+            return invalid(format!(
+                "server.max_connections must be at most {MAX_PERMITS}; each connection needs a file descriptor, so a few thousand is plenty"
+            ));
+        }
+        if self.server.max_body_memory_bytes > MAX_PERMITS {
+            return invalid(format!(
+                "server.max_body_memory_bytes must be at most {MAX_PERMITS}; size it to the memory request bodies may take (the default is 4 MiB)"
+            ));
+        }
         if self.server.max_body_memory_bytes < self.server.max_body_bytes {
             return invalid(format!(
                 "server.max_body_memory_bytes ({}) is below server.max_body_bytes ({}): no body of the largest allowed size could ever be read; raise it or lower max_body_bytes",

@@ -43,6 +43,7 @@ pub mod config;
 pub mod dedup;
 pub mod embedded;
 pub mod event;
+pub mod fdlimit;
 pub mod intake;
 pub mod limits;
 pub mod logging;
@@ -95,6 +96,8 @@ impl Gateway {
     /// binds the listener. The config is taken as validated.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let apps = config.resolve_apps()?;
+        // Before any file or socket is opened: EMFILE would fail the probes.
+        fdlimit::raise_and_check(&config);
         let embedded = if config.kafka.is_embedded() {
             let mut topics = vec![
                 config.kafka.group_topic.clone(),

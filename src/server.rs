@@ -11,10 +11,12 @@
 //! - connections: a budget per listener, optionally per client address. The
 //!   accept loop never waits for a slot: a connection over the budget is
 //!   answered 503 at once, so stuck clients cannot stop it from accepting;
-//! - memory: a body limit checked on `Content-Length` before reading and
-//!   enforced while reading, and a budget for all bodies held at once
-//!   ([`BodyBudget`]), so `max_connections` × `max_body_bytes` cannot
-//!   exhaust memory.
+//! - memory: hyper's buffers per connection and the request head are
+//!   capped ([`MAX_CONNECTION_BUFFER_BYTES`], [`MAX_HEAD_BYTES`]); a body
+//!   limit is checked on `Content-Length` before reading and enforced while
+//!   reading, and a budget for all bodies held at once ([`BodyBudget`]),
+//!   reserved as bytes arrive, so `max_connections` × `max_body_bytes`
+//!   cannot exhaust memory.
 //!
 //! With `admin_listen`, `/metrics`, `/healthz` and `/readyz` get a listener
 //! and budget of their own ([`Role`]), so probes keep answering while the
@@ -68,12 +70,24 @@ pub type KafkaStatus = watch::Receiver<bool>;
 /// answering while the callback listener is full.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
+/// The largest request head (request line and headers) taken; a larger one
+/// is answered 431 and the connection closed. Tencent's heads are well under
+/// 2 KiB (a short path, a query of a few fields, a handful of headers).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// The most hyper buffers per connection, for reading and again for
+/// writing (its default is about 408 KiB each, so a few hundred clients
+/// sending one endless header line would hold over 100 MiB). Bodies are
+/// read through it in pieces of at most this size.
+pub const MAX_CONNECTION_BUFFER_BYTES: usize = 32 * 1024;
+
 /// What a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// Callbacks and the operator routes on one address (no `admin_listen`).
     Everything,
-    /// The callback path only (`admin_listen` is set); 404 for the rest.
+    /// The callback path and the static `/healthz` (`admin_listen` is set);
+    /// 404 for the rest.
     Callbacks,
     /// `/metrics`, `/healthz` and `/readyz` only.
     Admin,
@@ -102,34 +116,43 @@ struct Routes {
 type Answer = Response<Full<Bytes>>;
 
 /// The bytes of request bodies held in memory at once, over all
-/// connections: one semaphore permit per byte. Reservations never wait: a
-/// callback that does not fit is answered 503 at once (Tencent gives up
-/// after two seconds anyway, and a waiting request would hold its buffer).
+/// connections: one semaphore permit per byte. Bytes are reserved as they
+/// arrive, never on a declared length alone: a client holds only budget it
+/// has paid for in bandwidth, so idle uploads declaring large bodies cannot
+/// starve real callbacks. A callback that finds no room waits for it a
+/// little ([`BUDGET_WAIT`]), then is answered 503.
 pub struct BodyBudget {
     bytes: Arc<Semaphore>,
-    max: usize,
     held: prometheus::IntGauge,
 }
+
+/// How long a body may wait in all for room in the [`BodyBudget`] before its
+/// callback is answered 503: bodies in memory are read and handled within
+/// milliseconds, so room usually comes quickly, and Tencent gives up after
+/// two seconds anyway.
+const BUDGET_WAIT: Duration = Duration::from_millis(500);
+
+/// A body's buffer grows by at most this much past what has arrived (and at
+/// most doubles), so a reservation is never much larger than the bytes the
+/// client has sent, yet a 1 MiB body is copied only a few times over.
+const BODY_GROWTH_STEP: usize = 64 * 1024;
 
 impl BodyBudget {
     pub fn new(config: &ServerConfig, metrics: &Metrics) -> Arc<BodyBudget> {
         Arc::new(BodyBudget {
             bytes: Arc::new(Semaphore::new(config.max_body_memory_bytes)),
-            max: config.max_body_memory_bytes,
             held: metrics.body_memory_bytes.clone(),
         })
     }
-
-    fn report(&self) {
-        self.held
-            .set((self.max - self.bytes.available_permits().min(self.max)) as i64);
-    }
 }
 
-/// Bytes reserved in the [`BodyBudget`], given back when dropped.
+/// Bytes reserved in the [`BodyBudget`], given back when dropped. The gauge
+/// moves by each change, so it is exact whatever threads interleave.
 struct Reservation<'a> {
     budget: &'a BodyBudget,
     permit: Option<OwnedSemaphorePermit>,
+    /// When room ran out first; the wait for room is bounded from then on.
+    waiting_since: Option<Instant>,
 }
 
 impl<'a> Reservation<'a> {
@@ -137,6 +160,7 @@ impl<'a> Reservation<'a> {
         Reservation {
             budget,
             permit: None,
+            waiting_since: None,
         }
     }
 
@@ -144,31 +168,38 @@ impl<'a> Reservation<'a> {
         self.permit.as_ref().map_or(0, |p| p.num_permits())
     }
 
-    /// Reserves `more` bytes, or fails at once when the budget has no room.
-    fn grow(&mut self, more: usize) -> Result<(), BodyError> {
+    /// Reserves `more` bytes, waiting for room for at most [`BUDGET_WAIT`]
+    /// over the whole body.
+    async fn grow(&mut self, more: usize) -> Result<(), BodyError> {
         if more == 0 {
             return Ok(());
         }
         let n = u32::try_from(more).map_err(|_| BodyError::OverBudget)?;
-        let got = self
-            .budget
-            .bytes
-            .clone()
-            .try_acquire_many_owned(n)
-            .map_err(|_| BodyError::OverBudget)?;
+        let got = match self.budget.bytes.clone().try_acquire_many_owned(n) {
+            Ok(got) => got,
+            Err(_) => {
+                let since = *self.waiting_since.get_or_insert_with(Instant::now);
+                let left = BUDGET_WAIT.saturating_sub(since.elapsed());
+                let wait = self.budget.bytes.clone().acquire_many_owned(n);
+                match tokio::time::timeout(left, wait).await {
+                    Ok(Ok(got)) => got,
+                    _ => return Err(BodyError::OverBudget),
+                }
+            }
+        };
+        self.budget.held.add(more as i64);
         match &mut self.permit {
             Some(p) => p.merge(got),
             None => self.permit = Some(got),
         }
-        self.budget.report();
         Ok(())
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if self.permit.take().is_some() {
-            self.budget.report();
+        if let Some(p) = self.permit.take() {
+            self.budget.held.sub(p.num_permits() as i64);
         }
     }
 }
@@ -198,6 +229,8 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_CONNECTION_BUFFER_BYTES)
         .keep_alive(true);
     let budget = match role {
         Role::Admin => ADMIN_MAX_CONNECTIONS,
@@ -242,7 +275,7 @@ pub async fn serve(
             Ok(permit) => match per_ip.enter(peer.ip()) {
                 Some(ip_slot) => Ok((permit, ip_slot)),
                 None => Err(format!(
-                    "this address already has {} connections open (server.max_connections_per_ip); retry shortly",
+                    "this address (an IPv6 one: its /64) already has {} connections open (server.max_connections_per_ip); retry shortly",
                     per_ip.max
                 )),
             },
@@ -277,8 +310,13 @@ pub async fn serve(
         );
         let conn = graceful.watch(conn);
         let metrics = metrics.clone();
-        let open = open.clone();
-        open.inc();
+        // Everything the connection holds is given back by drop, so a
+        // panicking connection task cannot leak its slot or the gauge.
+        let held = Held {
+            _open: OpenGauge::enter(open.clone()),
+            _ip_slot: ip_slot,
+            _permit: permit,
+        };
         tokio::spawn(async move {
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
@@ -297,13 +335,34 @@ pub async fn serve(
                 }
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
-            open.dec();
-            drop(ip_slot);
-            drop(permit);
+            drop(held);
         });
     }
     drop(listener);
     let _ = graceful.shutdown().await;
+}
+
+/// What one connection holds, released when its task ends (or unwinds).
+struct Held {
+    _open: OpenGauge,
+    _ip_slot: IpSlot,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One connection counted in `timbridge_connections_open` until dropped.
+struct OpenGauge(prometheus::IntGauge);
+
+impl OpenGauge {
+    fn enter(gauge: prometheus::IntGauge) -> OpenGauge {
+        gauge.inc();
+        OpenGauge(gauge)
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Connections open per client address, when `server.max_connections_per_ip`
@@ -319,6 +378,7 @@ impl PerIp {
         if self.max == 0 {
             return Some(IpSlot(None));
         }
+        let ip = client_of(ip);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let n = open.entry(ip).or_insert(0);
         if *n >= self.max {
@@ -326,6 +386,23 @@ impl PerIp {
         }
         *n += 1;
         Some(IpSlot(Some((self.clone(), ip))))
+    }
+}
+
+/// The address a client is counted by: an IPv4 address (also when mapped
+/// into IPv6), or an IPv6 address's /64, which one host or subscriber
+/// usually holds whole (counting single IPv6 addresses, it could open its
+/// cap's worth from each of 2^64 of them).
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !(u128::MAX >> 64);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+        },
     }
 }
 
@@ -349,7 +426,7 @@ impl Drop for IpSlot {
 }
 
 /// Connections being refused at once (past that, they are closed unanswered).
-const REFUSALS_AT_ONCE: usize = 256;
+pub const REFUSALS_AT_ONCE: usize = 256;
 
 /// Answers a connection over the budget with 503 and closes it. The answer
 /// waits for the request head (briefly), since HTTP clients take an answer
@@ -516,9 +593,10 @@ impl Routes {
                     body,
                 )
             }
-            (&Method::GET, "/healthz") if admin => {
-                text(StatusCode::OK, "text/plain", b"ok\n".to_vec())
-            }
+            // On every listener: load balancers that health-check the
+            // traffic port keep working when `admin_listen` is set. Static,
+            // so it reveals nothing and costs nothing.
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             (&Method::GET, "/readyz") if admin => self.readyz(),
             (_, p) if callbacks && p == self.callback_path => text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -553,17 +631,13 @@ impl Routes {
             self.intake.reject_unread(query, &r, started);
             return rejected(&r, true);
         }
-        // Room in the body-memory budget: the declared length up front, a
-        // chunked body as it grows. Held until the intake is done with it.
+        // Room in the body-memory budget is reserved as the body arrives
+        // (not on the declared length: idle clients would hold it for free)
+        // and held until the intake is done with the body.
         let mut reserved = Reservation::new(&self.body_memory);
-        if let Some(n) = declared
-            && reserved.grow(n as usize).is_err()
-        {
-            return self.over_budget(query, started);
-        }
         let read = read_body(
             body,
-            declared.unwrap_or(0) as usize,
+            declared.map_or(self.max_body_bytes, |n| n as usize),
             self.max_body_bytes,
             &mut reserved,
         );
@@ -699,16 +773,17 @@ enum BodyError {
     Read,
 }
 
-/// Reads a body of at most `max` bytes into one buffer, keeping `reserved`
-/// at least the buffer's capacity: growth past what is reserved needs more
-/// of the budget first, and fails rather than waits when it is spent.
+/// Reads a body of at most `max` bytes (`declared` when the client gave a
+/// Content-Length) into one buffer, keeping `reserved` at least the
+/// buffer's capacity: the buffer grows only as bytes arrive, by at most
+/// [`BODY_GROWTH_STEP`] past them, and each growth is reserved first.
 async fn read_body(
     mut body: Incoming,
     declared: usize,
     max: usize,
     reserved: &mut Reservation<'_>,
 ) -> Result<Bytes, BodyError> {
-    let mut buf: Vec<u8> = Vec::with_capacity(declared.min(max));
+    let mut buf: Vec<u8> = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| BodyError::Read)?;
         let Ok(data) = frame.into_data() else {
@@ -719,13 +794,108 @@ async fn read_body(
             return Err(BodyError::TooLarge);
         }
         if len > buf.capacity() {
-            // Grow geometrically (not frame by frame) but never past `max`,
-            // and reserve the whole new capacity before allocating it.
-            let capacity = len.max(buf.capacity().saturating_mul(2)).min(max);
-            reserved.grow(capacity.saturating_sub(reserved.bytes()))?;
+            let capacity = next_capacity(buf.capacity(), len, declared.min(max));
+            reserved
+                .grow(capacity.saturating_sub(reserved.bytes()))
+                .await?;
             buf.reserve_exact(capacity - buf.len());
         }
         buf.extend_from_slice(&data);
     }
     Ok(Bytes::from(buf))
+}
+
+/// The capacity a body buffer of `capacity` grows to when `len` bytes must
+/// fit: room for what has arrived plus a step (doubling, at most
+/// [`BODY_GROWTH_STEP`]), never past `cap` (the declared length or the
+/// limit). A body that arrives in one piece, as Tencent's few-KB callbacks
+/// do, is allocated exactly once at its own size.
+fn next_capacity(capacity: usize, len: usize, cap: usize) -> usize {
+    let step = capacity.min(BODY_GROWTH_STEP);
+    len.max(capacity + step).min(cap).max(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(bytes: usize) -> BodyBudget {
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(bytes)),
+            held: prometheus::IntGauge::new("held", "test").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_waits_briefly_for_room_then_gives_up() {
+        let budget = budget(1000);
+        let mut first = Reservation::new(&budget);
+        first.grow(900).await.ok().unwrap();
+        assert_eq!(budget.held.get(), 900);
+
+        // Room that comes back within the wait is taken.
+        let mut second = Reservation::new(&budget);
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(first);
+        };
+        let (grown, ()) = tokio::join!(second.grow(500), release);
+        assert!(grown.is_ok());
+        assert_eq!(budget.held.get(), 500);
+
+        // Room that does not come back within 500 ms in all: 503.
+        let started = Instant::now();
+        let mut third = Reservation::new(&budget);
+        assert!(matches!(third.grow(600).await, Err(BodyError::OverBudget)));
+        let waited = started.elapsed();
+        assert!(waited >= BUDGET_WAIT, "{waited:?}");
+        assert!(waited < BUDGET_WAIT * 2, "{waited:?}");
+        // The wait is per body, not per growth: the next attempt fails at once.
+        assert!(matches!(third.grow(600).await, Err(BodyError::OverBudget)));
+        assert!(started.elapsed() - waited < Duration::from_millis(100));
+        drop(second);
+        drop(third);
+        assert_eq!(budget.held.get(), 0);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_of(ip("2001:db8:1:2:aaaa::1")),
+            client_of(ip("2001:db8:1:2:bbbb::2"))
+        );
+        assert_eq!(client_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_ne!(
+            client_of(ip("2001:db8:1:2::1")),
+            client_of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(client_of(ip("192.0.2.7")), ip("192.0.2.7"));
+
+        let per_ip = Arc::new(PerIp {
+            max: 1,
+            open: Mutex::new(HashMap::new()),
+        });
+        let first = per_ip.enter(ip("2001:db8::1")).expect("a slot");
+        assert!(per_ip.enter(ip("2001:db8::2")).is_none(), "same /64");
+        drop(first);
+        assert!(per_ip.enter(ip("2001:db8::2")).is_some());
+        assert!(per_ip.open.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn body_buffers_grow_with_what_has_arrived() {
+        // A body in one piece: exactly its size.
+        assert_eq!(next_capacity(0, 3000, 1 << 20), 3000);
+        // Doubling while small, then steps of 64 KiB.
+        assert_eq!(next_capacity(3000, 3001, 1 << 20), 6000);
+        assert_eq!(next_capacity(200_000, 200_001, 1 << 20), 200_000 + 65_536);
+        // Never past the declared length or the limit.
+        assert_eq!(next_capacity(1000, 1100, 1200), 1200);
+        assert_eq!(
+            next_capacity(1 << 19, (1 << 19) + 1, 1 << 20),
+            (1 << 19) + 65_536
+        );
+    }
 }

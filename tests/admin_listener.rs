@@ -1,6 +1,7 @@
 //! `server.admin_listen`: probes and metrics on their own address and
 //! connection budget, so that clients hogging the callback listener cannot
-//! fail the probes; the callback listener then serves only callbacks.
+//! fail the probes; the callback listener then serves only callbacks (and
+//! the static `/healthz`, which load balancers may check on the traffic port).
 
 mod common;
 
@@ -32,10 +33,14 @@ async fn each_listener_serves_only_its_own_routes() {
         "{text}"
     );
 
-    // The callback listener no longer serves the operator routes ...
-    for path in ["/healthz", "/readyz", "/metrics"] {
+    // The callback listener no longer serves readiness and metrics ...
+    for path in ["/readyz", "/metrics"] {
         assert_eq!(get_text(callbacks, path).await.0, 404, "{path}");
     }
+    // ... but keeps the static /healthz, for load balancers that
+    // health-check the traffic port ...
+    let (status, text) = get_text(callbacks, "/healthz").await;
+    assert_eq!((status, text.as_str()), (200, "ok\n"));
     // ... and the admin listener serves no callbacks.
     let a = post(
         admin,
