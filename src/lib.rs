@@ -36,6 +36,7 @@ pub mod dedup;
 pub mod embedded;
 pub mod event;
 pub mod intake;
+pub mod kafka_log;
 pub mod logging;
 pub mod metrics;
 pub mod publish;
