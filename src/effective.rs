@@ -42,57 +42,105 @@ pub struct Applied {
     pub table: &'static str,
     pub key: &'static str,
     pub source: Source,
-    /// The value the file had (or its default), as TOML.
+    /// The value the file had (or the default it leaves), as TOML.
     pub file_value: String,
 }
 
 impl Overrides {
-    /// The config with the overrides applied and validated like the file.
-    pub fn apply(&self, mut cfg: Config) -> Result<(Config, Vec<Applied>), ConfigError> {
+    /// Reads the config file, applies the overrides and validates the
+    /// result once, so that a value the file leaves out or empty (the
+    /// container config's brokers) may come from a flag or the environment.
+    pub fn load(&self, path: &Path) -> Result<(Config, Vec<Applied>), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.apply_to_text(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// The config in `text` with the overrides applied and validated.
+    pub fn apply_to_text(&self, text: &str) -> Result<(Config, Vec<Applied>), ConfigError> {
+        // Not a TOML table at all: the plain parse gives the usual error.
+        let Ok(mut doc) = text.parse::<toml::Table>() else {
+            return Config::parse(text).map(|c| (c, Vec::new()));
+        };
         let mut applied = Vec::new();
-        let quoted = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let defaults = (
+            crate::config::ServerConfig::default().listen,
+            crate::config::KafkaConfig::default().brokers,
+        );
+        let mut set = |table: &'static str,
+                       key: &'static str,
+                       value: toml::Value,
+                       source: &Source,
+                       default: toml::Value| {
+            let t = doc
+                .entry(table)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(t) = t {
+                let before = t.insert(key.to_owned(), value).unwrap_or(default);
+                applied.push(Applied {
+                    table,
+                    key,
+                    source: source.clone(),
+                    file_value: before.to_string(),
+                });
+            }
+        };
         if let Some((listen, source)) = &self.listen {
-            applied.push(Applied {
-                table: "server",
-                key: "listen",
-                source: source.clone(),
-                file_value: quoted(&cfg.server.listen),
-            });
-            cfg.server.listen = listen.clone();
+            set(
+                "server",
+                "listen",
+                listen.clone().into(),
+                source,
+                defaults.0.into(),
+            );
         }
         if let Some((brokers, source)) = &self.brokers {
-            applied.push(Applied {
-                table: "kafka",
-                key: "brokers",
-                source: source.clone(),
-                file_value: quoted(&cfg.kafka.brokers),
-            });
-            cfg.kafka.brokers = brokers.clone();
+            set(
+                "kafka",
+                "brokers",
+                brokers.clone().into(),
+                source,
+                defaults.1.into(),
+            );
         }
         if let Some(source) = &self.require_topics {
-            applied.push(Applied {
-                table: "kafka",
-                key: "require_topics",
-                source: source.clone(),
-                file_value: cfg.kafka.require_topics.to_string(),
-            });
-            cfg.kafka.require_topics = true;
+            set("kafka", "require_topics", true.into(), source, false.into());
         }
-        if applied.is_empty() {
-            return Ok((cfg, applied));
+        let brokers_empty = doc
+            .get("kafka")
+            .and_then(|k| k.get("brokers"))
+            .and_then(|b| b.as_str())
+            .is_some_and(|b| b.trim().is_empty());
+        if brokers_empty {
+            // The container config leaves brokers empty on purpose: a pod
+            // that starts without being told where Kafka is must not look
+            // healthy while it delivers nothing.
+            return Err(ConfigError::Invalid(
+                "kafka.brokers is empty and neither TIMBRIDGE_BROKERS nor --brokers is set: \
+                 set TIMBRIDGE_BROKERS to your bootstrap servers (host:port[,host:port])"
+                    .into(),
+            ));
         }
-        // Overrides are validated like the file: render and parse again.
-        let text = toml::to_string(&cfg)
+        let text = toml::to_string(&doc)
             .map_err(|e| ConfigError::Invalid(format!("cannot apply the overrides: {e}")))?;
         let cfg = Config::parse(&text).map_err(|e| match e {
-            ConfigError::Invalid(m) => ConfigError::Invalid(format!(
-                "{m} (given by {})",
-                applied
-                    .iter()
-                    .map(|a| a.source.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+            // Name the source of an overridden value the error is about.
+            ConfigError::Invalid(mut m) => {
+                for a in &applied {
+                    if m.contains(&format!("{}.{}", a.table, a.key)) {
+                        m.push_str(&format!(" (given by {})", a.source));
+                    }
+                }
+                ConfigError::Invalid(m)
+            }
             other => other,
         })?;
         Ok((cfg, applied))
@@ -138,16 +186,14 @@ mod tests {
 
     #[test]
     fn overrides_are_applied_validated_and_marked_with_their_source() {
-        let cfg = Config::parse(
-            "[[apps]]\nsdk_app_id = 1\ntoken = \"hunter2\"\n[kafka]\nbrokers = \"embedded\"\n",
-        )
-        .unwrap();
+        let file =
+            "[[apps]]\nsdk_app_id = 1\ntoken = \"hunter2\"\n[kafka]\nbrokers = \"embedded\"\n";
         let o = Overrides {
             brokers: Some(("k1:9092".into(), Source::Env("TIMBRIDGE_BROKERS"))),
             listen: Some(("0.0.0.0:9000".into(), Source::Flag("--listen"))),
             require_topics: None,
         };
-        let (cfg, applied) = o.apply(cfg).unwrap();
+        let (cfg, applied) = o.apply_to_text(file).unwrap();
         assert_eq!(cfg.kafka.brokers, "k1:9092");
         let text = render(&cfg, Path::new("c.toml"), "--config", &applied);
         assert!(
@@ -166,7 +212,26 @@ mod tests {
             listen: Some(("nowhere".into(), Source::Env("TIMBRIDGE_LISTEN"))),
             ..Overrides::default()
         };
-        let err = bad.apply(cfg).unwrap_err().to_string();
+        let err = bad.apply_to_text(file).unwrap_err().to_string();
         assert!(err.contains("TIMBRIDGE_LISTEN"), "{err}");
+        assert!(err.contains("server.listen"), "{err}");
+
+        // An empty brokers (the container config) needs the variable.
+        let empty = "[[apps]]\nsdk_app_id = 1\n[kafka]\nbrokers = \"\"\n";
+        let err = Overrides::default()
+            .apply_to_text(empty)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TIMBRIDGE_BROKERS"), "{err}");
+        let o = Overrides {
+            brokers: Some(("k1:9092".into(), Source::Env("TIMBRIDGE_BROKERS"))),
+            ..Overrides::default()
+        };
+        let (cfg, applied) = o.apply_to_text(empty).unwrap();
+        assert_eq!(cfg.kafka.brokers, "k1:9092");
+        assert_eq!(applied[0].file_value, "\"\"");
+        // A key the file leaves out: the default is what is overridden.
+        let (_, applied) = o.apply_to_text("[[apps]]\nsdk_app_id = 1\n").unwrap();
+        assert_eq!(applied[0].file_value, "\"127.0.0.1:9092\"");
     }
 }

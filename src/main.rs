@@ -154,8 +154,7 @@ impl ConfigArgs {
     }
 
     fn load(&self, m: &ArgMatches) -> anyhow::Result<(Config, Vec<timbridge::effective::Applied>)> {
-        let cfg = Config::load(&self.config)?;
-        Ok(self.overrides(m).apply(cfg)?)
+        Ok(self.overrides(m).load(&self.config)?)
     }
 }
 
