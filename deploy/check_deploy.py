@@ -614,6 +614,25 @@ def _():
     assert next(iter(finals.values())) != IMAGE_NAME, "no kustomization maps the image to a registry"
 
 
+@check("figures: deploy/ quotes one set of measured figures, the README's latest run")
+def _():
+    places = [DEPLOY / "README.md", K8S / "standalone" / "statefulset.yaml", K8S / "sidecar" / "deployment.yaml"]
+    found = {}
+    for p in places:
+        text = re.sub(r"\s*#\s*", " ", p.read_text())
+        cpu = re.findall(r"([0-9.]+) CPU-s per 1,000 callbacks", text)
+        rss = re.findall(r"peak RSS (\d+) MiB at\s+saturation,? (?:and )?(\d+) MiB", re.sub(r"\s+", " ", text))
+        assert cpu and rss, f"{p.relative_to(DEPLOY)}: no CPU or RSS figures found"
+        found[str(p.relative_to(DEPLOY))] = (cpu[0], rss[0])
+    assert len(set(found.values())) == 1, f"different figures: {found}"
+    cpu, (sat, drain) = next(iter(found.values()))
+    perf = (ROOT / "README.md").read_text()
+    m = re.search(r"Drain:.*?peak RSS ([0-9.]+) MiB", perf)
+    assert m and round(float(m.group(1))) == int(drain), f"README's drain peak {m and m.group(1)} vs {drain} MiB in deploy/"
+    m = re.search(r"\| CPU s per 1k requests, at 2,000/s \| [^|]+\| ([0-9.]+) \|", perf)
+    assert m and abs(float(m.group(1)) - float(cpu)) < 0.01, f"README's CPU s per 1k at 2,000/s {m and m.group(1)} vs {cpu} in deploy/"
+
+
 def register_k8s_checks(kustomized: Path | None) -> None:
     assert OVERLAYS == ["sidecar", "sidecar-pvc", "standalone"], OVERLAYS
     if kustomized is not None:
