@@ -420,7 +420,9 @@ def _():
     tb = svc["timbridge"]
     ctx = (DEPLOY / tb["build"]["context"]).resolve()
     assert ctx == ROOT and (ctx / tb["build"]["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
-    assert tb["environment"]["TIMBRIDGE_BROKERS"] == internal[0] == CONFIG["kafka"]["brokers"]
+    assert tb["environment"]["TIMBRIDGE_BROKERS"] == internal[0]
+    # The baked config names no broker: without TIMBRIDGE_BROKERS it must not start.
+    assert CONFIG["kafka"]["brokers"] == "", "config.container.toml must leave kafka.brokers empty"
     for var in TOKEN_ENVS:
         assert var in tb["environment"], f"timbridge lacks {var} (token_env)"
     assert tb["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
@@ -609,10 +611,83 @@ def check_sidecar_config(text: str, deployment: dict, services: list[dict]) -> N
     still_app = [p for s in services for p in s["spec"]["ports"]
                  if p.get("targetPort") in (port, app_ports[port])]
     assert not still_app, f"sidecar: a Service port still reaches the app's callback port directly: {still_app}"
+# The one name of the image everywhere in the repository (docker build -t,
+# compose, manifests); each kustomization maps it to a registry and tag.
+IMAGE_NAME = "timbridge"
+
+
+def image_refs(text: str) -> list[str]:
+    return re.findall(r"^\s*(?:-\s+)?image:\s*['\"]?([^\s'\"#]+)", text, re.M)
+
+
+def resolved_image(overlay: str) -> str:
+    """The timbridge image an overlay deploys, applying the `images:` of its
+    bases first, then its own, as kustomize does."""
+    k = load_yaml(K8S / overlay / "kustomization.yaml")
+    ref = IMAGE_NAME
+    for r in k.get("resources", []):
+        if (K8S / overlay / r).is_dir():
+            ref = resolved_image((K8S / overlay / r).resolve().name)
+    name, _, tag = ref.partition(":")
+    for entry in k.get("images") or []:
+        if entry.get("name") == name:
+            name = entry.get("newName", name)
+            tag = entry.get("newTag", tag)
+    return f"{name}:{tag}" if tag else name
+
+
+@check("image names: one name (timbridge) in docker build, compose and manifests; kustomize images: everywhere")
+def _():
+    assert COMPOSE["services"]["timbridge"]["image"] == IMAGE_NAME, COMPOSE["services"]["timbridge"]["image"]
+    builds = 0
+    for doc in (DEPLOY / "README.md", DEPLOY / "Dockerfile", ROOT / "README.md"):
+        for m in re.finditer(r"docker build\b[^\n`]*?\s-t\s+([^\s`]+)", doc.read_text()):
+            builds += 1
+            assert m.group(1).split(":")[0] == IMAGE_NAME, f"{doc.name}: docker build -t {m.group(1)}"
+    assert builds >= 1, "no `docker build -t` command documented"
+    for p in sorted(DEPLOY.rglob("*.y*ml")):
+        for ref in image_refs(p.read_text()):
+            if "timbridge" in ref:
+                assert ref == IMAGE_NAME, f"{p.relative_to(DEPLOY)}: image {ref}, expected {IMAGE_NAME} (kustomize sets registry and tag)"
+    finals = {}
+    for overlay in OVERLAYS:
+        k = load_yaml(K8S / overlay / "kustomization.yaml")
+        assert k.get("images"), f"kubernetes/{overlay}/kustomization.yaml has no images:"
+        finals[overlay] = resolved_image(overlay)
+    assert len(set(finals.values())) == 1, f"the overlays deploy different images: {finals}"
+    assert next(iter(finals.values())) != IMAGE_NAME, "no kustomization maps the image to a registry"
+
+
+@check("figures: deploy/ quotes one set of measured figures, the README's latest run")
+def _():
+    places = [DEPLOY / "README.md", K8S / "standalone" / "statefulset.yaml", K8S / "sidecar" / "timbridge-sidecar.yaml"]
+    found = {}
+    for p in places:
+        text = re.sub(r"\s*#\s*", " ", p.read_text())
+        cpu = re.findall(r"([0-9.]+) CPU-s per 1,000 callbacks", text)
+        rss = re.findall(r"peak RSS (\d+) MiB at\s+saturation,? (?:and )?(\d+) MiB", re.sub(r"\s+", " ", text))
+        assert cpu and rss, f"{p.relative_to(DEPLOY)}: no CPU or RSS figures found"
+        found[str(p.relative_to(DEPLOY))] = (cpu[0], rss[0])
+    assert len(set(found.values())) == 1, f"different figures: {found}"
+    cpu, (sat, drain) = next(iter(found.values()))
+    perf = (ROOT / "README.md").read_text()
+    m = re.search(r"Drain:.*?peak RSS ([0-9.]+) MiB", perf)
+    assert m and round(float(m.group(1))) == int(drain), f"README's drain peak {m and m.group(1)} vs {drain} MiB in deploy/"
+    m = re.search(r"\| CPU s per 1k requests, at 2,000/s \| [^|]+\| ([0-9.]+) \|", perf)
+    assert m and abs(float(m.group(1)) - float(cpu)) < 0.01, f"README's CPU s per 1k at 2,000/s {m and m.group(1)} vs {cpu} in deploy/"
 
 
 def register_k8s_checks(kustomized: Path | None) -> None:
     assert OVERLAYS == ["sidecar", "sidecar-pvc", "standalone"], OVERLAYS
+    if kustomized is not None:
+        @check("kubernetes: kustomize output deploys the mapped timbridge image in every overlay")
+        def _():
+            for overlay in OVERLAYS:
+                want = resolved_image(overlay)
+                got = {c["image"] for d in load_yaml_all(kustomized / f"{overlay}.yaml")
+                       if d.get("kind") in ("Deployment", "StatefulSet")
+                       for c in containers_named(d, "timbridge")}
+                assert got == {want}, f"{overlay}: {got} != {want}"
     for name in OVERLAYS:
         check(f"kubernetes/{name}: probes, grace period, security, resources, config, spool, selectors, monitors")(
             lambda name=name: check_overlay(name, overlay_docs(name, kustomized)))
@@ -715,11 +790,16 @@ def register_smoke(binary: Path) -> None:
             runtime = (DEPLOY / "Dockerfile").read_text().split("FROM debian:bookworm-slim", 1)[-1]
             assert "libssl3" in runtime, "the binary links OpenSSL: install libssl3 in the runtime stage"
 
-    @check("binary: `timbridge check-config` accepts config.container.toml")
+    @check("binary: config.container.toml is refused without TIMBRIDGE_BROKERS, accepted with it")
     def _():
         r = subprocess.run([str(binary), "check-config", "--config", str(CONFIG_FILE)],
                            capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode != 0 and "TIMBRIDGE_BROKERS" in r.stderr, (r.returncode, r.stderr)
+        with_brokers = dict(env, TIMBRIDGE_BROKERS="kafka-1:9092,kafka-2:9092")
+        r = subprocess.run([str(binary), "check-config", "--config", str(CONFIG_FILE)],
+                           capture_output=True, text=True, env=with_brokers, timeout=30)
         assert r.returncode == 0, r.stderr
+        assert 'brokers = "kafka-1:9092,kafka-2:9092"' in r.stdout, r.stdout
         assert token not in r.stdout, "check-config printed the token"
 
     @check("binary: `timbridge check-config` accepts the sidecar's config (with [upstream])")

@@ -129,6 +129,9 @@ pub struct KafkaConfig {
     /// topic) are written here as well as to the spool's dead-letter file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_topic: Option<String>,
+    /// At start, a configured topic missing from the cluster stops the
+    /// start instead of only a warning (Kafka unreachable still only warns).
+    pub require_topics: bool,
     /// Passed to librdkafka as is (TLS, SASL, tuning); they win over ours.
     pub properties: BTreeMap<String, PropertyValue>,
 }
@@ -141,6 +144,7 @@ impl Default for KafkaConfig {
             c2c_topic: "tim.c2c.read_receipts".into(),
             raw_topic: None,
             dead_letter_topic: None,
+            require_topics: false,
             properties: BTreeMap::new(),
         }
     }

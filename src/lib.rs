@@ -41,10 +41,12 @@
 
 pub mod config;
 pub mod dedup;
+pub mod effective;
 pub mod embedded;
 pub mod event;
 pub mod fdlimit;
 pub mod intake;
+pub mod kafka_log;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
@@ -55,6 +57,7 @@ pub mod server;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+pub mod topics;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -109,8 +112,12 @@ impl Gateway {
             tracing::warn!(
                 bootstrap = kafka.bootstrap(),
                 "EMBEDDED KAFKA: an in-memory mock broker for trying timbridge out; \
-                 it forgets everything at exit. NOT FOR PRODUCTION: set kafka.brokers to your cluster. \
-                 Read the records with: kcat -b {} -C -t {}",
+                 it forgets everything at exit. NOT FOR PRODUCTION: set kafka.brokers to your cluster."
+            );
+            // A line of its own that ends with the command, so that it can
+            // be copied as it is (fields would follow the message).
+            tracing::info!(
+                "read the records with: kcat -b {} -C -t {} -o beginning -e",
                 kafka.bootstrap(),
                 config.kafka.group_topic
             );
@@ -122,6 +129,17 @@ impl Gateway {
             Some(k) => k.bootstrap().to_owned(),
             None => config.kafka.brokers.clone(),
         };
+
+        // Missing topics are named now rather than found in the dead-letter
+        // file later. Only a required check holds the start up.
+        if embedded.is_none() {
+            if config.kafka.require_topics {
+                topics::check(&config.kafka, &bootstrap, true).await?;
+            } else {
+                let (kafka, brokers) = (config.kafka.clone(), bootstrap.clone());
+                tokio::spawn(async move { topics::check(&kafka, &brokers, false).await });
+            }
+        }
 
         let (spool, reader, report) = Spool::open(SpoolConfig {
             dir: config.spool.dir.clone(),
@@ -280,7 +298,10 @@ impl Gateway {
     /// requests finish, Kafka gets until `shutdown_timeout` to take what the
     /// spool holds, and whatever it has not taken stays for the next start.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        tracing::info!(drain_delay = ?self.drain_delay, "shutting down: /readyz is 503 now");
+        tracing::info!(
+            drain_delay = %humantime::format_duration(self.drain_delay),
+            "shutting down: /readyz is 503 now"
+        );
         self.intake.start_draining();
         // Load balancers need a moment to see /readyz fail; meanwhile
         // callbacks are still taken, since Tencent would not retry them.
@@ -323,11 +344,16 @@ fn log_recovery(dir: &std::path::Path, report: &spool::RecoveryReport) {
     for damaged in &report.damaged {
         tracing::warn!(spool = %dir.display(), "spool recovery skipped data: {damaged}");
     }
+    let what = if report.records_pending > 0 {
+        "spool opened; its pending records will be sent to Kafka"
+    } else {
+        "spool opened; nothing pending"
+    };
     tracing::info!(
         spool = %dir.display(),
         segments = report.segments,
         records_pending = report.records_pending,
         bytes_skipped = report.bytes_skipped(),
-        "spool opened; pending records will be sent to Kafka"
+        "{what}"
     );
 }

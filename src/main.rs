@@ -4,9 +4,20 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 use timbridge::config::Config;
+use timbridge::effective::{Overrides, Source};
 use timbridge::{Gateway, logging, send, spool};
+
+/// The version with the commit it was built from (see build.rs), so that a
+/// bug report names the exact code.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TIMBRIDGE_COMMIT"),
+    ")"
+);
 
 /// Tencent Cloud Chat read-receipt callbacks in, Kafka records out.
 ///
@@ -15,7 +26,7 @@ use timbridge::{Gateway, logging, send, spool};
 /// conversation. Start with `timbridge serve` on the shipped config.toml: it
 /// uses an embedded Kafka, so nothing else needs to be installed.
 #[derive(Parser)]
-#[command(name = "timbridge", version, about, long_about)]
+#[command(name = "timbridge", version = VERSION, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,39 +36,51 @@ struct Cli {
 enum Command {
     /// Run the gateway until SIGTERM or Ctrl-C (a second one exits at once).
     Serve {
-        /// The config file.
-        #[arg(long, env = "TIMBRIDGE_CONFIG", default_value = "config.toml")]
-        config: PathBuf,
-        /// Overrides server.listen, e.g. 0.0.0.0:8080.
-        #[arg(long, env = "TIMBRIDGE_LISTEN")]
-        listen: Option<String>,
-        /// Overrides kafka.brokers: host:port[,host:port] or "embedded".
-        #[arg(long, env = "TIMBRIDGE_BROKERS")]
-        brokers: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
-    /// Load and validate the config, print it with secrets redacted.
+    /// Load and validate the config, and print the effective config: the
+    /// file with flags and environment applied, secrets redacted, each
+    /// overridden value marked with where it came from.
     CheckConfig {
-        #[arg(long, env = "TIMBRIDGE_CONFIG", default_value = "config.toml")]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// POST one callback body as Tencent would, and print the status and answer.
     ///
-    /// Exits 0 when the answer is 200, 1 otherwise.
+    /// Exits 0 when the answer is 200, 1 when it is another status, and 2
+    /// when there is no answer (unreadable file, bad URL, no connection).
     Send {
-        /// The callback URL, e.g. http://127.0.0.1:8080/callback.
+        /// The callback URL, e.g. http://127.0.0.1:8080/callback (https:// works too).
         #[arg(long)]
         url: String,
         /// The SdkAppid to send in the query string.
         #[arg(long)]
         sdkappid: u64,
-        /// Sign the request with this token (Sign + RequestTime).
-        #[arg(long)]
+        /// Sign the request with this token (Sign + RequestTime). Prefer
+        /// TIMBRIDGE_TOKEN or --token-env: an argument is visible in `ps`.
+        #[arg(long, env = "TIMBRIDGE_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Sign with the token held by this environment variable.
+        #[arg(long, value_name = "VAR", conflicts_with = "token")]
+        token_env: Option<String>,
         /// The CallbackCommand; defaults to the body's own.
         #[arg(long)]
         command: Option<String>,
+        /// Sent as ClientIP in the query string, as Tencent does (the event's client_ip).
+        #[arg(long, value_name = "IP")]
+        client_ip: Option<String>,
+        /// Sent as OptPlatform in the query string, e.g. iOS, Android, Web (the event's platform).
+        #[arg(long)]
+        platform: Option<String>,
         /// The JSON body to post.
         file: PathBuf,
+    },
+    /// Print a shell completion script, e.g.
+    /// `timbridge completions bash > /etc/bash_completion.d/timbridge`.
+    Completions {
+        /// bash, elvish, fish, powershell or zsh.
+        shell: clap_complete::Shell,
     },
     /// Look at a spool directory.
     Spool {
@@ -70,13 +93,77 @@ enum Command {
 enum SpoolCommand {
     /// Pending events, bytes, oldest age and segments of a (stopped) gateway's spool.
     Stat {
+        /// The config file naming the spool (spool.dir).
         #[arg(long, env = "TIMBRIDGE_CONFIG", default_value = "config.toml")]
         config: PathBuf,
     },
 }
 
+/// The config file and the values that override it; `serve` and
+/// `check-config` take the same, so that check-config shows what serve runs.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The config file.
+    #[arg(long, env = "TIMBRIDGE_CONFIG", default_value = "config.toml")]
+    config: PathBuf,
+    /// Overrides server.listen, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "TIMBRIDGE_LISTEN")]
+    listen: Option<String>,
+    /// Overrides kafka.brokers: host:port[,host:port] or "embedded".
+    #[arg(long, env = "TIMBRIDGE_BROKERS")]
+    brokers: Option<String>,
+    /// Refuse to start when a configured topic is missing from the cluster
+    /// (sets kafka.require_topics).
+    #[arg(long, env = "TIMBRIDGE_REQUIRE_TOPICS")]
+    require_topics: bool,
+}
+
+impl ConfigArgs {
+    /// The overrides given, each with its source (flag or environment).
+    fn overrides(&self, m: &ArgMatches) -> Overrides {
+        let source = |id: &str, flag: &'static str, env: &'static str| match m.value_source(id) {
+            Some(ValueSource::EnvVariable) => Source::Env(env),
+            _ => Source::Flag(flag),
+        };
+        Overrides {
+            listen: self
+                .listen
+                .clone()
+                .map(|v| (v, source("listen", "--listen", "TIMBRIDGE_LISTEN"))),
+            brokers: self
+                .brokers
+                .clone()
+                .map(|v| (v, source("brokers", "--brokers", "TIMBRIDGE_BROKERS"))),
+            require_topics: self.require_topics.then(|| {
+                source(
+                    "require_topics",
+                    "--require-topics",
+                    "TIMBRIDGE_REQUIRE_TOPICS",
+                )
+            }),
+        }
+    }
+
+    /// Where the config file's name came from, for check-config.
+    fn file_source(&self, m: &ArgMatches) -> &'static str {
+        match m.value_source("config") {
+            Some(ValueSource::EnvVariable) => "TIMBRIDGE_CONFIG",
+            Some(ValueSource::CommandLine) => "--config",
+            _ => "the default",
+        }
+    }
+
+    fn load(&self, m: &ArgMatches) -> anyhow::Result<(Config, Vec<timbridge::effective::Applied>)> {
+        Ok(self.overrides(m).load(&self.config)?)
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,55 +174,98 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, &matches)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(2)
         }
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+/// The error and its causes, each said once: a message that already
+/// quotes its cause (the config file's "No such file or directory") is not
+/// followed by the same text again.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
+    // The subcommand's own matches: where each value came from.
+    let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(matches);
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            brokers,
-        } => {
-            let mut cfg = Config::load(&config)?;
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            if let Some(b) = brokers {
-                cfg.kafka.brokers = b;
-            }
-            // Overrides are validated like the file.
-            let cfg = Config::parse(&toml::to_string(&cfg)?)?;
+        Command::Serve { config } => {
+            let (cfg, _) = config.load(sub)?;
             logging::init(&cfg.log)?;
             serve(cfg).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
-            let cfg = Config::load(&config)?;
+            let (cfg, applied) = config.load(sub)?;
             cfg.resolve_apps()?;
-            print!("{}", cfg.redacted_toml());
+            print!(
+                "{}",
+                timbridge::effective::render(
+                    &cfg,
+                    &config.config,
+                    config.file_source(sub),
+                    &applied
+                )
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "timbridge",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Send {
             url,
             sdkappid,
             token,
+            token_env,
             command,
+            client_ip,
+            platform,
             file,
         } => {
             let body = std::fs::read(&file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+            let token = match token_env {
+                Some(var) => Some(
+                    std::env::var(&var)
+                        .ok()
+                        .filter(|t| !t.is_empty())
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--token-env names {var}, which is not set or empty: export it"
+                            )
+                        })?,
+                ),
+                None => token,
+            };
             let out = send::send(send::SendArgs {
                 url: &url,
                 sdk_app_id: sdkappid,
                 token: token.as_deref(),
                 command: command.as_deref(),
+                client_ip: client_ip.as_deref(),
+                platform: platform.as_deref(),
                 body,
             })
             .await?;
@@ -194,6 +324,12 @@ async fn wait_for_signal() {
 }
 
 fn print_spool_stat(dir: &Path) -> anyhow::Result<()> {
+    if spool_in_use(dir) {
+        eprintln!(
+            "warning: a running timbridge holds this spool (its LOCK file is locked): \
+             these figures are a snapshot that changes as it works; /metrics has the live ones"
+        );
+    }
     let s = spool::stat_dir(dir)?;
     println!("spool:          {}", dir.display());
     println!("pending events: {}", s.pending_events);
@@ -204,4 +340,17 @@ fn print_spool_stat(dir: &Path) -> anyhow::Result<()> {
         None => println!("oldest pending: -"),
     }
     Ok(())
+}
+
+/// Whether another process holds the spool's lock. Trying takes the lock
+/// for an instant at most (released when `file` drops at return).
+fn spool_in_use(dir: &Path) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("LOCK"))
+    else {
+        return false;
+    };
+    matches!(file.try_lock(), Err(std::fs::TryLockError::WouldBlock))
 }

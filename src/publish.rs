@@ -65,6 +65,11 @@ pub fn producer_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
         .set("reconnect.backoff.ms", "100")
         .set("reconnect.backoff.max.ms", "1000")
         .set("statistics.interval.ms", "1000")
+        // Java's partitioner (murmur2 of the key), so that these topics are
+        // co-partitioned with topics keyed the same way by Java, Kafka
+        // Streams, ksqlDB or Flink producers; librdkafka's default
+        // (consistent_random, CRC32) puts the same key elsewhere.
+        .set("partitioner", "murmur2_random")
         .set(
             "client.id",
             concat!("timbridge/", env!("CARGO_PKG_VERSION")),
@@ -110,27 +115,12 @@ pub struct DeliveryContext {
     permits: Arc<Semaphore>,
     kafka_up: watch::Sender<bool>,
     dead_letters: DeadLetters,
+    kafka_log: crate::kafka_log::KafkaLog,
 }
 
 impl ClientContext for DeliveryContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
-            }
-        }
+        self.kafka_log.log(level, fac, message);
     }
 
     fn stats(&self, stats: Statistics) {
@@ -155,13 +145,14 @@ impl ClientContext for DeliveryContext {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.set_kafka_up(false);
         }
-        tracing::warn!(target: "librdkafka", error = %error, "{reason}");
+        self.kafka_log.error(&error, reason);
     }
 }
 
 impl DeliveryContext {
     fn set_kafka_up(&self, up: bool) {
         self.metrics.kafka_up.set(up as i64);
+        self.kafka_log.kafka_up(up);
         self.kafka_up
             .send_if_modified(|v| std::mem::replace(v, up) != up);
     }
@@ -359,6 +350,7 @@ impl Publisher {
                 topic: kafka.dead_letter_topic.clone(),
                 to_topic: dl_tx,
             },
+            kafka_log: crate::kafka_log::KafkaLog::new(),
         };
         for topic in [
             Some(&kafka.group_topic),

@@ -1,14 +1,21 @@
 //! `timbridge send`: posts one callback body the way Tencent would, signed
 //! when a token is given, and returns the status and answer. For trying the
 //! gateway by hand and in scripts.
+//!
+//! `https://` URLs are verified against the Mozilla root certificates
+//! compiled in (webpki-roots), so the same command works against a gateway
+//! behind a TLS-terminating load balancer, as Tencent reaches it.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::tencent::auth;
 
@@ -17,6 +24,10 @@ pub struct SendArgs<'a> {
     pub sdk_app_id: u64,
     pub token: Option<&'a str>,
     pub command: Option<&'a str>,
+    /// Sent as `ClientIP`, as Tencent does with the app user's address.
+    pub client_ip: Option<&'a str>,
+    /// Sent as `OptPlatform` (iOS, Android, Web...).
+    pub platform: Option<&'a str>,
     pub body: Vec<u8>,
 }
 
@@ -66,16 +77,34 @@ pub async fn send(args: SendArgs<'_>) -> anyhow::Result<SendOutcome> {
             args.url
         )
     })?;
-    if uri.scheme_str() != Some("http") {
-        bail!("only http:// URLs are supported (put TLS in front of timbridge, not in it)");
-    }
+    let tls = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => bail!(
+            "{:?}: only http:// and https:// URLs are supported",
+            args.url
+        ),
+    };
     let host = uri.host().context("the URL has no host")?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let query = tencent_query(args.sdk_app_id, &command, args.token, now);
+    let mut query = tencent_query(args.sdk_app_id, &command, args.token, now);
+    {
+        let mut extra = form_urlencoded::Serializer::new(String::new());
+        if let Some(ip) = args.client_ip {
+            extra.append_pair("ClientIP", ip);
+        }
+        if let Some(p) = args.platform {
+            extra.append_pair("OptPlatform", p);
+        }
+        let extra = extra.finish();
+        if !extra.is_empty() {
+            query = format!("{query}&{extra}");
+        }
+    }
     let path_and_query = match uri.query() {
         Some(existing) => format!("{}?{existing}&{query}", uri.path()),
         None => format!("{}?{query}", uri.path()),
@@ -84,14 +113,40 @@ pub async fn send(args: SendArgs<'_>) -> anyhow::Result<SendOutcome> {
     let stream = tokio::net::TcpStream::connect((host, port))
         .await
         .with_context(|| format!("cannot connect to {host}:{port}: is the gateway running?"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake failed")?;
-    tokio::spawn(conn);
     let req = Request::post(path_and_query)
         .header(hyper::header::HOST, format!("{host}:{port}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(args.body)))?;
+    if !tls {
+        return exchange(stream, req).await;
+    }
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS setup failed")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host:?} is not a valid TLS server name"))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .with_context(|| format!("TLS handshake with {host}:{port} failed"))?;
+    exchange(stream, req).await
+}
+
+/// One request and its answer on an established connection.
+async fn exchange<S>(stream: S, req: Request<Full<Bytes>>) -> anyhow::Result<SendOutcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake failed")?;
+    tokio::spawn(conn);
     let resp = sender.send_request(req).await.context("request failed")?;
     let status = resp.status();
     let body = resp
