@@ -31,9 +31,17 @@ pub type Cluster = MockCluster<'static, DefaultProducerContext>;
 
 /// A one-broker mock cluster with the gateway's topics.
 pub fn cluster() -> Cluster {
-    let c = MockCluster::new(1).expect("mock cluster");
+    cluster_of(1, PARTITIONS)
+}
+
+/// A mock cluster of `brokers` brokers (so leaders can move), the topics
+/// with `partitions` partitions each (the mock keeps only ~5 MB per
+/// partition: more partitions keep more records readable).
+pub fn cluster_of(brokers: i32, partitions: i32) -> Cluster {
+    let c = MockCluster::new(brokers).expect("mock cluster");
     for t in [GROUP_TOPIC, C2C_TOPIC, RAW_TOPIC] {
-        c.create_topic(t, PARTITIONS, 1).expect("topic");
+        c.create_topic(t, partitions, brokers.min(3))
+            .expect("topic");
     }
     c
 }
@@ -187,6 +195,17 @@ pub struct Received {
 /// Reads `topic` from the beginning with an independent consumer until
 /// `want` records have arrived or `within` has passed.
 pub fn read_topic(bootstrap: &str, topic: &str, want: usize, within: Duration) -> Vec<Received> {
+    read_partitions(bootstrap, topic, PARTITIONS, want, within)
+}
+
+/// [`read_topic`] for a topic of `partitions` partitions.
+pub fn read_partitions(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    within: Duration,
+) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "timbridge-tests")
@@ -194,7 +213,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, want: usize, within: Duration) -
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
@@ -300,6 +319,7 @@ pub fn group_body(group: &str, seq: u64) -> String {
         r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":{seq},"ReadNum":1,"UnreadNum":1,"ReadReceiptMembers":[{{"Member_Account":"u"}}]}}],"EventTime":1670574414123}}"#
     )
 }
+pub mod faults;
 pub mod process;
 
 /// A mock cluster and a temp dir for one test's gateway and spool.
@@ -310,7 +330,11 @@ pub struct Setup {
 }
 
 pub fn setup() -> Setup {
-    let cluster = cluster();
+    setup_with(cluster())
+}
+
+/// [`setup`] around a cluster of the caller's making.
+pub fn setup_with(cluster: Cluster) -> Setup {
     let bootstrap = cluster.bootstrap_servers();
     Setup {
         cluster,
