@@ -6,7 +6,7 @@
 //! pump's retry channel or to the dead-letter thread.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -27,6 +27,11 @@ pub struct Generation {
     pub permits: Arc<Semaphore>,
     /// Turns true once this producer is fatally failed.
     pub fatal: watch::Sender<bool>,
+    /// Delivery reports handled, positive or not: the polling thread
+    /// writes acks out after every round that handled some.
+    pub reports: AtomicU64,
+    /// Tells the polling thread to end.
+    pub stop_polling: AtomicBool,
 }
 
 impl Generation {
@@ -34,6 +39,8 @@ impl Generation {
         Arc::new(Generation {
             permits: Arc::new(Semaphore::new(permits)),
             fatal: watch::channel(false).0,
+            reports: AtomicU64::new(0),
+            stop_polling: AtomicBool::new(false),
         })
     }
 
@@ -127,6 +134,7 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
         self.generation.permits.add_permits(1);
+        self.generation.reports.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         match result {
             Ok(msg) => {

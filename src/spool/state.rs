@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::SpoolCounters;
 use super::segment::{acks_path, segment_path};
@@ -23,6 +23,11 @@ pub(crate) const SAMPLE_EVERY: u64 = 4096;
 const SAMPLE_TIME_MS: u64 = 1000;
 /// Buffer for each segment's ack file: 512 acks per write syscall.
 const ACK_BUF: usize = 4096;
+/// Buffered acks are written out once the oldest of them is this old, so
+/// that a crash under load replays only a few milliseconds of delivered
+/// records (duplicates), while a busy drain still writes hundreds of acks
+/// per system call. The writer thread's timer covers an idle tail.
+const ACK_MAX_AGE: Duration = Duration::from_millis(2);
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it,
 /// which only skews ages, never correctness).
@@ -58,6 +63,8 @@ pub(crate) struct SegMeta {
     first_unacked: u64,
     samples: Vec<Sample>,
     ack_writer: Option<BufWriter<File>>,
+    /// When the oldest ack still in `ack_writer`'s buffer was written.
+    acks_buffered_since: Option<Instant>,
     ack_write_failed: bool,
 }
 
@@ -73,6 +80,7 @@ impl SegMeta {
             first_unacked: 0,
             samples: Vec::new(),
             ack_writer: None,
+            acks_buffered_since: None,
             ack_write_failed: false,
         }
     }
@@ -183,6 +191,20 @@ impl SegMeta {
                 Ok(())
             }),
         };
+        let res = res.and_then(|()| {
+            let now = Instant::now();
+            match self.acks_buffered_since {
+                None => self.acks_buffered_since = Some(now),
+                Some(since) if now.duration_since(since) >= ACK_MAX_AGE => {
+                    self.acks_buffered_since = None;
+                    if let Some(w) = &mut self.ack_writer {
+                        w.flush()?;
+                    }
+                }
+                Some(_) => {}
+            }
+            Ok(())
+        });
         if let Err(e) = res {
             self.ack_write_failed = true;
             self.ack_writer = None;
@@ -195,6 +217,7 @@ impl SegMeta {
     }
 
     fn flush_acks(&mut self, dir: &Path) {
+        self.acks_buffered_since = None;
         if let Some(w) = &mut self.ack_writer
             && let Err(e) = w.flush()
         {

@@ -129,10 +129,31 @@ pub async fn request(
     body: Vec<u8>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    try_request(addr, method, path_and_query, body, headers)
+        .await
+        .expect("the gateway answers")
+}
+
+/// POSTs like [`post`], but a gateway that is gone (killed) gives None.
+pub async fn try_post(
+    addr: std::net::SocketAddr,
+    path_and_query: &str,
+    body: &[u8],
+) -> Option<Answer> {
+    try_request(addr, "POST", path_and_query, body.to_vec(), &[]).await
+}
+
+pub async fn try_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .ok()?;
     tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -142,17 +163,17 @@ pub async fn request(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = sender.send_request(req).await.expect("response");
+    let resp = sender.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
     let json = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
-    Answer {
+    Some(Answer {
         status,
         json,
         headers,
-    }
+    })
 }
 
 pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
