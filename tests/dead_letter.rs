@@ -7,17 +7,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A group receipt whose event is far larger than `message.max.bytes`.
-fn huge_receipt() -> String {
-    let members: Vec<String> = (0..200)
-        .map(|i| format!(r#"{{"Member_Account":"member-with-a-long-account-name-{i:04}"}}"#))
-        .collect();
-    format!(
-        r#"{{"GroupId":"g-huge","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":1,"ReadNum":200,"UnreadNum":0,"ReadReceiptMembers":[{}]}}],"EventTime":1670574414123}}"#,
-        members.join(",")
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() {
     let s = setup();
@@ -32,7 +21,7 @@ async fn a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_delivered() 
         )
     };
     assert_ok(&post(addr, &q(), group_body("g-before", 1).as_bytes()).await);
-    assert_ok(&post(addr, &q(), huge_receipt().as_bytes()).await);
+    assert_ok(&post(addr, &q(), huge_receipt("g-huge").as_bytes()).await);
     assert_ok(&post(addr, &q(), group_body("g-after", 1).as_bytes()).await);
 
     let recs = read_topic(&s.bootstrap, GROUP_TOPIC, 2, Duration::from_secs(30));

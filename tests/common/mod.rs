@@ -333,6 +333,18 @@ pub const C2C_REPORT_BODY: &str = r#"{
     "EventTime": 1670574414999
 }"#;
 
+/// A group receipt whose event (about 9 kB) is far larger than a
+/// `message.max.bytes` of 4096.
+pub fn huge_receipt(group: &str) -> String {
+    let members: Vec<String> = (0..200)
+        .map(|i| format!(r#"{{"Member_Account":"member-with-a-long-account-name-{i:04}"}}"#))
+        .collect();
+    format!(
+        r#"{{"GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":1,"ReadNum":200,"UnreadNum":0,"ReadReceiptMembers":[{}]}}],"EventTime":1670574414123}}"#,
+        members.join(",")
+    )
+}
+
 /// A group receipt for a distinct group, so tests can post many that the
 /// dedup window does not fold together.
 pub fn group_body(group: &str, seq: u64) -> String {
