@@ -294,6 +294,11 @@ impl Pump {
         let data = item.data.clone();
         let record = match RecordRef::decode(&data) {
             Ok(r) => r,
+            Err(e) if item.dead_letter_copy => {
+                // Already in the dead-letter file, and it cannot be sent.
+                tracing::warn!(error = %e, "cannot copy an unreadable record to the dead-letter topic; it is in the dead-letter file");
+                return true;
+            }
             Err(e) => {
                 self.shared.dead_letters.bury(item, e.to_string());
                 return true;
