@@ -78,13 +78,31 @@ async fn repeated_sigkills_under_load_lose_nothing_and_duplicate_little() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Everything the topic holds, by its end offsets.
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.bootstrap)
+        .create()
+        .unwrap();
+    let total: i64 = (0..PARTITIONS_HERE)
+        .map(|p| {
+            rdkafka::consumer::Consumer::fetch_watermarks(
+                &consumer,
+                GROUP_TOPIC,
+                p,
+                Duration::from_secs(10),
+            )
+            .unwrap()
+            .1
+        })
+        .sum();
     let recs = read_partitions(
         &s.bootstrap,
         GROUP_TOPIC,
         PARTITIONS_HERE,
-        usize::MAX,
-        Duration::from_secs(3),
+        total as usize,
+        Duration::from_secs(60),
     );
+    assert_eq!(recs.len(), total as usize, "could not read the whole topic");
     let mut seen: HashMap<&[u8], usize> = HashMap::new();
     for r in &recs {
         *seen.entry(r.key.as_slice()).or_default() += 1;
@@ -94,6 +112,15 @@ async fn repeated_sigkills_under_load_lose_nothing_and_duplicate_little() {
         .filter(|g| !seen.contains_key(g.as_bytes()))
         .collect();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let mut per_trial = std::collections::BTreeMap::new();
+    for (k, n) in &seen {
+        if *n > 1 {
+            let k = String::from_utf8_lossy(k);
+            let trial: String = k.split('-').nth(2).unwrap_or("?").to_owned();
+            *per_trial.entry(trial).or_insert(0) += n - 1;
+        }
+    }
+    eprintln!("duplicates per trial: {per_trial:?}");
     let share = duplicates as f64 / acked.len() as f64;
     eprintln!(
         "{TRIALS} kills: {} acknowledged, {} lost, {duplicates} duplicates ({:.3} %)",
