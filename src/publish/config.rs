@@ -14,11 +14,6 @@ pub fn producer_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
         // Retries inside librdkafka must not reorder or duplicate.
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        // One request at a time per broker: a crash then leaves at most one
-        // request's records in Kafka without a delivery report (replayed as
-        // duplicates), not a pipeline of them. Batches are large enough for
-        // a fast drain regardless.
-        .set("max.in.flight.requests.per.connection", "1")
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
