@@ -85,10 +85,11 @@ impl Live {
     }
 }
 
-/// rdkafka's `ThreadedProducer` polls in much the same way,
-/// but offers no moment between two rounds of delivery reports: that is
-/// when their acks are written out, so that they survive a crash of the
-/// process without paying a system call per ack.
+/// rdkafka's `ThreadedProducer` polls in much the same way, but offers no
+/// moment between two rounds of delivery reports. That is when acks the
+/// spool buffered (it does so only while a backlog drains fast, see
+/// `Spool::flush_acks`) are written out, so that they survive a crash of the
+/// process without a system call per ack.
 fn poll(producer: &BaseProducer<DeliveryContext>, generation: &Generation, spool: &Spool) {
     // Short polls from the first report until a quiet spell of IDLE_POLL.
     let mut quiet = IDLE_POLL;
