@@ -125,13 +125,16 @@ pub struct KafkaConfig {
     pub c2c_topic: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_topic: Option<String>,
-    /// Records Kafka will never take (too large, not authorized, no such
-    /// topic) are written here as well as to the spool's dead-letter file.
+    /// Records Kafka will never take (too large, invalid) are written here
+    /// as well as to the spool's dead-letter file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_topic: Option<String>,
     /// At start, a configured topic missing from the cluster stops the
     /// start instead of only a warning (Kafka unreachable still only warns).
     pub require_topics: bool,
+    /// Budget of the dead-letter file; beyond it dead letters stay in the
+    /// spool (and are retried) until an operator moves the file away.
+    pub dead_letter_max_bytes: u64,
     /// Passed to librdkafka as is (TLS, SASL, tuning); they win over ours.
     pub properties: BTreeMap<String, PropertyValue>,
 }
@@ -145,6 +148,7 @@ impl Default for KafkaConfig {
             raw_topic: None,
             dead_letter_topic: None,
             require_topics: false,
+            dead_letter_max_bytes: 64 * 1024 * 1024,
             properties: BTreeMap::new(),
         }
     }
@@ -534,6 +538,9 @@ impl Config {
             return invalid(
                 "kafka.brokers is empty: give host:port[,host:port] or \"embedded\"".into(),
             );
+        }
+        if self.kafka.dead_letter_max_bytes == 0 {
+            return invalid("kafka.dead_letter_max_bytes must be above 0".into());
         }
         for (key, topic) in [
             ("kafka.group_topic", Some(&self.kafka.group_topic)),

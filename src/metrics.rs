@@ -45,13 +45,17 @@ pub const OUTCOME_LABELS: [&str; 11] = [
 pub const EVENT_KIND_LABELS: [&str; 4] = ["group_message", "c2c_message", "c2c_watermark", "raw"];
 
 /// Every value the `reason` label of `timbridge_kafka_errors_total` takes.
-pub const KAFKA_ERROR_LABELS: [&str; 7] = [
+pub const KAFKA_ERROR_LABELS: [&str; 11] = [
     "timed_out",
     "too_large",
+    "invalid_record",
     "not_authorized",
+    "authentication",
     "unknown_topic",
     "queue_full",
     "transport",
+    "fatal",
+    "purged",
     "other",
 ];
 
@@ -95,6 +99,9 @@ pub struct Metrics {
     pub kafka_queue_messages: IntGauge,
     pub kafka_broker_rtt: Gauge,
     pub dead_letter: IntCounter,
+    pub dead_letter_bytes: IntGauge,
+    pub dead_letter_max_bytes: IntGauge,
+    pub kafka_producer_restarts: IntCounter,
     pub duplicates_dropped: IntCounter,
     pub log_lines_suppressed: IntCounter,
     pub callbacks_over_limit: IntCounterVec,
@@ -161,7 +168,7 @@ impl Metrics {
             kafka_errors: IntCounterVec::new(
                 Opts::new(
                     "timbridge_kafka_errors_total",
-                    "Failed deliveries, by reason (retried unless the reason is permanent).",
+                    "Failed deliveries, by reason (only too_large and invalid_record are dead-lettered; the rest is retried).",
                 ),
                 &["reason"],
             )
@@ -192,6 +199,21 @@ impl Metrics {
             dead_letter: IntCounter::new(
                 "timbridge_dead_letter_total",
                 "Records Kafka will never take, moved to the dead-letter file (and topic, when set).",
+            )
+            .expect("valid metric"),
+            dead_letter_bytes: IntGauge::new(
+                "timbridge_dead_letter_bytes",
+                "Size of the dead-letter file; at its budget, further dead letters stay in the spool.",
+            )
+            .expect("valid metric"),
+            dead_letter_max_bytes: IntGauge::new(
+                "timbridge_dead_letter_max_bytes",
+                "The dead-letter file's budget, kafka.dead_letter_max_bytes.",
+            )
+            .expect("valid metric"),
+            kafka_producer_restarts: IntCounter::new(
+                "timbridge_kafka_producer_restarts_total",
+                "Times the Kafka producer failed fatally and was rebuilt.",
             )
             .expect("valid metric"),
             duplicates_dropped: IntCounter::new(
@@ -325,6 +347,9 @@ impl Metrics {
             Box::new(m.kafka_queue_messages.clone()),
             Box::new(m.kafka_broker_rtt.clone()),
             Box::new(m.dead_letter.clone()),
+            Box::new(m.dead_letter_bytes.clone()),
+            Box::new(m.dead_letter_max_bytes.clone()),
+            Box::new(m.kafka_producer_restarts.clone()),
             Box::new(m.duplicates_dropped.clone()),
             Box::new(m.log_lines_suppressed.clone()),
             Box::new(m.callbacks_over_limit.clone()),

@@ -440,6 +440,15 @@ impl Spool {
         }
     }
 
+    /// Writes buffered acks to their files, unsynced: the page cache
+    /// survives a crash of the process, so a restart then replays only
+    /// records whose delivery reports had not been handled yet. Called by
+    /// the publisher after each round of delivery reports.
+    pub fn flush_acks(&self) {
+        let shared = &self.inner.shared;
+        shared.lock_state().flush_acks(&shared.dir);
+    }
+
     /// Current figures for metrics and health checks; never blocks on I/O.
     pub fn stats(&self) -> SpoolStats {
         let shared = &self.inner.shared;

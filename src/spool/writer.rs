@@ -37,9 +37,10 @@ use super::segment::{
 use super::state::{Counters, SAMPLE_EVERY, Sample, SegMeta, now_ms};
 use super::{FsyncMode, Shared, SpoolError, io_context};
 
-/// Acks are flushed to their files at least this often, so a crash
-/// replays at most about this much already-delivered traffic.
-const ACK_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Acks still buffered are flushed to their files at least this often.
+/// Under load they are written within milliseconds anyway (see
+/// `state::ACK_MAX_AGE`); this covers the last acks before a quiet spell.
+const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// The group buffer keeps its capacity between groups (no allocation per
 /// group) but gives back anything above this after an unusually large one.
 const BUF_KEEP: usize = 16 << 20;

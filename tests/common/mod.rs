@@ -31,9 +31,17 @@ pub type Cluster = MockCluster<'static, DefaultProducerContext>;
 
 /// A one-broker mock cluster with the gateway's topics.
 pub fn cluster() -> Cluster {
-    let c = MockCluster::new(1).expect("mock cluster");
+    cluster_of(1, PARTITIONS)
+}
+
+/// A mock cluster of `brokers` brokers (so leaders can move), the topics
+/// with `partitions` partitions each (the mock keeps only ~5 MB per
+/// partition: more partitions keep more records readable).
+pub fn cluster_of(brokers: i32, partitions: i32) -> Cluster {
+    let c = MockCluster::new(brokers).expect("mock cluster");
     for t in [GROUP_TOPIC, C2C_TOPIC, RAW_TOPIC] {
-        c.create_topic(t, PARTITIONS, 1).expect("topic");
+        c.create_topic(t, partitions, brokers.min(3))
+            .expect("topic");
     }
     c
 }
@@ -121,10 +129,31 @@ pub async fn request(
     body: Vec<u8>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    try_request(addr, method, path_and_query, body, headers)
+        .await
+        .expect("the gateway answers")
+}
+
+/// POSTs like [`post`], but a gateway that is gone (killed) gives None.
+pub async fn try_post(
+    addr: std::net::SocketAddr,
+    path_and_query: &str,
+    body: &[u8],
+) -> Option<Answer> {
+    try_request(addr, "POST", path_and_query, body.to_vec(), &[]).await
+}
+
+pub async fn try_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .expect("handshake");
+        .ok()?;
     tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -134,17 +163,17 @@ pub async fn request(
         req = req.header(*k, *v);
     }
     let req = req.body(Full::new(Bytes::from(body))).unwrap();
-    let resp = sender.send_request(req).await.expect("response");
+    let resp = sender.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
     let json = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
-    Answer {
+    Some(Answer {
         status,
         json,
         headers,
-    }
+    })
 }
 
 pub async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
@@ -187,6 +216,17 @@ pub struct Received {
 /// Reads `topic` from the beginning with an independent consumer until
 /// `want` records have arrived or `within` has passed.
 pub fn read_topic(bootstrap: &str, topic: &str, want: usize, within: Duration) -> Vec<Received> {
+    read_partitions(bootstrap, topic, PARTITIONS, want, within)
+}
+
+/// [`read_topic`] for a topic of `partitions` partitions.
+pub fn read_partitions(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    within: Duration,
+) -> Vec<Received> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "timbridge-tests")
@@ -194,7 +234,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, want: usize, within: Duration) -
         .create()
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
+    for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
@@ -293,6 +333,18 @@ pub const C2C_REPORT_BODY: &str = r#"{
     "EventTime": 1670574414999
 }"#;
 
+/// A group receipt whose event (about 9 kB) is far larger than a
+/// `message.max.bytes` of 4096.
+pub fn huge_receipt(group: &str) -> String {
+    let members: Vec<String> = (0..200)
+        .map(|i| format!(r#"{{"Member_Account":"member-with-a-long-account-name-{i:04}"}}"#))
+        .collect();
+    format!(
+        r#"{{"GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":1,"ReadNum":200,"UnreadNum":0,"ReadReceiptMembers":[{}]}}],"EventTime":1670574414123}}"#,
+        members.join(",")
+    )
+}
+
 /// A group receipt for a distinct group, so tests can post many that the
 /// dedup window does not fold together.
 pub fn group_body(group: &str, seq: u64) -> String {
@@ -300,6 +352,7 @@ pub fn group_body(group: &str, seq: u64) -> String {
         r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":{seq},"ReadNum":1,"UnreadNum":1,"ReadReceiptMembers":[{{"Member_Account":"u"}}]}}],"EventTime":1670574414123}}"#
     )
 }
+pub mod faults;
 pub mod process;
 pub mod tmpfs;
 pub mod upstream;
@@ -312,7 +365,11 @@ pub struct Setup {
 }
 
 pub fn setup() -> Setup {
-    let cluster = cluster();
+    setup_with(cluster())
+}
+
+/// [`setup`] around a cluster of the caller's making.
+pub fn setup_with(cluster: Cluster) -> Setup {
     let bootstrap = cluster.bootstrap_servers();
     Setup {
         cluster,

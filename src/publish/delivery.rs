@@ -1,0 +1,176 @@
+//! librdkafka's callbacks, on its polling thread: logs, statistics, errors,
+//! and the delivery reports that decide each record's fate.
+//!
+//! Nothing here blocks on I/O: a delivered record is acknowledged in the
+//! spool (in memory, ack files are buffered), a failed one goes back to the
+//! pump's retry channel or to the dead-letter thread.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::statistics::Statistics;
+use tokio::sync::{Semaphore, watch};
+
+use super::classify::{Action, classify};
+use super::{InFlight, Shared};
+use crate::intake::now_ms;
+
+/// One producer's life: a fatal error ends it, and the pump builds the
+/// next one with a fresh `Generation`.
+pub struct Generation {
+    /// Records handed to this producer and not yet reported on, bounded.
+    pub permits: Arc<Semaphore>,
+    /// Turns true once this producer is fatally failed.
+    pub fatal: watch::Sender<bool>,
+    /// Delivery reports handled, positive or not: the polling thread
+    /// writes acks out after every round that handled some.
+    pub reports: AtomicU64,
+    /// Tells the polling thread to end.
+    pub stop_polling: AtomicBool,
+}
+
+impl Generation {
+    pub fn new(permits: usize) -> Arc<Generation> {
+        Arc::new(Generation {
+            permits: Arc::new(Semaphore::new(permits)),
+            fatal: watch::channel(false).0,
+            reports: AtomicU64::new(0),
+            stop_polling: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_fatal(&self) -> bool {
+        *self.fatal.borrow()
+    }
+}
+
+/// Receives librdkafka's callbacks for one producer.
+pub struct DeliveryContext {
+    pub(super) shared: Arc<Shared>,
+    pub(super) generation: Arc<Generation>,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.shared.kafka_log.log(level, fac, message);
+    }
+
+    fn stats(&self, stats: Statistics) {
+        let up = stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.set_kafka_up(up);
+        let metrics = &self.shared.metrics;
+        metrics.kafka_queue_messages.set(stats.msg_cnt as i64);
+        let worst_rtt_us = stats
+            .brokers
+            .values()
+            .filter_map(|b| b.rtt.as_ref().map(|w| w.avg))
+            .max()
+            .unwrap_or(0);
+        metrics
+            .kafka_broker_rtt
+            .set(worst_rtt_us as f64 / 1_000_000.0);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            // The pump logs it once, with librdkafka's reason, as it
+            // rebuilds the producer.
+            Some(RDKafkaErrorCode::Fatal) => self.mark_fatal(),
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                self.set_kafka_up(false);
+                self.shared.kafka_log.error(&error, reason);
+            }
+            _ => self.shared.kafka_log.error(&error, reason),
+        }
+    }
+}
+
+impl DeliveryContext {
+    fn set_kafka_up(&self, up: bool) {
+        // A failed producer's brokers are still connected, but nothing
+        // gets through: it is down until the next producer says otherwise.
+        let up = up && !self.generation.is_fatal();
+        self.shared.metrics.kafka_up.set(up as i64);
+        self.shared.kafka_log.kafka_up(up);
+        self.shared
+            .kafka_up
+            .send_if_modified(|v| std::mem::replace(v, up) != up);
+    }
+
+    /// This producer refuses everything from now on: say Kafka is down and
+    /// wake the pump, which rebuilds it.
+    pub(super) fn mark_fatal(&self) {
+        if !self.generation.fatal.send_replace(true) {
+            self.set_kafka_up(false);
+        }
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Box<InFlight>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
+        self.generation.permits.add_permits(1);
+        self.generation.reports.fetch_add(1, Ordering::Relaxed);
+        let shared = &self.shared;
+        match result {
+            Ok(msg) => {
+                shared.delivered.fetch_add(1, Ordering::Relaxed);
+                if inflight.dead_letter_copy {
+                    return;
+                }
+                shared.spool.ack(inflight.spool_id);
+                self.set_kafka_up(true);
+                shared
+                    .metrics
+                    .kafka_delivered
+                    .with_label_values(&[msg.topic()])
+                    .inc();
+                let age_ms = now_ms().saturating_sub(inflight.appended_ms);
+                shared
+                    .metrics
+                    .kafka_delivery_seconds
+                    .observe(age_ms as f64 / 1000.0);
+                tracing::debug!(
+                    topic = msg.topic(),
+                    partition = msg.partition(),
+                    offset = msg.offset(),
+                    key = %crate::logging::Untrusted(&String::from_utf8_lossy(msg.key().unwrap_or_default())),
+                    "delivered"
+                );
+            }
+            Err((err, msg)) => {
+                let action = classify(err);
+                shared
+                    .metrics
+                    .kafka_errors
+                    .with_label_values(&[action.reason()])
+                    .inc();
+                if action == Action::Rebuild {
+                    self.mark_fatal();
+                }
+                if inflight.dead_letter_copy {
+                    tracing::warn!(topic = msg.topic(), error = %err, "could not write a dead letter to Kafka; it is in the dead-letter file");
+                    return;
+                }
+                match action {
+                    Action::DeadLetter(_) => shared.dead_letters.bury(*inflight, err.to_string()),
+                    Action::Retry(_) | Action::Wait | Action::Rebuild => {
+                        tracing::debug!(error = %err, spool_id = inflight.spool_id, "delivery failed; will send again");
+                        // The publisher may be gone at shutdown: the record
+                        // is still in the spool and goes out after the restart.
+                        let _ = shared.retry.send(*inflight);
+                    }
+                }
+            }
+        }
+    }
+}
