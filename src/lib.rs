@@ -37,6 +37,7 @@ pub mod embedded;
 pub mod event;
 pub mod intake;
 pub mod logging;
+pub mod materialize;
 pub mod metrics;
 pub mod publish;
 pub mod record;
