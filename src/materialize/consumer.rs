@@ -103,6 +103,8 @@ struct Shared {
     pending: Mutex<HashMap<(InputRole, i32), i64>>,
     /// A failure inside a callback, which cannot return one.
     failure: Mutex<Option<anyhow::Error>>,
+    /// Set on assignment, so the lag of new partitions shows at once.
+    assignment_changed: AtomicBool,
 }
 
 impl Shared {
@@ -278,6 +280,7 @@ impl ConsumerContext for FoldContext {
                         );
                         s.ready.set(true);
                         s.metrics.up.set(1);
+                        s.assignment_changed.store(true, Ordering::SeqCst);
                     }
                     Err(e) => {
                         s.fail(e.context("cannot rebuild the state of the assigned partitions"))
@@ -316,6 +319,7 @@ pub fn run(
         stores: Mutex::new(HashMap::new()),
         pending: Mutex::new(HashMap::new()),
         failure: Mutex::new(None),
+        assignment_changed: AtomicBool::new(false),
     });
     let consumer: BaseConsumer<FoldContext> = consumer_config
         .create_with_context(FoldContext {
@@ -446,7 +450,8 @@ fn fold_loop(
             since_commit = 0;
             last_commit = Instant::now();
         }
-        if last_lag.elapsed() >= LAG_INTERVAL {
+        if last_lag.elapsed() >= LAG_INTERVAL || s.assignment_changed.swap(false, Ordering::SeqCst)
+        {
             update_lag(consumer, s, &mut positions);
             last_lag = Instant::now();
         }
