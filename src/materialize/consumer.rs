@@ -369,6 +369,8 @@ fn fold_loop(
         }
         match polled {
             None => {}
+            // Only when enable.partition.eof is set in the properties: not an error.
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "input consumer error (librdkafka retries)"),
             Some(Ok(m)) => {
                 let Some(role) = s.role(m.topic()) else {

@@ -59,7 +59,9 @@ pub async fn ensure_state_topic(base: &ClientConfig, config: &Config) -> anyhow:
             let replication = md.brokers().len().clamp(1, 3) as i32;
             let topic = NewTopic::new(state, need as i32, TopicReplication::Fixed(replication))
                 .set("cleanup.policy", "compact");
-            let opts = AdminOptions::new().operation_timeout(Some(METADATA_TIMEOUT));
+            let opts = AdminOptions::new()
+                .operation_timeout(Some(METADATA_TIMEOUT))
+                .request_timeout(Some(METADATA_TIMEOUT));
             let created = admin
                 .create_topics([&topic], &opts)
                 .await
