@@ -30,6 +30,10 @@
 //! reachable is reported but never makes the gateway unready.
 //!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
+//!
+//! `timbridge materialize` ([`materialize`]) is a second process mode
+//! downstream of Kafka: a consumer group that folds the events into each
+//! message's read state, kept in a compacted topic.
 
 pub mod config;
 pub mod dedup;
