@@ -29,7 +29,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -361,7 +361,7 @@ fn fold_loop(
     let mut last_lag = Instant::now();
     let mut last_evict = Instant::now();
     let mut positions: HashMap<(InputRole, i32), i64> = HashMap::new();
-    let mut invalid_logged = 0u64;
+    let mut invalid_seen = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let polled = consumer.poll(Duration::from_millis(100));
         if let Some(e) = s.take_failure() {
@@ -376,71 +376,25 @@ fn fold_loop(
                 let Some(role) = s.role(m.topic()) else {
                     continue;
                 };
-                let p = m.partition();
                 let next = m.offset() + 1;
-                positions.insert((role, p), next);
-                let parsed = ReadEvent::parse(m.payload().unwrap_or_default())
-                    .map_err(|e| e.to_string())
-                    .and_then(|e| {
-                        if e.kind.is_group() == (role == InputRole::Group) {
-                            Ok(e)
-                        } else {
-                            Err(format!("a {} event on {}", e.kind.as_str(), m.topic()))
-                        }
-                    });
-                match parsed {
+                positions.insert((role, m.partition()), next);
+                match parse(&m, role) {
+                    Ok(event) => fold_event(s, &event, role, m.partition(), &headers)?,
                     Err(why) => {
                         s.metrics.events_invalid.inc();
-                        invalid_logged += 1;
+                        invalid_seen += 1;
                         // The first and then every thousandth: a topic full of
                         // junk must not flood the log.
-                        if invalid_logged % 1000 == 1 {
-                            tracing::warn!(topic = m.topic(), partition = p, offset = m.offset(), error = %why,
-                                skipped_so_far = invalid_logged, "input record is not a read_receipt.v1 event; skipped");
+                        if invalid_seen % 1000 == 1 {
+                            tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %why,
+                                skipped_so_far = invalid_seen, "input record is not a read_receipt.v1 event; skipped");
                         }
-                    }
-                    Ok(event) => {
-                        s.metrics
-                            .events_folded
-                            .with_label_values(&[event.kind.as_str()])
-                            .inc();
-                        let key = event.key();
-                        let mut stores = s.stores.lock().unwrap_or_else(|p| p.into_inner());
-                        let Some(store) = stores.get_mut(&(role, p)) else {
-                            bail!(
-                                "a record of {}[{p}] arrived without its state: not assigned here",
-                                m.topic()
-                            );
-                        };
-                        match store.fold(
-                            key.clone(),
-                            &event,
-                            s.settings.max_readers,
-                            s.settings.evict_after,
-                        ) {
-                            Folded::Unchanged => {}
-                            Folded::TooOld => s.metrics.events_too_old.inc(),
-                            Folded::Changed(state) => {
-                                let bytes = value::encode(state, value::now_ms());
-                                let kind =
-                                    Kind::ALL.iter().position(|k| *k == state.kind).unwrap_or(0);
-                                send(
-                                    &s.producer,
-                                    BaseRecord::with_opaque_to(&s.settings.state_topic, kind)
-                                        .partition(p)
-                                        .key(&key)
-                                        .payload(&bytes)
-                                        .headers(headers.clone()),
-                                )?;
-                            }
-                        }
-                        s.update_state_gauge(&stores);
                     }
                 }
                 s.pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .insert((role, p), next);
+                    .insert((role, m.partition()), next);
                 since_commit += 1;
             }
         }
@@ -462,6 +416,63 @@ fn fold_loop(
             last_evict = Instant::now();
         }
     }
+    Ok(())
+}
+
+/// The event in an input record, if it is one and sits on its own topic
+/// (a c2c event on the group topic would be written by the wrong owner).
+fn parse(m: &BorrowedMessage<'_>, role: InputRole) -> Result<ReadEvent, String> {
+    let e = ReadEvent::parse(m.payload().unwrap_or_default()).map_err(|e| e.to_string())?;
+    if e.kind.is_group() == (role == InputRole::Group) {
+        Ok(e)
+    } else {
+        Err(format!("a {} event on {}", e.kind.as_str(), m.topic()))
+    }
+}
+
+/// Folds one event into its partition's store and writes the state if it
+/// changed.
+fn fold_event(
+    s: &Shared,
+    event: &ReadEvent,
+    role: InputRole,
+    p: i32,
+    headers: &OwnedHeaders,
+) -> anyhow::Result<()> {
+    s.metrics
+        .events_folded
+        .with_label_values(&[event.kind.as_str()])
+        .inc();
+    let key = event.key();
+    let mut stores = s.stores.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(store) = stores.get_mut(&(role, p)) else {
+        bail!(
+            "a record of {}[{p}] arrived without its state: not assigned here",
+            s.topic(role)
+        );
+    };
+    match store.fold(
+        key.clone(),
+        event,
+        s.settings.max_readers,
+        s.settings.evict_after,
+    ) {
+        Folded::Unchanged => {}
+        Folded::TooOld => s.metrics.events_too_old.inc(),
+        Folded::Changed(state) => {
+            let bytes = value::encode(state, value::now_ms());
+            let kind = Kind::ALL.iter().position(|k| *k == state.kind).unwrap_or(0);
+            send(
+                &s.producer,
+                BaseRecord::with_opaque_to(&s.settings.state_topic, kind)
+                    .partition(p)
+                    .key(&key)
+                    .payload(&bytes)
+                    .headers(headers.clone()),
+            )?;
+        }
+    }
+    s.update_state_gauge(&stores);
     Ok(())
 }
 

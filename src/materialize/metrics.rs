@@ -26,44 +26,37 @@ pub struct MaterializeMetrics {
 
 impl MaterializeMetrics {
     pub fn new() -> MaterializeMetrics {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let by_kind = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &["kind"]).expect("valid metric")
+        };
         let m = MaterializeMetrics {
             registry: Registry::new(),
-            events_folded: IntCounterVec::new(
-                Opts::new(
-                    "timbridge_read_state_events_folded_total",
-                    "read_receipt.v1 events folded into the read state, by kind (duplicates included).",
-                ),
-                &["kind"],
-            )
-            .expect("valid metric"),
-            events_invalid: IntCounter::new(
+            events_folded: by_kind(
+                "timbridge_read_state_events_folded_total",
+                "read_receipt.v1 events folded into the read state, by kind (duplicates included).",
+            ),
+            events_invalid: counter(
                 "timbridge_read_state_events_invalid_total",
                 "Input records that are not valid read_receipt.v1 events; skipped.",
-            )
-            .expect("valid metric"),
-            events_too_old: IntCounter::new(
+            ),
+            events_too_old: counter(
                 "timbridge_read_state_events_too_old_total",
                 "Events for a message already evicted, older than read_state.evict_after; skipped.",
-            )
-            .expect("valid metric"),
-            states_emitted: IntCounterVec::new(
-                Opts::new(
-                    "timbridge_read_state_states_emitted_total",
-                    "State records written (acknowledged by Kafka), by kind: one per event that changed a state.",
-                ),
-                &["kind"],
-            )
-            .expect("valid metric"),
-            states_evicted: IntCounter::new(
+            ),
+            states_emitted: by_kind(
+                "timbridge_read_state_states_emitted_total",
+                "State records written (acknowledged by Kafka), by kind: one per event that changed a state.",
+            ),
+            states_evicted: counter(
                 "timbridge_read_state_states_evicted_total",
                 "States forgotten by age (read_state.evict_after), each with a tombstone.",
-            )
-            .expect("valid metric"),
-            states_in_memory: IntGauge::new(
+            ),
+            states_in_memory: gauge(
                 "timbridge_read_state_states",
                 "States held in memory for the assigned partitions.",
-            )
-            .expect("valid metric"),
+            ),
             consumer_lag: IntGaugeVec::new(
                 Opts::new(
                     "timbridge_read_state_consumer_lag",
@@ -77,25 +70,30 @@ impl MaterializeMetrics {
                     "timbridge_read_state_rebuild_seconds",
                     "Time to rebuild the state of newly assigned partitions from the state topic.",
                 )
-                .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                ]),
             )
             .expect("valid metric"),
-            rebuilt_states: IntCounter::new(
+            rebuilt_states: counter(
                 "timbridge_read_state_rebuilt_records_total",
                 "State records read back from the state topic during rebuilds.",
-            )
-            .expect("valid metric"),
-            partitions_assigned: IntGauge::new(
+            ),
+            partitions_assigned: gauge(
                 "timbridge_read_state_partitions_assigned",
                 "Input partitions this process folds now.",
-            )
-            .expect("valid metric"),
-            up: IntGauge::new(
+            ),
+            up: gauge(
                 "timbridge_read_state_ready",
                 "1 when folding, 0 while starting or rebuilding (as /readyz).",
-            )
-            .expect("valid metric"),
+            ),
         };
+        m.register_all();
+        m
+    }
+
+    fn register_all(&self) {
+        let m = self;
         // Every label value exists from the start, at zero (lag labels
         // follow the assignment, which is not known in advance).
         for kind in Kind::ALL {
@@ -118,7 +116,6 @@ impl MaterializeMetrics {
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
-        m
     }
 
     pub fn render(&self) -> Vec<u8> {

@@ -80,19 +80,13 @@ fn base_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// Runs the materializer until `shutdown` completes or a failure that a
-/// restart must resolve.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    if config.kafka.is_embedded() {
-        bail!(
-            "kafka.brokers = \"embedded\" is a gateway's private in-memory Kafka, which another process cannot read: \
-             set kafka.brokers to your cluster"
-        );
-    }
+/// The input consumer's, the state producer's and the rebuild reader's
+/// librdkafka settings.
+fn client_configs(
+    config: &Config,
+    base: &ClientConfig,
+) -> (ClientConfig, ClientConfig, ClientConfig) {
     let rs = &config.read_state;
-    let base = base_config(&config);
-    topic::ensure_state_topic(&base, &config).await?;
-
     let mut consumer_config = ClientConfig::new();
     consumer_config
         .set("bootstrap.servers", &config.kafka.brokers)
@@ -120,6 +114,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .set("acks", "all");
     let mut rebuild_config = base.clone();
     rebuild_config.set("group.id", format!("{}.rebuild", rs.group_id));
+
+    (consumer_config, producer_config, rebuild_config)
+}
+
+/// Runs the materializer until `shutdown` completes or a failure that a
+/// restart must resolve.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    if config.kafka.is_embedded() {
+        bail!(
+            "kafka.brokers = \"embedded\" is a gateway's private in-memory Kafka, which another process cannot read: \
+             set kafka.brokers to your cluster"
+        );
+    }
+    let rs = &config.read_state;
+    let base = base_config(&config);
+    topic::ensure_state_topic(&base, &config).await?;
+
+    let (consumer_config, producer_config, rebuild_config) = client_configs(&config, &base);
 
     let metrics = Arc::new(metrics::MaterializeMetrics::new());
     let ready = admin::Readiness::default();

@@ -17,6 +17,7 @@ use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::InputRole;
@@ -98,31 +99,42 @@ pub fn rebuild(
                 if open.get(&p).is_some_and(|high| m.offset() + 1 >= *high) {
                     open.remove(&p);
                 }
-                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                    continue;
-                };
-                match m.payload() {
-                    None => {
-                        for role in InputRole::ALL {
-                            if let Some(s) = stores.get_mut(&(role, p)) {
-                                s.forget(key);
-                            }
-                        }
-                    }
-                    Some(bytes) => {
-                        let Some(state) = value::decode(bytes) else {
-                            tracing::warn!(topic = %state_topic, partition = p, offset = m.offset(),
-                                "a record in the state topic is not read_state.v1; skipped");
-                            continue;
-                        };
-                        let role = InputRole::of_kind(state.kind);
-                        if let Some(s) = stores.get_mut(&(role, p)) {
-                            s.restore(key.to_owned(), state, max_readers);
-                        }
-                    }
-                }
+                apply(&mut stores, &m, max_readers);
             }
         }
     }
     Ok(Rebuilt { stores, records })
+}
+
+/// Applies one state record to the store of its partition and kind: a value
+/// is joined, a tombstone removes the key.
+fn apply(
+    stores: &mut HashMap<(InputRole, i32), PartitionStore>,
+    m: &BorrowedMessage<'_>,
+    max_readers: usize,
+) {
+    let p = m.partition();
+    let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+        return;
+    };
+    let Some(bytes) = m.payload() else {
+        for role in InputRole::ALL {
+            if let Some(s) = stores.get_mut(&(role, p)) {
+                s.forget(key);
+            }
+        }
+        return;
+    };
+    let Some(state) = value::decode(bytes) else {
+        tracing::warn!(
+            topic = m.topic(),
+            partition = p,
+            offset = m.offset(),
+            "a record in the state topic is not read_state.v1; skipped"
+        );
+        return;
+    };
+    if let Some(s) = stores.get_mut(&(InputRole::of_kind(state.kind), p)) {
+        s.restore(key.to_owned(), state, max_readers);
+    }
 }
