@@ -34,6 +34,9 @@ pub struct Config {
     /// How much one callback may ask for; see `crate::limits`.
     #[serde(default)]
     pub limits: crate::limits::Limits,
+    /// `timbridge materialize`: the read-state fold (the gateway ignores it).
+    #[serde(default)]
+    pub read_state: ReadStateConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -376,6 +379,43 @@ impl UpstreamConfig {
     }
 }
 
+/// `[read_state]`: where `timbridge materialize` writes the read state of
+/// every message, and how its consumer group is named.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadStateConfig {
+    /// The compacted state topic; created (compacted) if missing.
+    pub topic: String,
+    /// The consumer group all `materialize` processes of one fold share.
+    pub group_id: String,
+    /// Readers listed per message; beyond this `readers_truncated` is set,
+    /// which bounds both a state record's size and its memory.
+    pub max_readers: usize,
+    /// `/metrics`, `/healthz` and `/readyz` of the materializer.
+    pub listen: String,
+    /// A message whose last read event is this much older (in event time)
+    /// than the newest event of its partition is forgotten: its state
+    /// leaves memory and a tombstone removes it from the state topic.
+    #[serde(with = "humantime_serde")]
+    pub evict_after: Duration,
+    /// librdkafka properties for the materializer's consumer and producer,
+    /// applied over `[kafka.properties]`.
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+impl Default for ReadStateConfig {
+    fn default() -> Self {
+        ReadStateConfig {
+            topic: "tim.read_state".into(),
+            group_id: "timbridge-read-state".into(),
+            max_readers: 1000,
+            listen: "127.0.0.1:9091".into(),
+            evict_after: Duration::from_secs(30 * 24 * 3600),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
@@ -576,6 +616,39 @@ impl Config {
             upstream.validate()?;
         }
         self.limits.validate().map_err(ConfigError::Invalid)?;
+        self.validate_read_state()
+    }
+
+    fn validate_read_state(&self) -> Result<(), ConfigError> {
+        let rs = &self.read_state;
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !valid_topic(&rs.topic) {
+            return invalid(format!(
+                "read_state.topic = {:?} is not a valid Kafka topic name (1 to 249 of [a-zA-Z0-9._-])",
+                rs.topic
+            ));
+        }
+        if rs.topic == self.kafka.group_topic || rs.topic == self.kafka.c2c_topic {
+            return invalid(format!(
+                "read_state.topic = {:?} is an input topic: give the state its own topic",
+                rs.topic
+            ));
+        }
+        if rs.group_id.trim().is_empty() {
+            return invalid("read_state.group_id is empty: name the consumer group".into());
+        }
+        if rs.max_readers == 0 || rs.max_readers > 100_000 {
+            return invalid("read_state.max_readers must be 1 to 100000".into());
+        }
+        if rs.listen.parse::<SocketAddr>().is_err() {
+            return invalid(format!(
+                "read_state.listen = {:?} is not an address like 127.0.0.1:9091",
+                rs.listen
+            ));
+        }
+        if rs.evict_after.is_zero() {
+            return invalid("read_state.evict_after must be above 0, e.g. \"30days\"".into());
+        }
         Ok(())
     }
 
@@ -643,7 +716,12 @@ impl Config {
                 app.token = Some(REDACTED.into());
             }
         }
-        for (key, value) in copy.kafka.properties.iter_mut() {
+        for (key, value) in copy
+            .kafka
+            .properties
+            .iter_mut()
+            .chain(copy.read_state.properties.iter_mut())
+        {
             if is_secret_property(key) {
                 *value = PropertyValue::String(REDACTED.into());
             }

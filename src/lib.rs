@@ -38,6 +38,10 @@
 //! own, so that clients hogging the callback listener cannot fail the probes.
 //!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
+//!
+//! `timbridge materialize` ([`materialize`]) is a second process mode
+//! downstream of Kafka: a consumer group that folds the events into each
+//! message's read state, kept in a compacted topic.
 
 pub mod config;
 pub mod dedup;
@@ -49,6 +53,7 @@ pub mod intake;
 pub mod kafka_log;
 pub mod limits;
 pub mod logging;
+pub mod materialize;
 pub mod metrics;
 pub mod publish;
 pub mod record;

@@ -82,6 +82,17 @@ enum Command {
         /// bash, elvish, fish, powershell or zsh.
         shell: clap_complete::Shell,
     },
+    /// Fold the read-receipt topics into the read state of every message.
+    ///
+    /// Joins the consumer group read_state.group_id over kafka.group_topic
+    /// and kafka.c2c_topic, and writes each message's current read state
+    /// (read_state.v1) to the compacted topic read_state.topic. Run as many
+    /// as there are input partitions; they share the work. Serves /metrics,
+    /// /healthz and /readyz on read_state.listen. Stops on SIGTERM.
+    Materialize {
+        #[arg(long, env = "TIMBRIDGE_CONFIG", default_value = "config.toml")]
+        config: PathBuf,
+    },
     /// Look at a spool directory.
     Spool {
         #[command(subcommand)]
@@ -276,6 +287,12 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Materialize { config } => {
+            let cfg = Config::load(&config)?;
+            logging::init(&cfg.log)?;
+            timbridge::materialize::run(cfg, wait_for_signal()).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Spool {
             command: SpoolCommand::Stat { config },

@@ -164,3 +164,36 @@ pub fn field(line: &str, name: &str) -> String {
         .unwrap_or(rest.len());
     rest[..end].to_owned()
 }
+
+/// `timbridge materialize` on `config` (written to `dir/<name>.toml`) as a
+/// child process; returns once it serves its admin listener, whose address
+/// is `addr`.
+pub fn start_materializer(dir: &Path, name: &str, config: &str) -> GatewayProcess {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["materialize", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(strip_ansi(&line));
+        }
+    });
+    let mut p = GatewayProcess {
+        child,
+        addr: "127.0.0.1:1".parse().unwrap(),
+        log,
+    };
+    let line = p.wait_for_log("materializer listening", Duration::from_secs(30));
+    p.addr = field(&line, "addr=").parse().unwrap();
+    p
+}

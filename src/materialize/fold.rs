@@ -1,0 +1,314 @@
+//! The fold: a message's read state as a join-semilattice.
+//!
+//! Each field only moves one way: the read count is the largest seen, the
+//! unread count the smallest, readers are a union, the watermark the latest,
+//! the first event time the earliest. [`ReadState::join`] merges two states
+//! field by field with max / min / union, so it is commutative, associative
+//! and idempotent: duplicates, replays after a crash and any arrival order
+//! give the same state. An event is folded in as the state of that one event,
+//! and a state rebuilt from the state topic is joined the same way.
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+/// What a state describes: one group message, one one-to-one message, or
+/// one reader's watermark in a one-to-one chat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    GroupMessage,
+    C2cMessage,
+    C2cWatermark,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::GroupMessage, Kind::C2cMessage, Kind::C2cWatermark];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::GroupMessage => "group_message",
+            Kind::C2cMessage => "c2c_message",
+            Kind::C2cWatermark => "c2c_watermark",
+        }
+    }
+
+    /// Group events come from `kafka.group_topic`, the others from `kafka.c2c_topic`.
+    pub fn is_group(self) -> bool {
+        self == Kind::GroupMessage
+    }
+}
+
+/// The fields of a `read_receipt.v1` event the fold reads; the rest of the
+/// event is ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReadEvent {
+    pub schema: String,
+    pub kind: Kind,
+    pub sdk_app_id: u64,
+    pub conversation_id: String,
+    #[serde(default)]
+    pub group_id: Option<String>,
+    #[serde(default)]
+    pub msg_seq: Option<u64>,
+    #[serde(default)]
+    pub msg_key: Option<String>,
+    #[serde(default)]
+    pub read_count: Option<u64>,
+    #[serde(default)]
+    pub unread_count: Option<u64>,
+    #[serde(default)]
+    pub readers: Vec<String>,
+    #[serde(default)]
+    pub read_up_to_ms: Option<u64>,
+    pub event_time_ms: u64,
+}
+
+/// Why an input record cannot be folded.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("not a read_receipt.v1 event: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("schema is {0:?}, not read_receipt.v1")]
+    Schema(String),
+    #[error("a {0} event without {1}")]
+    Missing(&'static str, &'static str),
+}
+
+impl ReadEvent {
+    pub fn parse(bytes: &[u8]) -> Result<ReadEvent, InvalidEvent> {
+        let e: ReadEvent = serde_json::from_slice(bytes)?;
+        if e.schema != crate::event::SCHEMA {
+            return Err(InvalidEvent::Schema(e.schema));
+        }
+        let kind = e.kind.as_str();
+        match e.kind {
+            Kind::GroupMessage if e.msg_seq.is_none() => {
+                Err(InvalidEvent::Missing(kind, "msg_seq"))
+            }
+            Kind::C2cMessage if e.msg_key.is_none() => Err(InvalidEvent::Missing(kind, "msg_key")),
+            Kind::C2cWatermark if e.readers.is_empty() => {
+                Err(InvalidEvent::Missing(kind, "readers"))
+            }
+            Kind::C2cWatermark if e.read_up_to_ms.is_none() => {
+                Err(InvalidEvent::Missing(kind, "read_up_to_ms"))
+            }
+            _ => Ok(e),
+        }
+    }
+
+    /// The state key: `<sdk_app_id>/<conversation_id>/<ref>`, ref being the
+    /// msg_seq, the msg_key, or `watermark/<reader>`.
+    pub fn key(&self) -> String {
+        let r = match self.kind {
+            Kind::GroupMessage => self.msg_seq.unwrap_or_default().to_string(),
+            Kind::C2cMessage => self.msg_key.clone().unwrap_or_default(),
+            Kind::C2cWatermark => format!("watermark/{}", self.reader().unwrap_or_default()),
+        };
+        format!("{}/{}/{}", self.sdk_app_id, self.conversation_id, r)
+    }
+
+    /// Whose watermark this is: the one account a report names.
+    fn reader(&self) -> Option<&str> {
+        match self.kind {
+            Kind::C2cWatermark => self.readers.first().map(String::as_str),
+            _ => None,
+        }
+    }
+}
+
+/// One message's read state (or one reader's watermark): a value of
+/// `read_state.v1` without `updated_at_ms`, which is added at emission.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ReadState {
+    pub kind: Kind,
+    pub sdk_app_id: u64,
+    pub conversation_id: String,
+    pub group_id: Option<String>,
+    pub msg_seq: Option<u64>,
+    pub msg_key: Option<String>,
+    pub reader: Option<String>,
+    /// The largest count seen; `None` while no event gave one.
+    pub read_count: Option<u64>,
+    /// The smallest count seen; `None` while no event gave one.
+    pub unread_count: Option<u64>,
+    /// The `max_readers` smallest (bytewise) of all readers seen.
+    pub readers: BTreeSet<String>,
+    pub readers_truncated: bool,
+    pub read_up_to_ms: Option<u64>,
+    pub first_event_time_ms: u64,
+    pub last_event_time_ms: u64,
+}
+
+impl ReadState {
+    /// The state that one event alone gives.
+    pub fn of_event(e: &ReadEvent, max_readers: usize) -> ReadState {
+        let mut s = ReadState {
+            kind: e.kind,
+            sdk_app_id: e.sdk_app_id,
+            conversation_id: e.conversation_id.clone(),
+            group_id: match e.kind {
+                Kind::GroupMessage => Some(
+                    e.group_id
+                        .clone()
+                        .unwrap_or_else(|| e.conversation_id.clone()),
+                ),
+                _ => None,
+            },
+            msg_seq: e.msg_seq.filter(|_| e.kind == Kind::GroupMessage),
+            msg_key: e.msg_key.clone().filter(|_| e.kind == Kind::C2cMessage),
+            reader: e.reader().map(str::to_owned),
+            read_count: e.read_count,
+            unread_count: e.unread_count,
+            readers: e.readers.iter().cloned().collect(),
+            readers_truncated: false,
+            read_up_to_ms: e.read_up_to_ms,
+            first_event_time_ms: e.event_time_ms,
+            last_event_time_ms: e.event_time_ms,
+        };
+        s.cap_readers(max_readers);
+        s
+    }
+
+    /// Merges `other` into `self` (the least upper bound of the two);
+    /// returns whether `self` changed. Both describe the same key.
+    pub fn join(&mut self, other: &ReadState, max_readers: usize) -> bool {
+        let before = (
+            self.read_count,
+            self.unread_count,
+            self.readers.len(),
+            self.readers_truncated,
+            self.read_up_to_ms,
+            self.first_event_time_ms,
+            self.last_event_time_ms,
+        );
+        self.read_count = self.read_count.max(other.read_count);
+        self.unread_count = match (self.unread_count, other.unread_count) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut added = Vec::new();
+        for r in &other.readers {
+            if !self.readers.contains(r) {
+                self.readers.insert(r.clone());
+                added.push(r);
+            }
+        }
+        self.readers_truncated |= other.readers_truncated;
+        self.cap_readers(max_readers);
+        // A reader added and then cut off by the cap changes only the flag.
+        let readers_changed = added.iter().any(|r| self.readers.contains(*r));
+        self.read_up_to_ms = self.read_up_to_ms.max(other.read_up_to_ms);
+        self.first_event_time_ms = self.first_event_time_ms.min(other.first_event_time_ms);
+        self.last_event_time_ms = self.last_event_time_ms.max(other.last_event_time_ms);
+        readers_changed
+            || before
+                != (
+                    self.read_count,
+                    self.unread_count,
+                    self.readers.len(),
+                    self.readers_truncated,
+                    self.read_up_to_ms,
+                    self.first_event_time_ms,
+                    self.last_event_time_ms,
+                )
+    }
+
+    /// Folds one event in; returns whether the state changed (and so must
+    /// be written).
+    pub fn fold(&mut self, e: &ReadEvent, max_readers: usize) -> bool {
+        self.join(&ReadState::of_event(e, max_readers), max_readers)
+    }
+
+    /// Keeps the `max` smallest readers: the n smallest of a union are the n
+    /// smallest of the union of each side's n smallest, so capping keeps
+    /// the join order-independent.
+    fn cap_readers(&mut self, max: usize) {
+        while self.readers.len() > max {
+            self.readers.pop_last();
+            self.readers_truncated = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(seq: u64, read: u64, unread: u64, readers: &[&str], t: u64) -> ReadEvent {
+        ReadEvent {
+            schema: "read_receipt.v1".into(),
+            kind: Kind::GroupMessage,
+            sdk_app_id: 1,
+            conversation_id: "@TGS#g".into(),
+            group_id: Some("@TGS#g".into()),
+            msg_seq: Some(seq),
+            msg_key: None,
+            read_count: Some(read),
+            unread_count: Some(unread),
+            readers: readers.iter().map(|s| s.to_string()).collect(),
+            read_up_to_ms: None,
+            event_time_ms: t,
+        }
+    }
+
+    #[test]
+    fn counts_readers_and_times_move_one_way_only() {
+        let mut s = ReadState::of_event(&group(7, 2, 5, &["b"], 20), 10);
+        assert!(s.fold(&group(7, 3, 4, &["c"], 30), 10));
+        // An older callback lowers nothing but still adds its reader and time.
+        assert!(s.fold(&group(7, 1, 6, &["a"], 10), 10));
+        assert_eq!(s.read_count, Some(3));
+        assert_eq!(s.unread_count, Some(4));
+        assert_eq!(s.readers.iter().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!((s.first_event_time_ms, s.last_event_time_ms), (10, 30));
+        // A duplicate changes nothing: nothing is written.
+        assert!(!s.fold(&group(7, 3, 4, &["c"], 30), 10));
+        assert_eq!(ReadEvent::key(&group(7, 1, 1, &[], 1)), "1/@TGS#g/7");
+    }
+
+    #[test]
+    fn readers_past_the_cap_are_the_smallest_and_flagged() {
+        let mut s = ReadState::of_event(&group(1, 1, 1, &["m", "z"], 1), 2);
+        assert!(!s.readers_truncated);
+        assert!(s.fold(&group(1, 1, 1, &["a"], 1), 2));
+        assert_eq!(s.readers.iter().collect::<Vec<_>>(), ["a", "m"]);
+        assert!(s.readers_truncated);
+        // A reader beyond the kept ones changes nothing more.
+        assert!(!s.fold(&group(1, 1, 1, &["y"], 1), 2));
+    }
+
+    #[test]
+    fn watermark_key_names_the_reader_and_counts_stay_null() {
+        let e = ReadEvent {
+            schema: "read_receipt.v1".into(),
+            kind: Kind::C2cWatermark,
+            sdk_app_id: 9,
+            conversation_id: "c2c:alice:bob".into(),
+            group_id: None,
+            msg_seq: None,
+            msg_key: None,
+            read_count: None,
+            unread_count: None,
+            readers: vec!["bob".into()],
+            read_up_to_ms: Some(5000),
+            event_time_ms: 5005,
+        };
+        assert_eq!(e.key(), "9/c2c:alice:bob/watermark/bob");
+        let s = ReadState::of_event(&e, 10);
+        assert_eq!(s.reader.as_deref(), Some("bob"));
+        assert_eq!((s.read_count, s.unread_count), (None, None));
+    }
+
+    #[test]
+    fn events_missing_their_reference_are_invalid() {
+        let v = br#"{"schema":"read_receipt.v1","kind":"group_message","sdk_app_id":1,"conversation_id":"g","event_time_ms":1}"#;
+        assert!(matches!(
+            ReadEvent::parse(v),
+            Err(InvalidEvent::Missing(_, "msg_seq"))
+        ));
+        assert!(ReadEvent::parse(b"{").is_err());
+        let v2 = br#"{"schema":"read_receipt.v2","kind":"group_message","sdk_app_id":1,"conversation_id":"g","msg_seq":1,"event_time_ms":1}"#;
+        assert!(matches!(ReadEvent::parse(v2), Err(InvalidEvent::Schema(_))));
+    }
+}
