@@ -807,8 +807,10 @@ def register_smoke(binary: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="timbridge-deploy-check-") as tmp:
             cfg = Path(tmp) / "config.toml"
             cfg.write_text(sidecar_config_text())
+            # The container config leaves the brokers to TIMBRIDGE_BROKERS.
+            with_brokers = dict(env, TIMBRIDGE_BROKERS="kafka-1:9092")
             r = subprocess.run([str(binary), "check-config", "--config", str(cfg)],
-                               capture_output=True, text=True, env=env, timeout=30)
+                               capture_output=True, text=True, env=with_brokers, timeout=30)
             assert r.returncode == 0, r.stderr
             assert "[upstream]" in r.stdout, r.stdout
 
