@@ -35,6 +35,8 @@ pub mod config;
 pub mod dedup;
 pub mod embedded;
 pub mod event;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intake;
 pub mod logging;
 pub mod metrics;
