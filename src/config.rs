@@ -27,6 +27,9 @@ pub struct Config {
     pub spool: SpoolSettings,
     #[serde(default)]
     pub log: LogConfig,
+    /// How much one callback may ask for; see `crate::limits`.
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -364,6 +367,7 @@ impl Config {
         if self.spool.fsync_interval.is_zero() {
             return invalid("spool.fsync_interval must be above 0".into());
         }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 

@@ -6,14 +6,26 @@
 //! the two accounts in byte order), so every conversation lands in one
 //! partition, in order.
 //!
+//! Accounts are the sender's to choose, so the conversation id escapes `%`
+//! and `:` in them (`%25`, `%3A`): two different pairs of accounts never share
+//! a key. Tencent's UserIDs have neither, so real ids are unchanged.
+//!
 //! `event_id` is a hash of the callback's content, not of its arrival: the
 //! same receipt gets the same id on whichever replica receives it and however
 //! often Tencent (or a replay after a crash) delivers it, which is what lets
 //! consumers drop duplicates.
+//!
+//! A callback may add at most [`OUTPUT_BYTES_PER_REQUEST_BYTE`] bytes to the
+//! spool per byte of its request (or a small fixed allowance, whichever is
+//! more): [`normalize_within`] measures each record before building it and
+//! stops at the budget.
+
+use std::io;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+pub use crate::limits::{OUTPUT_BYTES_ALLOWANCE, OUTPUT_BYTES_PER_REQUEST_BYTE};
 use crate::record::{EventId, Record, TopicRole};
 use crate::tencent::payload::Callback;
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
@@ -59,6 +71,9 @@ struct Event<'a> {
 
 /// The conversation id of a one-to-one chat: `c2c:<a>:<b>`, `a` ≤ `b` in byte
 /// order, so both directions of a chat share one key and one partition.
+/// `%` and `:` in an account are written `%25` and `%3A`, so that the id
+/// names exactly one pair: `a:b:a`+`a:b` and `a:b:a`+`b:a` would otherwise
+/// both give `c2c:a:b:a:b:a`.
 pub fn c2c_conversation_id(x: &str, y: &str) -> String {
     let (a, b) = if x.as_bytes() <= y.as_bytes() {
         (x, y)
@@ -67,10 +82,20 @@ pub fn c2c_conversation_id(x: &str, y: &str) -> String {
     };
     let mut id = String::with_capacity(5 + a.len() + b.len());
     id.push_str("c2c:");
-    id.push_str(a);
+    push_escaped(&mut id, a);
     id.push(':');
-    id.push_str(b);
+    push_escaped(&mut id, b);
     id
+}
+
+fn push_escaped(id: &mut String, account: &str) {
+    for c in account.chars() {
+        match c {
+            '%' => id.push_str("%25"),
+            ':' => id.push_str("%3A"),
+            c => id.push(c),
+        }
+    }
 }
 
 /// Tencent's `OptPlatform` spellings vary (`iOS`, `IOS`; `Mac`, `macOS`):
@@ -89,11 +114,22 @@ pub fn canonical_platform(p: &str) -> &str {
         .unwrap_or(p)
 }
 
+/// Who the event is between, as the event id hashes it.
+enum Parties<'a> {
+    Group(&'a str),
+    /// The reader (operator or reporter) and the peer, each its own part:
+    /// no joined string that two different pairs could share.
+    C2c {
+        reader: &'a str,
+        peer: &'a str,
+    },
+}
+
 /// The parts of an event that identify it; `received_at_ms` is not one.
 struct Identity<'a> {
     sdk_app_id: u64,
     command: &'a str,
-    conversation_id: &'a str,
+    parties: Parties<'a>,
     message_ref: &'a str,
     readers: &'a [&'a str],
     event_time_ms: u64,
@@ -111,7 +147,14 @@ impl Identity<'_> {
         part(SCHEMA.as_bytes());
         part(&self.sdk_app_id.to_le_bytes());
         part(self.command.as_bytes());
-        part(self.conversation_id.as_bytes());
+        match self.parties {
+            Parties::Group(group_id) => part(group_id.as_bytes()),
+            Parties::C2c { reader, peer } => {
+                part(b"c2c");
+                part(reader.as_bytes());
+                part(peer.as_bytes());
+            }
+        }
         part(self.message_ref.as_bytes());
         part(&(self.readers.len() as u64).to_le_bytes());
         for r in self.readers {
@@ -126,8 +169,44 @@ impl Identity<'_> {
     }
 }
 
-/// Turns a checked callback into its Kafka records, appending to `out`.
+/// A callback whose records would take more than its budget of spool bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    pub budget: usize,
+}
+
+/// Turns a checked callback into its Kafka records, appending to `out`,
+/// with no budget (for callers that bound the input otherwise).
 pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
+    // Cannot fail: no callback's records exceed the address space.
+    let _ = normalize_within(cb, env, usize::MAX, out);
+}
+
+/// The spool bytes a callback of `request_bytes` (query string + body) may
+/// add: [`OUTPUT_BYTES_PER_REQUEST_BYTE`] per byte, and never less than
+/// [`OUTPUT_BYTES_ALLOWANCE`].
+pub fn budget_for(request_bytes: usize) -> usize {
+    request_bytes
+        .saturating_mul(OUTPUT_BYTES_PER_REQUEST_BYTE)
+        .max(OUTPUT_BYTES_ALLOWANCE)
+}
+
+/// Turns a checked callback into its Kafka records, appending to `out`, as
+/// long as they fit in `budget` bytes of spool (each record's encoding plus
+/// the spool's framing). Each record is measured before it is built, so a
+/// callback over its budget costs at most the one record that would not
+/// fit being measured; `out` may then hold the records before it.
+pub fn normalize_within(
+    cb: &Callback<'_>,
+    env: &Envelope<'_>,
+    budget: usize,
+    out: &mut Vec<Record>,
+) -> Result<(), OverBudget> {
+    let mut left = Budget {
+        budget,
+        left: budget,
+    };
+    let left = &mut left;
     let platform = env.platform.map(canonical_platform);
     match cb {
         Callback::Group(g) => {
@@ -137,7 +216,7 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
                 let event_id = Identity {
                     sdk_app_id: env.sdk_app_id,
                     command: GROUP_READ_RECEIPT,
-                    conversation_id: &g.group_id,
+                    parties: Parties::Group(&g.group_id),
                     message_ref: &msg_ref,
                     readers: &readers,
                     event_time_ms: g.event_time_ms,
@@ -174,7 +253,8 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
                     GROUP_READ_RECEIPT,
                     env.sdk_app_id,
                     &event,
-                ));
+                    left,
+                )?);
             }
         }
         Callback::C2cReceipt(c) => {
@@ -184,7 +264,10 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
                 let event_id = Identity {
                     sdk_app_id: env.sdk_app_id,
                     command: C2C_READ_RECEIPT,
-                    conversation_id: &conversation_id,
+                    parties: Parties::C2c {
+                        reader: &c.operator,
+                        peer: &c.peer,
+                    },
                     message_ref: &item.msg_key,
                     readers: &readers,
                     event_time_ms: c.event_time_ms,
@@ -221,19 +304,25 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
                     C2C_READ_RECEIPT,
                     env.sdk_app_id,
                     &event,
-                ));
+                    left,
+                )?);
             }
         }
         Callback::C2cReport(r) => {
             let conversation_id = c2c_conversation_id(&r.reporter, &r.peer);
             let readers = [r.reporter.as_ref()];
+            // The parser refuses seconds whose milliseconds overflow, so
+            // this is exact for every parsed body.
             let read_up_to_ms = r.last_read_time_s.saturating_mul(1000);
             let event_time_ms = r.event_time_ms.unwrap_or(read_up_to_ms);
             let msg_ref = read_up_to_ms.to_string();
             let event_id = Identity {
                 sdk_app_id: env.sdk_app_id,
                 command: C2C_REPORT,
-                conversation_id: &conversation_id,
+                parties: Parties::C2c {
+                    reader: &r.reporter,
+                    peer: &r.peer,
+                },
                 message_ref: &msg_ref,
                 readers: &readers,
                 event_time_ms,
@@ -270,9 +359,11 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
                 C2C_REPORT,
                 env.sdk_app_id,
                 &event,
-            ));
+                left,
+            )?);
         }
     }
+    Ok(())
 }
 
 /// The `kind` label of an event record, for metrics.
@@ -285,6 +376,28 @@ pub fn kind_of(command: &str) -> &'static str {
     }
 }
 
+/// The spool's framing around each record (its record header).
+const SPOOL_FRAMING: usize = 24;
+
+struct Budget {
+    budget: usize,
+    left: usize,
+}
+
+/// Counts the bytes serde_json writes, to size a record before building it.
+struct Counter(usize);
+
+impl io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn record(
     topic: TopicRole,
     key: &[u8],
@@ -292,17 +405,28 @@ fn record(
     command: &'static str,
     sdk_app_id: u64,
     event: &Event<'_>,
-) -> Record {
-    // Serializing a struct of strings and integers into a Vec cannot fail.
-    let value = serde_json::to_vec(event).unwrap_or_default();
-    Record {
+    budget: &mut Budget,
+) -> Result<Record, OverBudget> {
+    // Serializing a struct of strings and integers cannot fail.
+    let mut counter = Counter(0);
+    let _ = serde_json::to_writer(&mut counter, event);
+    let mut record = Record {
         topic,
-        key: key.to_vec(),
-        value,
+        key: Vec::new(),
+        value: Vec::new(),
         event_id: Some(event_id),
         command: command.into(),
         sdk_app_id,
-    }
+    };
+    let size = record.encoded_len() + key.len() + counter.0 + SPOOL_FRAMING;
+    budget.left = budget.left.checked_sub(size).ok_or(OverBudget {
+        budget: budget.budget,
+    })?;
+    // Measured first, so the value is written into an exact allocation.
+    record.value.reserve_exact(counter.0);
+    let _ = serde_json::to_writer(&mut record.value, event);
+    record.key = key.to_vec();
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -529,5 +653,96 @@ mod tests {
     fn an_empty_list_gives_no_events() {
         let body = r#"{"GroupId":"g","GroupMsgReceiptList":[],"EventTime":1}"#;
         assert!(events(GROUP_READ_RECEIPT, body, &ENV).is_empty());
+    }
+
+    #[test]
+    fn accounts_with_colons_give_distinct_conversations_and_events() {
+        // Joined without escaping, both pairs were "c2c:a:b:a:b:a".
+        assert_eq!(c2c_conversation_id("a:b:a", "a:b"), "c2c:a%3Ab:a%3Ab%3Aa");
+        assert_eq!(c2c_conversation_id("a:b:a", "b:a"), "c2c:a%3Ab%3Aa:b%3Aa");
+        assert_eq!(c2c_conversation_id("100%", "x"), "c2c:100%25:x");
+        let body = |peer: &str| {
+            format!(
+                r#"{{"Operator_Account":"a:b:a","Peer_Account":"{peer}","C2CMsgInfo":[{{"MsgKey":"k1"}}],"EventTime":1}}"#
+            )
+        };
+        let one = events(C2C_READ_RECEIPT, &body("a:b"), &ENV);
+        let two = events(C2C_READ_RECEIPT, &body("b:a"), &ENV);
+        assert_ne!(one[0].0.key, two[0].0.key);
+        assert_ne!(one[0].1["conversation_id"], two[0].1["conversation_id"]);
+        assert_ne!(one[0].1["event_id"], two[0].1["event_id"]);
+    }
+
+    #[test]
+    fn the_event_id_hashes_reader_and_peer_apart() {
+        // Same conversation id by construction (escaping makes this the only
+        // way): the identity still tells the pairs apart by their parts.
+        let id = |reader: &str, peer: &str| {
+            Identity {
+                sdk_app_id: 1,
+                command: C2C_READ_RECEIPT,
+                parties: Parties::C2c { reader, peer },
+                message_ref: "k",
+                readers: &[],
+                event_time_ms: 1,
+            }
+            .event_id()
+        };
+        assert_ne!(id("ab", "c"), id("a", "bc"));
+        assert_ne!(id("a", "b"), id("b", "a"));
+        assert_eq!(id("a", "b"), id("a", "b"));
+    }
+
+    #[test]
+    fn records_stop_at_the_budget_before_they_are_built() {
+        let cb = parse(GROUP_READ_RECEIPT, GROUP.as_bytes())
+            .unwrap()
+            .unwrap();
+        let mut all = Vec::new();
+        normalize(&cb, &ENV, &mut all);
+        let sizes: Vec<usize> = all
+            .iter()
+            .map(|r| r.encoded_len() + SPOOL_FRAMING)
+            .collect();
+        let exact = sizes.iter().sum::<usize>();
+        let mut out = Vec::new();
+        assert_eq!(normalize_within(&cb, &ENV, exact, &mut out), Ok(()));
+        assert_eq!(out, all);
+        let mut out = Vec::new();
+        assert_eq!(
+            normalize_within(&cb, &ENV, exact - 1, &mut out),
+            Err(OverBudget { budget: exact - 1 })
+        );
+        // The first record fitted; the second was measured, never built.
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].value.capacity(), out[0].value.len());
+        assert_eq!(budget_for(100), OUTPUT_BYTES_ALLOWANCE);
+        assert_eq!(budget_for(1 << 20), 16 << 20);
+    }
+
+    #[test]
+    fn genuine_callbacks_fit_their_budget() {
+        // The most a genuine callback asks per byte: Tencent's longest custom
+        // GroupId (48 bytes), an IPv6 ClientIP, and items without readers
+        // (50 of them, the most an admin receipt covers).
+        let query = "SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterReadReceipt&contenttype=json&ClientIP=2001:db8:85a3:8d3:1319:8a2e:370:7348&OptPlatform=iOS";
+        let items: Vec<String> = (0..50)
+            .map(|i| format!(r#"{{"MsgSeq":{i},"ReadNum":1,"UnreadNum":6}}"#))
+            .collect();
+        let body = format!(
+            r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{}","Type":"Public","GroupMsgReceiptList":[{}],"EventTime":1670574414123}}"#,
+            "g".repeat(48),
+            items.join(",")
+        );
+        let env = Envelope {
+            client_ip: Some("2001:db8:85a3:8d3:1319:8a2e:370:7348"),
+            ..ENV
+        };
+        for body in [GROUP, body.as_str()] {
+            let cb = parse(GROUP_READ_RECEIPT, body.as_bytes()).unwrap().unwrap();
+            let mut out = Vec::new();
+            let budget = budget_for(query.len() + body.len());
+            assert_eq!(normalize_within(&cb, &env, budget, &mut out), Ok(()));
+        }
     }
 }

@@ -17,6 +17,8 @@ use bytes::Bytes;
 use crate::config::{App, Config};
 use crate::dedup::Dedup;
 use crate::event::{self, Envelope};
+use crate::limits::{Limit, Limits, clip};
+use crate::logging::Untrusted;
 use crate::metrics::{Metrics, command_label};
 use crate::record::{Record, TopicRole};
 use crate::spool::{Spool, SpoolError};
@@ -54,6 +56,7 @@ impl Accepted {
 pub struct Intake {
     apps: HashMap<u64, App>,
     raw_enabled: bool,
+    limits: Limits,
     spool: Spool,
     dedup: Dedup,
     metrics: Arc<Metrics>,
@@ -69,6 +72,7 @@ impl Intake {
         Intake {
             apps: apps.into_iter().map(|a| (a.sdk_app_id, a)).collect(),
             raw_enabled: config.kafka.raw_topic.is_some(),
+            limits: config.limits,
             spool,
             dedup: Dedup::new(config.spool.dedup_window, config.spool.dedup_max_entries),
             rejection_log: LogThrottle::new(config.log.rejections_per_second),
@@ -126,7 +130,8 @@ impl Intake {
                 "gateway is shutting down; retry against another replica",
             ))
         } else {
-            self.check_and_spool(&query, body).await
+            let request_bytes = raw_query.len() + body.len();
+            self.check_and_spool(&query, body, request_bytes).await
         };
         let outcome = match &result {
             Ok(a) => a.outcome(),
@@ -169,6 +174,7 @@ impl Intake {
         &self,
         query: &CallbackQuery<'_>,
         body: Bytes,
+        request_bytes: usize,
     ) -> Result<Accepted, Rejection> {
         let app = self.authenticate(query)?;
         let command = match query.callback_command.as_deref() {
@@ -180,9 +186,10 @@ impl Intake {
                 ));
             }
         };
+        self.check_query_limits(query)?;
         let received_at_ms = now_ms();
         let mut records = Vec::new();
-        match payload::parse(command, &body) {
+        match payload::parse_within(command, &body, &self.limits) {
             Some(Ok(callback)) => {
                 let env = Envelope {
                     sdk_app_id: app.sdk_app_id,
@@ -190,12 +197,21 @@ impl Intake {
                     client_ip: query.client_ip.as_deref(),
                     platform: query.platform.as_deref(),
                 };
-                event::normalize(&callback, &env, &mut records);
+                let budget = event::budget_for(request_bytes);
+                if event::normalize_within(&callback, &env, budget, &mut records).is_err() {
+                    return Err(self.over_limit(
+                        Limit::OutputBytes,
+                        format!(
+                            "the records of this callback would take more than {budget} bytes of spool, {} times its {request_bytes} request bytes; send fewer or shorter items per callback",
+                            event::OUTPUT_BYTES_PER_REQUEST_BYTE
+                        ),
+                    ));
+                }
             }
-            Some(Err(why)) => return Err(Rejection::new(RejectKind::Invalid, why)),
+            Some(Err(why)) => return Err(self.invalid_body(why)),
             None => {
-                let other = payload::parse_other(&body)
-                    .map_err(|why| Rejection::new(RejectKind::Invalid, why))?;
+                let other = payload::parse_other_within(&body, &self.limits)
+                    .map_err(|why| self.invalid_body(why))?;
                 if !self.raw_enabled {
                     return Ok(Accepted::Ignored);
                 }
@@ -243,6 +259,56 @@ impl Intake {
             .with_label_values(&[event::kind_of(command)])
             .inc_by(admitted.len() as u64);
         Ok(Accepted::Events)
+    }
+
+    /// The query fields copied into records, and the command stored with
+    /// them, are bounded like the body's (`[limits]`).
+    fn check_query_limits(&self, query: &CallbackQuery<'_>) -> Result<(), Rejection> {
+        for (name, value, limit) in [
+            (
+                "CallbackCommand",
+                query.callback_command.as_deref(),
+                Limit::CommandBytes,
+            ),
+            ("ClientIP", query.client_ip.as_deref(), Limit::ClientIpBytes),
+            (
+                "OptPlatform",
+                query.platform.as_deref(),
+                Limit::PlatformBytes,
+            ),
+        ] {
+            let max = self.limits.get(limit);
+            if let Some(v) = value
+                && v.len() > max
+            {
+                return Err(self.over_limit(
+                    limit,
+                    format!(
+                        "{name} in the query string: {} bytes, over the limit of {max} (limits.{} in the gateway's configuration)",
+                        v.len(),
+                        limit.key()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A 400 for a body the parser refused, counted under its limit when it
+    /// broke one.
+    fn invalid_body(&self, why: payload::BodyError) -> Rejection {
+        match why.limit {
+            Some(limit) => self.over_limit(limit, why.message),
+            None => Rejection::new(RejectKind::Invalid, why.message),
+        }
+    }
+
+    fn over_limit(&self, limit: Limit, info: String) -> Rejection {
+        self.metrics
+            .callbacks_over_limit
+            .with_label_values(&[limit.key()])
+            .inc();
+        Rejection::new(RejectKind::Invalid, info)
     }
 
     fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<&App, Rejection> {
@@ -306,11 +372,14 @@ impl Intake {
 
     fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {
         if let Some(suppressed) = self.rejection_log.admit() {
+            // The sender chose these (the reason may quote the body): escaped,
+            // no field can forge a line or reach a terminal; the query fields
+            // are clipped, their length is the sender's too.
             tracing::warn!(
                 status = r.kind.status().as_u16(),
-                reason = %r.info,
-                command = query.callback_command.as_deref().unwrap_or("-"),
-                sdk_app_id = query.sdk_app_id.as_deref().unwrap_or("-"),
+                reason = %Untrusted(&r.info),
+                command = %Untrusted(clip(query.callback_command.as_deref().unwrap_or("-"), 128)),
+                sdk_app_id = %Untrusted(clip(query.sdk_app_id.as_deref().unwrap_or("-"), 32)),
                 suppressed_before = suppressed,
                 "callback rejected"
             );

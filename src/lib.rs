@@ -38,6 +38,7 @@ pub mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod intake;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod publish;

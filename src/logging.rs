@@ -30,3 +30,41 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }
+
+/// Text someone outside chose (a GroupId, a command, an error quoting the
+/// body), made safe for one log line: control characters (newline, ESC,
+/// C1 controls) and the Unicode line separators are written as escapes,
+/// and `\` is doubled so that an escape cannot be faked. Everything else
+/// prints as is, so ordinary values read the same in `pretty` and `json`.
+pub struct Untrusted<'a>(pub &'a str);
+
+impl std::fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for c in self.0.chars() {
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                    write!(f, "{}", c.escape_debug())?
+                }
+                c => f.write_char(c)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Untrusted;
+
+    #[test]
+    fn untrusted_text_cannot_break_a_line_or_reach_the_terminal() {
+        let forged = "x\nFORGED ERROR\r\u{1b}[31m\u{85}\u{2028}\\n";
+        let shown = Untrusted(forged).to_string();
+        assert_eq!(shown, "x\\nFORGED ERROR\\r\\u{1b}[31m\\u{85}\\u{2028}\\\\n");
+        assert!(!shown.chars().any(|c| c.is_control()));
+        let plain = "Group.CallbackAfterReadReceipt: \"quoted\" é";
+        assert_eq!(Untrusted(plain).to_string(), plain);
+    }
+}

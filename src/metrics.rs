@@ -81,6 +81,7 @@ pub struct Metrics {
     pub dead_letter: IntCounter,
     pub duplicates_dropped: IntCounter,
     pub log_lines_suppressed: IntCounter,
+    pub callbacks_over_limit: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -179,6 +180,14 @@ impl Metrics {
                 "Rejection log lines left out by the rate limit.",
             )
             .expect("valid metric"),
+            callbacks_over_limit: IntCounterVec::new(
+                Opts::new(
+                    "timbridge_callbacks_over_limit_total",
+                    "Callbacks answered 400 for breaking an input limit, by limit (the [limits] key, or output_bytes).",
+                ),
+                &["limit"],
+            )
+            .expect("valid metric"),
             build_info: IntGaugeVec::new(
                 Opts::new("timbridge_build_info", "Always 1; the version is in the label."),
                 &["version"],
@@ -200,6 +209,9 @@ impl Metrics {
         for reason in KAFKA_ERROR_LABELS {
             m.kafka_errors.with_label_values(&[reason]);
         }
+        for limit in crate::limits::Limit::ALL {
+            m.callbacks_over_limit.with_label_values(&[limit.key()]);
+        }
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -217,6 +229,7 @@ impl Metrics {
             Box::new(m.dead_letter.clone()),
             Box::new(m.duplicates_dropped.clone()),
             Box::new(m.log_lines_suppressed.clone()),
+            Box::new(m.callbacks_over_limit.clone()),
             Box::new(m.build_info.clone()),
         ];
         for c in collectors {

@@ -191,7 +191,7 @@ impl ProducerContext for DeliveryContext {
                     topic = msg.topic(),
                     partition = msg.partition(),
                     offset = msg.offset(),
-                    key = %String::from_utf8_lossy(msg.key().unwrap_or_default()),
+                    key = %crate::logging::Untrusted(&String::from_utf8_lossy(msg.key().unwrap_or_default())),
                     "delivered"
                 );
             }

@@ -61,10 +61,11 @@ const VERSION: u8 = 1;
 pub struct DecodeError(&'static str);
 
 impl Record {
-    /// The command as stored: at most `u16::MAX` bytes.
+    /// The command as stored: at most `u16::MAX` bytes, cut on a character
+    /// boundary so that it still decodes. Intake refuses longer commands
+    /// (`limits.command_bytes`), so the cut is only a backstop.
     fn stored_command(&self) -> &[u8] {
-        let c = self.command.as_bytes();
-        &c[..c.len().min(u16::MAX as usize)]
+        crate::limits::clip(&self.command, u16::MAX as usize).as_bytes()
     }
 
     /// Bytes `encode_into` writes.
@@ -247,5 +248,17 @@ mod tests {
         let mut bad = bytes;
         bad[1] = 9;
         assert!(Record::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn an_over_long_command_is_cut_on_a_character_boundary_and_decodes() {
+        // 65,536 bytes of two-byte characters: a cut at 65,535 split one.
+        let r = Record {
+            command: "é".repeat(32_768).into(),
+            ..sample(None)
+        };
+        let decoded = Record::decode(&r.encode()).unwrap();
+        assert_eq!(decoded.command, "é".repeat(32_767));
+        assert_eq!(r.encoded_len(), r.encode().len());
     }
 }
