@@ -17,16 +17,22 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::event::{Envelope, normalize};
+use crate::event::{self, Envelope, normalize};
+use crate::limits::{Limits, OUTPUT_BYTES_ALLOWANCE};
 use crate::record::{EventId, Record, RecordRef, TopicRole};
 use crate::spool::{DamageAction, FsyncMode, Spool, SpoolConfig, SpoolError};
-use crate::tencent::payload::{self, Callback};
+use crate::tencent::payload::{self, BodyError, Callback};
 use crate::tencent::query::CallbackQuery;
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
 
 /// The most bytes a callback may add to the spool per byte of its request
 /// (query + body); issue 8's bound on the work one request can cause.
 pub const SPOOL_BYTES_PER_REQUEST_BYTE: usize = 16;
+
+/// What any callback may add to the spool however small it is (a genuine
+/// callback of 50 items without readers needs a little over 16 times).
+const SPOOL_BYTES_ALLOWANCE: usize = 64 * 1024;
+const _: () = assert!(SPOOL_BYTES_ALLOWANCE == OUTPUT_BYTES_ALLOWANCE);
 
 /// Bytes of a spool record's framing (length, CRC, id, append time), which
 /// count towards what a callback adds to the spool.
@@ -82,17 +88,39 @@ pub fn query(data: &[u8]) {
     }
 }
 
+/// Limits small enough that short inputs reach every one of them: a body of
+/// odd length is parsed under these, one of even length under the defaults.
+const TIGHT: Limits = Limits {
+    group_id_bytes: 8,
+    account_bytes: 6,
+    msg_key_bytes: 10,
+    group_type_bytes: 4,
+    receipt_items: 3,
+    readers_per_item: 2,
+    client_ip_bytes: 8,
+    platform_bytes: 4,
+    command_bytes: 40,
+};
+
 /// One body through the parser of each read-receipt command and of raw
 /// forwarding. Refusals must be errors that can go into an answer and a log
-/// line; acceptances must normalize into well-formed records whose spool
-/// bytes are bounded by the request's bytes.
+/// line; acceptances must respect every input limit and normalize into
+/// well-formed records whose spool bytes stay within the request's budget,
+/// and the budget must refuse exactly the callbacks whose records exceed it.
 pub fn payload(body: &[u8]) {
+    let limits = if body.len() % 2 == 1 {
+        &TIGHT
+    } else {
+        &Limits::DEFAULT
+    };
     let mut group_id = None;
     for command in [GROUP_READ_RECEIPT, C2C_READ_RECEIPT, C2C_REPORT] {
-        let parsed = payload::parse(command, body).expect("a read-receipt command is parsed");
+        let parsed =
+            payload::parse_within(command, body, limits).expect("a read-receipt command is parsed");
         match parsed {
             Err(e) => check_error(command, &e),
             Ok(cb) => {
+                check_limits(command, &cb, limits);
                 if let Callback::Group(g) = &cb {
                     group_id = Some(g.group_id.to_string());
                 }
@@ -100,15 +128,23 @@ pub fn payload(body: &[u8]) {
             }
         }
     }
-    match payload::parse_other(body) {
+    match payload::parse_other_within(body, limits) {
         Err(e) => {
             check_error("other", &e);
+            // A group body within the limits is a JSON object with a
+            // GroupId: raw forwarding must take it too.
             assert!(
                 group_id.is_none(),
                 "a group read receipt is not accepted for raw forwarding: {e}"
             );
         }
         Ok(other) => {
+            if let Some(g) = &other.group_id {
+                assert!(
+                    g.len() <= limits.group_id_bytes,
+                    "raw GroupId over its limit"
+                );
+            }
             if let Some(g) = group_id {
                 assert_eq!(
                     other.group_id.as_deref(),
@@ -120,13 +156,101 @@ pub fn payload(body: &[u8]) {
     }
 }
 
+/// The longest ErrorInfo: 512 bytes and an ellipsis.
+const MAX_ERROR_BYTES: usize = 512 + '…'.len_utf8();
+
 /// An error text goes into Tencent's `ErrorInfo` and a log line.
-fn check_error(command: &str, e: &str) {
-    assert!(!e.is_empty(), "{command}: an empty error");
+fn check_error(command: &str, e: &BodyError) {
+    let text = &e.message;
+    assert!(!text.is_empty(), "{command}: an empty error");
     assert!(
-        !e.chars().any(char::is_control),
-        "{command}: error text with a raw control character could forge a log line: {e:?}"
+        text.len() <= MAX_ERROR_BYTES,
+        "{command}: an error of {} bytes; ErrorInfo is bounded",
+        text.len()
     );
+    assert!(
+        !text.chars().any(char::is_control),
+        "{command}: error text with a raw control character could forge a log line: {text:?}"
+    );
+    if let Some(limit) = e.limit {
+        let key = format!("limits.{}", limit.key());
+        assert!(
+            text.contains(&key),
+            "{command}: a limit error that does not name {key}: {text}"
+        );
+    }
+}
+
+/// What the parser accepted respects every limit it was given, and no id
+/// is empty.
+fn check_limits(command: &str, cb: &Callback<'_>, l: &Limits) {
+    let id = |what: &str, s: &str, max: usize| {
+        assert!(!s.is_empty(), "{command}: an empty {what} was accepted");
+        assert!(
+            s.len() <= max,
+            "{command}: a {what} of {} bytes passed the limit of {max}",
+            s.len()
+        );
+    };
+    match cb {
+        Callback::Group(g) => {
+            id("GroupId", &g.group_id, l.group_id_bytes);
+            if let Some(t) = &g.group_type {
+                assert!(
+                    t.len() <= l.group_type_bytes,
+                    "{command}: Type over its limit"
+                );
+            }
+            assert!(
+                g.receipts.len() <= l.receipt_items,
+                "{command}: too many items"
+            );
+            for item in &g.receipts {
+                assert!(
+                    item.members.len() <= l.readers_per_item,
+                    "{command}: too many readers"
+                );
+                for m in &item.members {
+                    id("Member_Account", &m.account, l.account_bytes);
+                }
+            }
+        }
+        Callback::C2cReceipt(c) => {
+            id("Operator_Account", &c.operator, l.account_bytes);
+            id("Peer_Account", &c.peer, l.account_bytes);
+            assert!(
+                c.messages.len() <= l.receipt_items,
+                "{command}: too many items"
+            );
+            for m in &c.messages {
+                id("MsgKey", &m.msg_key, l.msg_key_bytes);
+                for a in [&m.from, &m.to].into_iter().flatten() {
+                    assert!(
+                        a.len() <= l.account_bytes,
+                        "{command}: account over its limit"
+                    );
+                }
+                if let Some(msg_id) = &m.msg_id {
+                    assert!(
+                        msg_id.len() <= l.msg_key_bytes,
+                        "{command}: MsgId over its limit"
+                    );
+                }
+            }
+        }
+        Callback::C2cReport(r) => {
+            id("Report_Account", &r.reporter, l.account_bytes);
+            id("Peer_Account", &r.peer, l.account_bytes);
+        }
+    }
+}
+
+/// The spool bytes records take: their encoding and the spool's framing.
+fn spool_bytes(records: &[Record]) -> usize {
+    records
+        .iter()
+        .map(|r| SPOOL_RECORD_HEADER + r.encoded_len())
+        .sum()
 }
 
 fn check_events(command: &'static str, cb: &Callback<'_>, body: &[u8]) {
@@ -146,16 +270,32 @@ fn check_events(command: &'static str, cb: &Callback<'_>, body: &[u8]) {
     };
     assert_eq!(records.len(), expected, "{command}: one event per item");
 
+    // The budget: what intake lets one request add to the spool. It must
+    // refuse exactly the callbacks whose records would not fit.
     let request_bytes = QUERY.len() + body.len();
-    let spool_bytes: usize = records
-        .iter()
-        .map(|r| SPOOL_RECORD_HEADER + r.encoded_len())
-        .sum();
-    assert!(
-        spool_bytes <= SPOOL_BYTES_PER_REQUEST_BYTE * request_bytes,
-        "{command}: {request_bytes} request bytes became {spool_bytes} spool bytes, \
-         more than {SPOOL_BYTES_PER_REQUEST_BYTE} times as many"
+    let budget = (SPOOL_BYTES_PER_REQUEST_BYTE * request_bytes).max(SPOOL_BYTES_ALLOWANCE);
+    assert_eq!(
+        budget,
+        event::budget_for(request_bytes),
+        "the budget changed"
     );
+    let needed = spool_bytes(&records);
+    let mut within = Vec::new();
+    match event::normalize_within(cb, &env, budget, &mut within) {
+        Ok(()) => {
+            assert_eq!(within, records, "{command}: the budget changed the records");
+            assert!(
+                needed <= budget,
+                "{command}: {request_bytes} request bytes became {needed} spool bytes, \
+                 over the budget of {budget}"
+            );
+        }
+        Err(_) => assert!(
+            needed > budget,
+            "{command}: refused as over its budget of {budget} spool bytes, \
+             but its records take {needed}"
+        ),
+    }
 
     for r in &records {
         check_event_record(command, cb, r);
@@ -181,6 +321,35 @@ fn check_events(command: &'static str, cb: &Callback<'_>, body: &[u8]) {
         ids(&again),
         "{command}: ids depend on arrival"
     );
+}
+
+/// `c2c:<a>:<b>` with `%` and `:` escaped inside the accounts: split and
+/// unescaped, it must give back the two accounts, so no two conversations
+/// share an id.
+fn c2c_accounts(conversation: &str) -> Option<(String, String)> {
+    let rest = conversation.strip_prefix("c2c:")?;
+    let (a, b) = rest.split_once(':')?;
+    if b.contains(':') {
+        return None;
+    }
+    let unescape = |s: &str| -> Option<String> {
+        let mut out = String::with_capacity(s.len());
+        let mut parts = s.split('%');
+        out.push_str(parts.next()?);
+        for p in parts {
+            if let Some(tail) = p.strip_prefix("25") {
+                out.push('%');
+                out.push_str(tail);
+            } else if let Some(tail) = p.strip_prefix("3A") {
+                out.push(':');
+                out.push_str(tail);
+            } else {
+                return None;
+            }
+        }
+        Some(out)
+    };
+    Some((unescape(a)?, unescape(b)?))
 }
 
 fn check_event_record(command: &'static str, cb: &Callback<'_>, r: &Record) {
@@ -214,7 +383,23 @@ fn check_event_record(command: &'static str, cb: &Callback<'_>, r: &Record) {
         }
         Callback::C2cReceipt(_) | Callback::C2cReport(_) => {
             assert_eq!(r.topic, TopicRole::C2c);
-            assert!(conversation.starts_with("c2c:"));
+            let (reader, peer) = match cb {
+                Callback::C2cReceipt(c) => (&c.operator, &c.peer),
+                Callback::C2cReport(c) => (&c.reporter, &c.peer),
+                Callback::Group(_) => unreachable!("matched above"),
+            };
+            let (a, b) = c2c_accounts(conversation).unwrap_or_else(|| {
+                panic!("{command}: conversation id {conversation:?} cannot be read back")
+            });
+            let mut want = [reader.as_ref(), peer.as_ref()];
+            want.sort_unstable_by_key(|s| s.as_bytes());
+            assert_eq!(
+                [a.as_str(), b.as_str()],
+                want,
+                "{command}: conversation id {conversation:?} names other accounts"
+            );
+            assert_eq!(v["peer"], peer.as_ref());
+            assert_eq!(v["readers"], serde_json::json!([reader.as_ref()]));
         }
     }
     let back = Record::decode(&r.encode())
@@ -254,7 +439,15 @@ pub fn record(data: &[u8]) {
     let all = Record::encode_all(std::slice::from_ref(&built));
     assert_eq!(all[0].as_ref(), bytes.as_slice());
     let back = Record::decode(&bytes).expect("an encoded record decodes");
-    assert_eq!(back, built, "a record changed through encode and decode");
+    let mut want = built.clone();
+    if want.command.len() > usize::from(u16::MAX) {
+        let mut end = usize::from(u16::MAX);
+        while !want.command.is_char_boundary(end) {
+            end -= 1;
+        }
+        want.command = want.command[..end].to_owned().into();
+    }
+    assert_eq!(back, want, "a record changed through encode and decode");
 }
 
 /// A record whose fields are cut from `data`, so the fuzzer steers them.
@@ -274,7 +467,8 @@ fn record_from(data: &[u8]) -> Record {
     let mut app = [0u8; 8];
     let a = take(8);
     app[..a.len()].copy_from_slice(a);
-    let event_id = (byte(take(1)) & 1 == 1).then(|| {
+    let flags = byte(take(1));
+    let event_id = (flags & 1 == 1).then(|| {
         let mut hex_id = [b'0'; 32];
         let raw = take(16);
         let mut full = [0u8; 16];
@@ -283,7 +477,12 @@ fn record_from(data: &[u8]) -> Record {
         EventId(hex_id)
     });
     let command_len = usize::from(byte(take(1)));
-    let command = String::from_utf8_lossy(take(command_len)).into_owned();
+    let mut command = String::from_utf8_lossy(take(command_len)).into_owned();
+    if flags & 2 == 2 && !command.is_empty() {
+        // Longer than the two-byte length can say: stored cut short, on a
+        // character boundary.
+        command = command.repeat(usize::from(u16::MAX) / command.len() + 1);
+    }
     let key_len = usize::from(byte(take(1)));
     let key = take(key_len).to_vec();
     let value = d.to_vec();
