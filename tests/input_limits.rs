@@ -94,6 +94,11 @@ async fn oversized_fields_and_lists_are_refused_before_anything_is_built() {
     let query = query.replacen("&ClientIP=127.0.0.1", "", 1);
     let body = group_with_items("gip", 1000);
     assert_refused(&gw, &query, &body, "ClientIP", "client_ip_bytes").await;
+    // The contract's order holds: the app and its signature are checked
+    // before any limit, so an unsigned oversized callback is a 401.
+    let unsigned = timbridge::send::tencent_query(APP, GROUP_CMD, None, now_s());
+    let query = format!("/callback?{unsigned}&ClientIP={}", "9".repeat(60_000));
+    assert_fail(&post(gw.local_addr(), &query, body.as_bytes()).await, 401);
     let query = signed.replacen(
         "OptPlatform=iOS",
         &format!("OptPlatform={}", "p".repeat(33)),

@@ -882,4 +882,22 @@ mod tests {
             .unwrap_err();
         assert!(err.starts_with("LastReadTime: invalid value"), "{err}");
     }
+
+    #[test]
+    fn deep_nesting_in_an_unknown_field_is_skipped_not_recursed() {
+        let depth = 200_000;
+        let body = format!(
+            r#"{{"GroupId":"gn","Other":{}{},"EventTime":1,"GroupMsgReceiptList":[]}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert!(group(&body).unwrap().receipts.is_empty());
+        // Nesting where a value is read hits serde_json's recursion limit.
+        let body = format!(
+            r#"{{"GroupId":"gn","EventTime":{}1{},"GroupMsgReceiptList":[]}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
+        assert!(group(&body).is_err());
+    }
 }
