@@ -49,6 +49,8 @@ pub mod effective;
 pub mod embedded;
 pub mod event;
 pub mod fdlimit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod intake;
 pub mod kafka_log;
 pub mod limits;
