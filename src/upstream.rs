@@ -95,6 +95,11 @@ pub struct Upstream {
     /// holds its whole body outside the body-memory budget, so a count of
     /// items alone would let a stalled app pile up gigabytes.
     forward_bytes: Arc<Semaphore>,
+    /// One permit per byte of the bodies of proxied callbacks waiting for
+    /// the app (`max_proxied_body_bytes`): they leave the server's body
+    /// budget to the read receipts.
+    proxied_bytes: Arc<Semaphore>,
+    max_proxied_body_bytes: usize,
 }
 
 struct Inner {
@@ -223,6 +228,8 @@ impl Upstream {
             inner,
             forward,
             forward_bytes,
+            proxied_bytes: Arc::new(Semaphore::new(config.max_proxied_body_bytes)),
+            max_proxied_body_bytes: config.max_proxied_body_bytes,
         })
     }
 
@@ -255,6 +262,33 @@ impl Upstream {
             };
             Rejection::new(kind, f.info(self.inner.timeout))
         })
+    }
+
+    /// Room for a body of `len` bytes to be proxied, held until dropped;
+    /// `None` when the bodies already waiting for the app fill
+    /// `max_proxied_body_bytes`. Never waits: the app is the slow part.
+    pub fn hold_proxied_body(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(len).ok()?;
+        let held = self.proxied_bytes.clone().try_acquire_many_owned(n).ok();
+        if held.is_none() {
+            self.inner
+                .metrics
+                .upstream_requests
+                .with_label_values(&["busy"])
+                .inc();
+        }
+        held
+    }
+
+    /// The answer when [`Upstream::hold_proxied_body`] found no room.
+    pub fn proxied_bodies_full(&self) -> Rejection {
+        Rejection::new(
+            RejectKind::UpstreamBusy,
+            format!(
+                "{} bytes of callbacks are already waiting for the upstream (upstream.max_proxied_body_bytes); retry later",
+                self.max_proxied_body_bytes
+            ),
+        )
     }
 
     /// Whether read receipts are also sent to the upstream.
