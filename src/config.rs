@@ -313,6 +313,18 @@ pub struct UpstreamConfig {
     /// full, new ones are not forwarded (and counted).
     #[serde(default = "UpstreamConfig::default_forward_queue")]
     pub forward_queue: usize,
+    /// With `forward_read_receipts`: the bytes (query, body and kept
+    /// headers) of the read receipts queued or being delivered; past it,
+    /// new ones are not forwarded (and counted). They are held outside the
+    /// body-memory budget, so this is what bounds their memory.
+    #[serde(default = "UpstreamConfig::default_forward_queue_bytes")]
+    pub forward_queue_bytes: usize,
+    /// The bytes of proxied callbacks' bodies waiting for the upstream at
+    /// once; past it callbacks get 503. Held apart from
+    /// `server.max_body_memory_bytes`, so a slow app cannot take the body
+    /// memory read receipts need.
+    #[serde(default = "UpstreamConfig::default_max_proxied_body_bytes")]
+    pub max_proxied_body_bytes: usize,
     /// A PEM file of CA certificates to trust for an `https://` upstream
     /// instead of the built-in public roots (for a private CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -331,6 +343,12 @@ impl UpstreamConfig {
     }
     fn default_forward_queue() -> usize {
         10_000
+    }
+    fn default_forward_queue_bytes() -> usize {
+        8 * 1024 * 1024
+    }
+    fn default_max_proxied_body_bytes() -> usize {
+        4 * 1024 * 1024
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -374,6 +392,22 @@ impl UpstreamConfig {
         }
         if self.forward_queue == 0 {
             return invalid("upstream.forward_queue must be above 0".into());
+        }
+        if self.max_proxied_body_bytes == 0
+            || self.max_proxied_body_bytes > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return invalid(
+                "upstream.max_proxied_body_bytes must be above 0 and fit a semaphore (the default is 4 MiB)"
+                    .into(),
+            );
+        }
+        if self.forward_queue_bytes == 0
+            || self.forward_queue_bytes > tokio::sync::Semaphore::MAX_PERMITS
+        {
+            return invalid(
+                "upstream.forward_queue_bytes must be above 0 and fit a semaphore (the default is 8 MiB)"
+                    .into(),
+            );
         }
         Ok(())
     }

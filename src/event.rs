@@ -183,12 +183,12 @@ pub fn normalize(cb: &Callback<'_>, env: &Envelope<'_>, out: &mut Vec<Record>) {
 }
 
 /// The spool bytes a callback of `request_bytes` (query string + body) may
-/// add: [`OUTPUT_BYTES_PER_REQUEST_BYTE`] per byte, and never less than
+/// add: [`OUTPUT_BYTES_PER_REQUEST_BYTE`] per byte, plus
 /// [`OUTPUT_BYTES_ALLOWANCE`].
 pub fn budget_for(request_bytes: usize) -> usize {
     request_bytes
         .saturating_mul(OUTPUT_BYTES_PER_REQUEST_BYTE)
-        .max(OUTPUT_BYTES_ALLOWANCE)
+        .saturating_add(OUTPUT_BYTES_ALLOWANCE)
 }
 
 /// Turns a checked callback into its Kafka records, appending to `out`, as
@@ -716,8 +716,8 @@ mod tests {
         // The first record fitted; the second was measured, never built.
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].value.capacity(), out[0].value.len());
-        assert_eq!(budget_for(100), OUTPUT_BYTES_ALLOWANCE);
-        assert_eq!(budget_for(1 << 20), 16 << 20);
+        assert_eq!(budget_for(100), 1600 + OUTPUT_BYTES_ALLOWANCE);
+        assert_eq!(budget_for(1 << 20), (16 << 20) + OUTPUT_BYTES_ALLOWANCE);
     }
 
     #[test]

@@ -18,12 +18,13 @@ use serde::{Deserialize, Serialize};
 /// 14 to 16 bytes per byte; an amplification attack asked for hundreds.
 pub const OUTPUT_BYTES_PER_REQUEST_BYTE: usize = 16;
 
-/// What any callback may add to the spool whatever its size: 50 items
-/// without readers under a 48-byte GroupId and an IPv6 ClientIP take about
-/// 38 KB, a little over 16 times their 2.3 KB, and must not be refused for
-/// it. Small requests cannot use the allowance to amplify much: their
-/// records come from their items, each at least 40 bytes of body.
-pub const OUTPUT_BYTES_ALLOWANCE: usize = 64 * 1024;
+/// What any callback may add to the spool on top of its 16 bytes per byte:
+/// 50 items without readers under a 48-byte GroupId and an IPv6 ClientIP
+/// take about 38 KB, a little over 16 times their 2.3 KB, and must not be
+/// refused for it. Added, not a floor: a 64 KiB floor let a sub-kilobyte
+/// c2c callback (accounts full of `:`, each escaped to `%3A` in both key and
+/// conversation id) take 72 times its size.
+pub const OUTPUT_BYTES_ALLOWANCE: usize = 8 * 1024;
 
 /// The `[limits]` section of the configuration file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -32,25 +32,52 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
 }
 
 /// Text someone outside chose (a GroupId, a command, an error quoting the
-/// body), made safe for one log line: control characters (newline, ESC,
-/// C1 controls) and the Unicode line separators are written as escapes,
-/// and `\` is doubled so that an escape cannot be faked. Everything else
-/// prints as is, so ordinary values read the same in `pretty` and `json`.
+/// body), made safe for one log line. Ordinary values (letters, digits and
+/// `._:/@#+-_`) print as they are, so they read the same in `pretty` and
+/// `json`. Anything else is quoted, with `"` and `\` escaped, so spaces and
+/// `=` cannot forge a field (`x status=200`) in the `pretty` format; control
+/// characters (newline, ESC, C1), the Unicode line separators and format
+/// characters (bidi overrides such as U+202E, zero-width ones) are written
+/// as escapes, so they can neither break the line nor reorder what an
+/// operator sees.
 pub struct Untrusted<'a>(pub &'a str);
+
+/// Characters that need no quoting: nothing in them can end a value, start
+/// another field or change how the line is shown.
+fn is_plain(c: char) -> bool {
+    (c.is_alphanumeric() && !is_format(c)) || "._:/@#+-_".contains(c)
+}
+
+/// Unicode's format characters (general category Cf): invisible, and some
+/// reorder the text around them (bidi controls).
+fn is_format(c: char) -> bool {
+    matches!(c as u32,
+        0xAD | 0x600..=0x605 | 0x61C | 0x6DD | 0x70F | 0x890..=0x891 | 0x8E2
+        | 0x180E | 0x200B..=0x200F | 0x202A..=0x202E | 0x2060..=0x2064
+        | 0x2066..=0x206F | 0xFEFF | 0xFFF9..=0xFFFB | 0x110BD | 0x110CD
+        | 0x13430..=0x1343F | 0x1BCA0..=0x1BCA3 | 0x1D173..=0x1D17A
+        | 0xE0001 | 0xE0020..=0xE007F)
+}
 
 impl std::fmt::Display for Untrusted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::fmt::Write;
+        if !self.0.is_empty() && self.0.chars().all(is_plain) {
+            return f.write_str(self.0);
+        }
+        f.write_char('"')?;
         for c in self.0.chars() {
             match c {
                 '\\' => f.write_str("\\\\")?,
-                c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                    write!(f, "{}", c.escape_debug())?
+                '"' => f.write_str("\\\"")?,
+                c if c.is_control() => write!(f, "{}", c.escape_debug())?,
+                c if c == '\u{2028}' || c == '\u{2029}' || is_format(c) => {
+                    write!(f, "\\u{{{:x}}}", c as u32)?
                 }
                 c => f.write_char(c)?,
             }
         }
-        Ok(())
+        f.write_char('"')
     }
 }
 
@@ -62,9 +89,30 @@ mod tests {
     fn untrusted_text_cannot_break_a_line_or_reach_the_terminal() {
         let forged = "x\nFORGED ERROR\r\u{1b}[31m\u{85}\u{2028}\\n";
         let shown = Untrusted(forged).to_string();
-        assert_eq!(shown, "x\\nFORGED ERROR\\r\\u{1b}[31m\\u{85}\\u{2028}\\\\n");
+        assert_eq!(
+            shown,
+            "\"x\\nFORGED ERROR\\r\\u{1b}[31m\\u{85}\\u{2028}\\\\n\""
+        );
         assert!(!shown.chars().any(|c| c.is_control()));
-        let plain = "Group.CallbackAfterReadReceipt: \"quoted\" é";
-        assert_eq!(Untrusted(plain).to_string(), plain);
+        for plain in [
+            "Group.CallbackAfterReadReceipt",
+            "@TGS#2abc-9_x",
+            "组1",
+            "1400000000",
+        ] {
+            assert_eq!(Untrusted(plain).to_string(), plain);
+        }
+    }
+
+    #[test]
+    fn untrusted_text_cannot_forge_a_field_or_reorder_the_line() {
+        assert_eq!(Untrusted("x status=200").to_string(), "\"x status=200\"");
+        assert_eq!(Untrusted("a\" ok=\"1").to_string(), "\"a\\\" ok=\\\"1\"");
+        assert_eq!(
+            Untrusted("abc\u{202e}fed").to_string(),
+            "\"abc\\u{202e}fed\""
+        );
+        assert_eq!(Untrusted("\u{200b}").to_string(), "\"\\u{200b}\"");
+        assert_eq!(Untrusted("").to_string(), "\"\"");
     }
 }

@@ -54,6 +54,8 @@ use crate::config::ServerConfig;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
+use crate::tencent::payload;
+use crate::tencent::query::CallbackQuery;
 use crate::upstream::Origin;
 
 /// The connection's peer, put into each request's extensions for the
@@ -663,6 +665,26 @@ impl Routes {
                 return rejected(&r, true);
             }
         };
+        // A body on its way to the app may wait up to `upstream.timeout` for
+        // it: it moves to the proxy's own byte budget, so a slow app cannot
+        // hold the body memory read receipts need. Past that budget, 503.
+        let mut proxied = None;
+        if let Some(upstream) = self.intake.upstream() {
+            let command = CallbackQuery::parse(query).callback_command;
+            if !command.as_deref().is_some_and(payload::is_read_receipt) {
+                match upstream.hold_proxied_body(body.len()) {
+                    Some(held) => {
+                        proxied = Some(held);
+                        reserved = Reservation::new(&self.body_memory);
+                    }
+                    None => {
+                        let r = upstream.proxied_bodies_full();
+                        self.intake.reject_unread(query, &r, started);
+                        return rejected(&r, false);
+                    }
+                }
+            }
+        }
         let origin = match self.intake.upstream() {
             Some(_) => Origin {
                 peer: head.extensions.get::<Peer>().map(|p| p.0),
@@ -685,6 +707,7 @@ impl Routes {
             Err(r) => rejected(&r, false),
         };
         drop(reserved);
+        drop(proxied);
         answer
     }
 

@@ -14,7 +14,9 @@
 //! Bounded everywhere: one pooled keep-alive client, a cap on requests in
 //! flight (503 past it), request bodies as the server already limited them,
 //! answers capped at `max_response_bytes`, and with `forward_read_receipts`
-//! a bounded queue whose overflow is counted, never waited for.
+//! a queue bounded in bytes (`forward_queue_bytes`, body and headers of
+//! every read receipt queued or being delivered) as well as in items, whose
+//! overflow is counted, never waited for.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -33,7 +35,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -57,7 +59,7 @@ const FORWARD_FOR: Duration = Duration::from_secs(55);
 /// Where a callback came from, for the headers sent on to the upstream.
 #[derive(Debug, Default, Clone)]
 pub struct Origin {
-    /// The TCP peer, added to `X-Forwarded-For`.
+    /// The TCP peer, sent as `X-Forwarded-For`.
     pub peer: Option<SocketAddr>,
     /// The request's headers as received (hop-by-hop ones are dropped when
     /// forwarding).
@@ -88,6 +90,16 @@ pub struct Upstream {
     inner: Arc<Inner>,
     /// With `forward_read_receipts`: the queue to the delivery task.
     forward: Option<mpsc::Sender<Forward>>,
+    /// With `forward_read_receipts`: one permit per byte of the read
+    /// receipts queued or being delivered (`forward_queue_bytes`). Each
+    /// holds its whole body outside the body-memory budget, so a count of
+    /// items alone would let a stalled app pile up gigabytes.
+    forward_bytes: Arc<Semaphore>,
+    /// One permit per byte of the bodies of proxied callbacks waiting for
+    /// the app (`max_proxied_body_bytes`): they leave the server's body
+    /// budget to the read receipts.
+    proxied_bytes: Arc<Semaphore>,
+    max_proxied_body_bytes: usize,
 }
 
 struct Inner {
@@ -115,7 +127,14 @@ struct Forward {
     body: Bytes,
     origin: Origin,
     expires: Instant,
+    /// Its bytes in `forward_bytes`, given back once it is delivered or
+    /// dropped.
+    _held: OwnedSemaphorePermit,
 }
+
+/// The only request headers a forwarded read receipt keeps: the app needs
+/// the body's type, and the rest would only take queue memory.
+const FORWARD_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::USER_AGENT];
 
 /// Why an exchange with the upstream failed.
 #[derive(Debug)]
@@ -134,11 +153,23 @@ impl Failure {
         }
     }
 
+    /// For the log: the root cause, which may name internal addresses.
     fn describe(&self, timeout: Duration) -> String {
         match self {
             Failure::Unreachable(why) => format!("upstream unreachable: {why}"),
             Failure::Timeout => format!("upstream did not answer within {timeout:?}"),
             Failure::BadAnswer(why) => format!("upstream answer unusable: {why}"),
+        }
+    }
+
+    /// For Tencent's ErrorInfo: what happened, not the app's internals
+    /// (addresses, resolver and TLS messages), which go to the log.
+    fn info(&self, timeout: Duration) -> String {
+        match self {
+            Failure::Unreachable(_) => "upstream unreachable; retry later".to_owned(),
+            Failure::Timeout => format!("upstream timed out (no answer within {timeout:?})"),
+            // Our own words (the size limit it broke, or a broken stream).
+            Failure::BadAnswer(_) => self.describe(timeout),
         }
     }
 }
@@ -192,7 +223,14 @@ impl Upstream {
             tokio::spawn(deliver_forwards(inner.clone(), rx));
             tx
         });
-        Ok(Upstream { inner, forward })
+        let forward_bytes = Arc::new(Semaphore::new(config.forward_queue_bytes));
+        Ok(Upstream {
+            inner,
+            forward,
+            forward_bytes,
+            proxied_bytes: Arc::new(Semaphore::new(config.max_proxied_body_bytes)),
+            max_proxied_body_bytes: config.max_proxied_body_bytes,
+        })
     }
 
     /// Proxies one callback: its query string and body as received, the
@@ -222,8 +260,35 @@ impl Upstream {
                 Failure::Timeout => RejectKind::UpstreamTimeout,
                 _ => RejectKind::UpstreamUnreachable,
             };
-            Rejection::new(kind, f.describe(self.inner.timeout))
+            Rejection::new(kind, f.info(self.inner.timeout))
         })
+    }
+
+    /// Room for a body of `len` bytes to be proxied, held until dropped;
+    /// `None` when the bodies already waiting for the app fill
+    /// `max_proxied_body_bytes`. Never waits: the app is the slow part.
+    pub fn hold_proxied_body(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(len).ok()?;
+        let held = self.proxied_bytes.clone().try_acquire_many_owned(n).ok();
+        if held.is_none() {
+            self.inner
+                .metrics
+                .upstream_requests
+                .with_label_values(&["busy"])
+                .inc();
+        }
+        held
+    }
+
+    /// The answer when [`Upstream::hold_proxied_body`] found no room.
+    pub fn proxied_bodies_full(&self) -> Rejection {
+        Rejection::new(
+            RejectKind::UpstreamBusy,
+            format!(
+                "{} bytes of callbacks are already waiting for the upstream (upstream.max_proxied_body_bytes); retry later",
+                self.max_proxied_body_bytes
+            ),
+        )
     }
 
     /// Whether read receipts are also sent to the upstream.
@@ -232,14 +297,39 @@ impl Upstream {
     }
 
     /// Queues a read receipt (already spooled and answered) for delivery to
-    /// the upstream; never waits. A full queue drops it, counted.
+    /// the upstream; never waits. A full queue (in items or in bytes) drops
+    /// it, counted.
     pub fn forward_read_receipt(&self, raw_query: &str, body: Bytes, origin: Origin) {
         let Some(tx) = &self.forward else { return };
+        let mut headers = HeaderMap::new();
+        for name in FORWARD_HEADERS {
+            if let Some(v) = origin.headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        let bytes = raw_query.len()
+            + body.len()
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len())
+                .sum::<usize>();
+        let Ok(held) = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.forward_bytes.clone().try_acquire_many_owned(n).ok())
+            .ok_or(())
+        else {
+            self.inner.dropped("queue_full");
+            return;
+        };
         let item = Forward {
             query: raw_query.to_owned(),
             body,
-            origin,
+            origin: Origin {
+                peer: origin.peer,
+                headers,
+            },
             expires: Instant::now() + FORWARD_FOR,
+            _held: held,
         };
         if tx.try_send(item).is_err() {
             self.inner.dropped("queue_full");
@@ -368,6 +458,12 @@ impl Inner {
     async fn deliver(&self, item: Forward) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            // Also before the first send: one that waited in the queue past
+            // its expiry carries a Sign the app would refuse as stale.
+            if Instant::now() >= item.expires {
+                self.dropped("expired");
+                return;
+            }
             match self
                 .send(&item.query, item.body.clone(), &item.origin)
                 .await
@@ -421,12 +517,23 @@ fn is_not_forwarded(name: &HeaderName) -> bool {
             | "content-length"
             | "expect"
             | "accept-encoding"
+            // Who sent the request and how: set by the gateway below, never
+            // taken from the client, who could otherwise claim any address
+            // to an app that trusts them. The gateway has no trusted-proxy
+            // setting, so a chain from in front of it is dropped too.
             | "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "x-real-ip"
+            | "forwarded"
     )
 }
 
 /// The request's headers minus hop-by-hop ones (also those named in
-/// `Connection`), with the peer appended to `X-Forwarded-For`.
+/// `Connection`) and the client's forwarding headers, with the peer as
+/// `X-Forwarded-For` and the listener's scheme (plain HTTP) as
+/// `X-Forwarded-Proto`.
 fn forwarded_headers(incoming: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
     let named: Vec<HeaderName> = incoming
         .get_all(header::CONNECTION)
@@ -441,20 +548,12 @@ fn forwarded_headers(incoming: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMa
             out.append(name.clone(), value.clone());
         }
     }
-    let mut chain: Vec<String> = incoming
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
-    if let Some(peer) = peer {
-        chain.push(peer.ip().to_canonical().to_string());
-    }
-    if !chain.is_empty()
-        && let Ok(v) = HeaderValue::from_str(&chain.join(", "))
+    if let Some(peer) = peer
+        && let Ok(v) = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
     {
         out.insert("x-forwarded-for", v);
+        // The callback listener speaks plain HTTP (TLS ends in front of it).
+        out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     out
 }
@@ -521,7 +620,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_headers_are_dropped_and_the_peer_is_appended() {
+    fn hop_by_hop_and_client_forwarding_headers_are_dropped_and_the_peer_set() {
         let mut h = HeaderMap::new();
         h.insert(
             "connection",
@@ -535,6 +634,17 @@ mod tests {
         h.insert("user-agent", HeaderValue::from_static("tencent"));
         h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
         h.insert("accept-encoding", HeaderValue::from_static("gzip"));
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("for=1.2.3.4;proto=https"),
+        );
+        h.insert("x-real-ip", HeaderValue::from_static("1.2.3.4"));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("admin.internal"),
+        );
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-forwarded-port", HeaderValue::from_static("443"));
         let out = forwarded_headers(&h, Some("10.0.0.7:5555".parse().unwrap()));
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         for gone in [
@@ -544,12 +654,18 @@ mod tests {
             "transfer-encoding",
             "host",
             "accept-encoding",
+            "forwarded",
+            "x-real-ip",
+            "x-forwarded-host",
+            "x-forwarded-port",
         ] {
             assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
         }
         assert_eq!(out["content-type"], "application/json");
         assert_eq!(out["user-agent"], "tencent");
-        assert_eq!(out["x-forwarded-for"], "203.0.113.9, 10.0.0.7");
+        // The client's claim is replaced by the peer, not extended.
+        assert_eq!(out["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(out["x-forwarded-proto"], "http");
     }
 
     #[test]
@@ -560,6 +676,33 @@ mod tests {
         );
         assert_eq!(out["x-forwarded-for"], "10.1.2.3");
         assert!(forwarded_headers(&HeaderMap::new(), None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_read_receipt_that_waited_past_its_expiry_is_never_sent() {
+        let config: UpstreamConfig =
+            toml::from_str("url = \"http://127.0.0.1:9/im\"\nforward_read_receipts = true")
+                .unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let up = Upstream::new(&config, metrics.clone(), 10).unwrap();
+        let held = up.forward_bytes.clone().try_acquire_many_owned(1).unwrap();
+        let stale = Forward {
+            query: String::new(),
+            body: Bytes::from_static(b"{}"),
+            origin: Origin::default(),
+            expires: Instant::now() - Duration::from_millis(1),
+            _held: held,
+        };
+        up.inner.deliver(stale).await;
+        let sent: u64 = ["answered", "unreachable", "timeout", "bad_answer"]
+            .iter()
+            .map(|o| metrics.upstream_requests.with_label_values(&[o]).get())
+            .sum();
+        assert_eq!(sent, 0, "a stale Sign went to the app");
+        let expired = metrics
+            .upstream_forward_dropped
+            .with_label_values(&["expired"]);
+        assert_eq!(expired.get(), 1);
     }
 
     #[test]

@@ -142,6 +142,44 @@ async fn oversized_fields_and_lists_are_refused_before_anything_is_built() {
     gw.shutdown().await.unwrap();
 }
 
+/// A small c2c callback whose accounts are all `:` (escaped to `%3A`, three
+/// bytes for one, in both the key and the conversation id of every record)
+/// and whose items are tiny used to fit under a 64 KiB floor at ~70 spool
+/// bytes per request byte; the budget is 16 per byte plus 8 KiB now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_c2c_callbacks_with_escaped_accounts_cannot_amplify() {
+    let s = setup();
+    let gw = s.gateway(&[]).await;
+    let colons = ":".repeat(128);
+    let items: Vec<String> = (0..40).map(|i| format!(r#"{{"MsgKey":"{i}"}}"#)).collect();
+    let body = format!(
+        r#"{{"Operator_Account":"{colons}","Peer_Account":"{colons}","C2CMsgInfo":[{}],"EventTime":1}}"#,
+        items.join(",")
+    );
+    let query = signed_query("C2C.CallbackAfterMsgReadReceipt");
+    let before = over_limit_count(&gw, "output_bytes");
+    let a = post(
+        gw.local_addr(),
+        &format!("/callback?{query}"),
+        body.as_bytes(),
+    )
+    .await;
+    let info = assert_fail(&a, 400);
+    assert!(info.contains("16 times"), "{info}");
+    assert_eq!(over_limit_count(&gw, "output_bytes"), before + 1);
+    assert_eq!(gw.spool().stats().pending_events, 0);
+    // The genuine c2c receipt still passes.
+    assert_ok(
+        &post(
+            gw.local_addr(),
+            &format!("/callback?{query}"),
+            C2C_RECEIPT_BODY.as_bytes(),
+        )
+        .await,
+    );
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_and_items_must_be_json_objects() {
     let s = setup();

@@ -165,3 +165,41 @@ fn readers_past_the_cap_are_the_same_whatever_the_order() {
         assert_eq!(s.read_count, Some(9));
     }
 }
+
+/// Different messages (or watermarks) never share a state key, whatever
+/// characters their ids hold: a MsgKey shaped like a watermark ref, a
+/// GroupId shaped like a one-to-one conversation, ids holding `/` or `%`.
+#[test]
+fn different_messages_never_share_a_state_key() {
+    let ids = [
+        "bob",
+        "watermark/bob",
+        "watermark%2Fbob",
+        "c2c:alice:bob",
+        "c2c:alice:bob/watermark",
+        "c2c%3Aalice%3Abob",
+        "a/b",
+        "a%2Fb",
+        "1",
+    ];
+    let mut events = Vec::new();
+    for id in ids {
+        let id = serde_json::to_string(id).unwrap();
+        events.push(format!(
+            r#"{{"schema":"read_receipt.v1","kind":"group_message","sdk_app_id":1,"conversation_id":{id},"group_id":{id},"msg_seq":1,"event_time_ms":1}}"#
+        ));
+        events.push(format!(
+            r#"{{"schema":"read_receipt.v1","kind":"c2c_message","sdk_app_id":1,"conversation_id":"c2c:alice:bob","msg_key":{id},"readers":["bob"],"event_time_ms":1}}"#
+        ));
+        events.push(format!(
+            r#"{{"schema":"read_receipt.v1","kind":"c2c_watermark","sdk_app_id":1,"conversation_id":"c2c:alice:bob","readers":[{id}],"read_up_to_ms":1000,"event_time_ms":1}}"#
+        ));
+    }
+    let mut seen = BTreeMap::new();
+    for json in &events {
+        let e = ReadEvent::parse(json.as_bytes()).unwrap();
+        if let Some(other) = seen.insert(e.key(), json) {
+            panic!("{json}\nand\n{other}\nshare the key {}", e.key());
+        }
+    }
+}

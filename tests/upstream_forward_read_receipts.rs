@@ -77,6 +77,50 @@ async fn read_receipts_the_queue_cannot_hold_are_counted_not_waited_for() {
     gw.shutdown().await.unwrap();
 }
 
+/// Each queued read receipt holds its whole body outside the body-memory
+/// budget: the queue is bounded in bytes as well as items, so a stalled app
+/// cannot make large read receipts pile up in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_receipts_past_the_queues_bytes_are_counted_not_held() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s
+        .gateway_with_upstream(
+            &format!(
+                "url = \"{}\"\nforward_read_receipts = true\nforward_queue_bytes = 32768",
+                app.url()
+            ),
+            &[],
+        )
+        .await;
+    let addr = gw.local_addr();
+    // About 9 kB each, and the app takes a second per read receipt: three
+    // fit in 32 KiB (queued or being delivered), the rest are dropped even
+    // though the queue has room for 10,000 items.
+    let path = group_callback();
+    for i in 0..20 {
+        assert_ok(
+            &post(
+                addr,
+                &path,
+                huge_receipt(&format!("fwd-bytes-{i}")).as_bytes(),
+            )
+            .await,
+        );
+    }
+    let (_, metrics) = get_text(addr, "/metrics").await;
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("timbridge_upstream_forward_dropped_total{reason=\"queue_full\"} ")
+        })
+        .expect("the drop counter")
+        .parse()
+        .unwrap();
+    assert!(dropped >= 15, "{dropped} dropped of 20:\n{metrics}");
+    gw.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_is_retried_until_the_app_takes_it() {
     let s = setup();

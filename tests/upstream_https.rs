@@ -56,7 +56,8 @@ async fn an_https_upstream_with_an_untrusted_certificate_is_a_502() {
     )
     .await;
     let info = assert_fail(&a, 502);
-    assert!(info.to_lowercase().contains("certificate"), "{info}");
+    // Generic for Tencent; the certificate error itself goes to our log.
+    assert!(info.contains("upstream unreachable"), "{info}");
     assert!(app.seen().is_empty());
     gw.shutdown().await.unwrap();
 }

@@ -29,6 +29,12 @@ async fn a_before_send_callback_gets_the_apps_answer_and_the_app_the_same_bytes(
             ("x-request-tag", "kept"),
             ("connection", "keep-alive, x-hop"),
             ("x-hop", "dropped"),
+            // Claims a client could forge to an app that trusts them.
+            ("x-forwarded-for", "10.9.9.9"),
+            ("x-real-ip", "10.9.9.9"),
+            ("forwarded", "for=10.9.9.9;proto=https"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-forwarded-proto", "https"),
         ],
     )
     .await;
@@ -52,7 +58,11 @@ async fn a_before_send_callback_gets_the_apps_answer_and_the_app_the_same_bytes(
     assert_eq!(got.body, BEFORE_SEND.as_bytes(), "the same body bytes");
     assert_eq!(got.headers["x-request-tag"], "kept");
     assert_eq!(got.headers["content-type"], "application/json");
-    assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(got.headers["x-forwarded-for"], "127.0.0.1", "the peer only");
+    assert_eq!(got.headers["x-forwarded-proto"], "http");
+    for forged in ["x-real-ip", "forwarded", "x-forwarded-host"] {
+        assert!(!got.headers.contains_key(forged), "{forged} forwarded");
+    }
     assert!(
         !got.headers.contains_key("x-hop"),
         "hop-by-hop header forwarded"

@@ -98,14 +98,29 @@ impl ReadEvent {
     }
 
     /// The state key: `<sdk_app_id>/<conversation_id>/<ref>`, ref being the
-    /// msg_seq, the msg_key, or `watermark/<reader>`.
+    /// msg_seq, the msg_key, or `watermark/<reader>`. In each id `%` and `/`
+    /// are written `%25` and `%2F`, so a MsgKey `watermark/bob` is not bob's
+    /// watermark; in a GroupId `:` is also written `%3A`, so a group named
+    /// `c2c:alice:bob` is not that one-to-one chat (whose id always keeps its
+    /// `c2c:` and `:` as they are). Ids without those characters give the
+    /// same key as before.
     pub fn key(&self) -> String {
-        let r = match self.kind {
-            Kind::GroupMessage => self.msg_seq.unwrap_or_default().to_string(),
-            Kind::C2cMessage => self.msg_key.clone().unwrap_or_default(),
-            Kind::C2cWatermark => format!("watermark/{}", self.reader().unwrap_or_default()),
-        };
-        format!("{}/{}/{}", self.sdk_app_id, self.conversation_id, r)
+        let mut k = format!("{}/", self.sdk_app_id);
+        push_key_part(
+            &mut k,
+            &self.conversation_id,
+            self.kind == Kind::GroupMessage,
+        );
+        k.push('/');
+        match self.kind {
+            Kind::GroupMessage => k.push_str(&self.msg_seq.unwrap_or_default().to_string()),
+            Kind::C2cMessage => push_key_part(&mut k, self.msg_key.as_deref().unwrap_or(""), false),
+            Kind::C2cWatermark => {
+                k.push_str("watermark/");
+                push_key_part(&mut k, self.reader().unwrap_or_default(), false);
+            }
+        }
+        k
     }
 
     /// Whose watermark this is: the one account a report names.
@@ -113,6 +128,18 @@ impl ReadEvent {
         match self.kind {
             Kind::C2cWatermark => self.readers.first().map(String::as_str),
             _ => None,
+        }
+    }
+}
+
+/// Appends one id to a state key, escaped as [`ReadEvent::key`] says.
+fn push_key_part(key: &mut String, id: &str, group: bool) {
+    for c in id.chars() {
+        match c {
+            '%' => key.push_str("%25"),
+            '/' => key.push_str("%2F"),
+            ':' if group => key.push_str("%3A"),
+            c => key.push(c),
         }
     }
 }
@@ -295,6 +322,32 @@ mod tests {
             event_time_ms: 5005,
         };
         assert_eq!(e.key(), "9/c2c:alice:bob/watermark/bob");
+        // A MsgKey shaped like a watermark ref, and a GroupId shaped like a
+        // one-to-one conversation, get keys of their own.
+        let msg = ReadEvent {
+            kind: Kind::C2cMessage,
+            msg_key: Some("watermark/bob".into()),
+            readers: vec![],
+            read_up_to_ms: None,
+            ..e.clone()
+        };
+        assert_eq!(msg.key(), "9/c2c:alice:bob/watermark%2Fbob");
+        let grp = ReadEvent {
+            kind: Kind::GroupMessage,
+            conversation_id: "c2c:alice:bob/watermark".into(),
+            group_id: Some("c2c:alice:bob/watermark".into()),
+            msg_seq: Some(1),
+            readers: vec![],
+            read_up_to_ms: None,
+            ..e.clone()
+        };
+        assert_eq!(grp.key(), "9/c2c%3Aalice%3Abob%2Fwatermark/1");
+        let pct = ReadEvent {
+            conversation_id: "@TGS#1%2F".into(),
+            group_id: Some("@TGS#1%2F".into()),
+            ..grp.clone()
+        };
+        assert_eq!(pct.key(), "9/@TGS#1%252F/1");
         let s = ReadState::of_event(&e, 10);
         assert_eq!(s.reader.as_deref(), Some("bob"));
         assert_eq!((s.read_count, s.unread_count), (None, None));
