@@ -232,6 +232,7 @@ impl Writer {
             if let Some(to_topic) = &self.config.to_topic {
                 let _ = to_topic.send(InFlight {
                     dead_letter_copy: true,
+                    alone: false,
                     ..inflight
                 });
             }

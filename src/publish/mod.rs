@@ -68,6 +68,20 @@ pub struct InFlight {
     /// again grows with them, so one record that keeps failing waits
     /// longer without holding back the records behind it.
     attempts: u32,
+    /// Kafka refused the request this record was in as too large or
+    /// invalid: the broker judges a whole compressed batch, and fails
+    /// every record in it. Such a record is sent once more in a request
+    /// of its own (nothing else with librdkafka meanwhile) before it is
+    /// dead-lettered.
+    alone: bool,
+}
+
+impl InFlight {
+    /// librdkafka slots this record holds while it is with librdkafka: all
+    /// of them when it must travel alone.
+    fn permits(&self) -> usize {
+        if self.alone { MAX_IN_FLIGHT } else { 1 }
+    }
 }
 
 impl InFlight {

@@ -231,6 +231,7 @@ impl Pump {
                         data: r.payload,
                         dead_letter_copy: false,
                         attempts: 0,
+                        alone: false,
                     };
                     if fresh_tx.send(item).await.is_err() {
                         return;
@@ -388,7 +389,9 @@ impl Pump {
         let generation = self.live.generation.clone();
         let mut fatal = generation.fatal.subscribe();
         tokio::select! {
-            p = generation.permits.acquire() => match p {
+            // A record that travels alone waits until every other record
+            // is reported on, and holds every slot until its own report.
+            p = generation.permits.acquire_many(item.permits() as u32) => match p {
                 Ok(p) => p.forget(),
                 Err(_) => return false,
             },
@@ -412,17 +415,18 @@ impl Pump {
             if action == Action::Wait {
                 // librdkafka's own queue is full (it bounds bytes too):
                 // give its thread a moment to drain.
+                let held = back.delivery_opaque.permits();
                 base = back;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
                     _ = self.stop.changed() => {
-                        generation.permits.add_permits(1);
+                        generation.permits.add_permits(held);
                         return false;
                     }
                 }
             }
-            generation.permits.add_permits(1);
             let item = *back.delivery_opaque;
+            generation.permits.add_permits(item.permits());
             self.shared
                 .metrics
                 .kafka_errors
