@@ -379,7 +379,7 @@ impl Pump {
                 self.raw_missing_logged = true;
                 tracing::error!(
                     spool_id = item.spool_id,
-                    "the spool holds raw records but kafka.raw_topic is no longer set; they wait: set it again (they go out then)"
+                    "the spool holds raw records but kafka.raw_topic is no longer set; they wait in the spool: set it again and restart, and they go out"
                 );
             }
             self.delay(item);
