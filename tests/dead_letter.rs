@@ -87,11 +87,12 @@ async fn a_record_kafka_refuses_for_good_also_goes_to_the_dead_letter_topic() {
         metrics.kafka_up.get() == 1
     })
     .await;
-    // The broker finds the next batch invalid: that record can never be
-    // taken, unlike a missing ACL or topic (see kafka_fixable_faults).
+    // The broker finds the next batch invalid, and the record again when
+    // it is sent on its own: that record can never be taken, unlike a
+    // missing ACL or topic (see kafka_fixable_faults).
     s.cluster.request_errors(
         rdkafka::types::RDKafkaApiKey::Produce,
-        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 2],
     );
     let addr = gw.local_addr();
     let q = format!("/callback?{}", signed_query("Group.CallbackAfterSendMsg"));
@@ -106,7 +107,7 @@ async fn a_record_kafka_refuses_for_good_also_goes_to_the_dead_letter_topic() {
             .kafka_errors
             .with_label_values(&["invalid_record"])
             .get(),
-        1
+        2
     );
     assert_ok(&post(addr, &group_callback(), group_body("g-fine", 1).as_bytes()).await);
 

@@ -14,13 +14,13 @@ async fn dead_letters_beyond_the_budget_wait_in_the_spool() {
     let s = setup();
     let gw = s
         .gateway(&[
-            ("kafka", "dead_letter_max_bytes = 15000"),
+            ("kafka", "dead_letter_max_bytes = 30000"),
             ("kafka.properties", "\"message.max.bytes\" = 4096"),
         ])
         .await;
     let (addr, metrics, spool) = (gw.local_addr(), gw.metrics().clone(), gw.spool().clone());
     let file = s.dir.path().join("spool").join(timbridge::DEAD_LETTER_FILE);
-    assert_eq!(metrics.dead_letter_max_bytes.get(), 15000);
+    assert_eq!(metrics.dead_letter_max_bytes.get(), 30000);
 
     assert_ok(&post(addr, &group_callback(), huge_receipt("g-huge-1").as_bytes()).await);
     wait_until("the first dead letter", Duration::from_secs(30), || {
@@ -28,7 +28,7 @@ async fn dead_letters_beyond_the_budget_wait_in_the_spool() {
     })
     .await;
     let size = std::fs::metadata(&file).unwrap().len();
-    assert!(size > 7_500, "one line is {size} bytes");
+    assert!(size > 15_000, "one line is {size} bytes");
     assert_eq!(metrics.dead_letter_bytes.get(), size as i64);
 
     // A second one would pass the budget: it stays in the spool, and is

@@ -11,9 +11,10 @@
 //!
 //! | librdkafka error | reason label | action |
 //! |---|---|---|
-//! | `MSG_SIZE_TOO_LARGE`, `INVALID_MSG_SIZE` | `too_large` | dead letter |
-//! | `INVALID_RECORD`, `_BAD_MSG` | `invalid_record` | dead letter |
-//! | `_FATAL`, `OUT_OF_ORDER_SEQUENCE_NUMBER`, `INVALID_PRODUCER_EPOCH`, `PRODUCER_FENCED` | `fatal` | rebuild the producer, send again |
+//! | `MSG_SIZE_TOO_LARGE`, `INVALID_MSG_SIZE` | `too_large` | dead letter (from the broker: after one more attempt alone) |
+//! | `INVALID_RECORD`, `_BAD_MSG` | `invalid_record` | dead letter (from the broker: after one more attempt alone) |
+//! | `_FATAL` (the producer is fatally failed) | `fatal` | rebuild the producer, send again |
+//! | `OUT_OF_ORDER_SEQUENCE_NUMBER`, `INVALID_PRODUCER_EPOCH`, `PRODUCER_FENCED` | `fatal` | retry with backoff; librdkafka bumps the epoch itself, or declares the producer fatally failed (`_FATAL`, above) |
 //! | `TOPIC_AUTHORIZATION_FAILED`, `CLUSTER_AUTHORIZATION_FAILED`, `TRANSACTIONAL_ID_AUTHORIZATION_FAILED` | `not_authorized` | retry with backoff |
 //! | `SASL_AUTHENTICATION_FAILED`, `_AUTHENTICATION`, `_SSL` | `authentication` | retry with backoff |
 //! | `UNKNOWN_TOPIC_OR_PART`, `_UNKNOWN_TOPIC`, `_UNKNOWN_PARTITION`, `TOPIC_EXCEPTION` (invalid topic) | `unknown_topic` | retry with backoff |
@@ -36,7 +37,9 @@ pub enum Action {
     /// librdkafka's own queue is full: hand the record over again shortly.
     Wait,
     /// Kafka will never take this record: to the dead-letter file (and
-    /// topic), so that it does not block the records behind it.
+    /// topic), so that it does not block the records behind it. From a
+    /// delivery report, only once the record was refused in a request of
+    /// its own: the broker judges whole batches.
     DeadLetter(&'static str),
     /// The producer is fatally failed and refuses everything from now on:
     /// build a new one, then send the record again.
@@ -64,8 +67,13 @@ pub fn classify(err: &KafkaError) -> Action {
     match code {
         E::MessageSizeTooLarge | E::InvalidMessageSize => Action::DeadLetter("too_large"),
         E::InvalidRecord | E::BadMessage => Action::DeadLetter("invalid_record"),
-        E::Fatal | E::OutOfOrderSequenceNumber | E::InvalidProducerEpoch | E::ProducerFenced => {
-            Action::Rebuild
+        E::Fatal => Action::Rebuild,
+        // The idempotent producer's state: librdkafka recovers by itself
+        // (an epoch bump) or says the producer is fatally failed, with
+        // `_FATAL`; a rebuild for each report would throw away a producer
+        // that was about to recover.
+        E::OutOfOrderSequenceNumber | E::InvalidProducerEpoch | E::ProducerFenced => {
+            Action::Retry("fatal")
         }
         E::TopicAuthorizationFailed
         | E::ClusterAuthorizationFailed
@@ -131,13 +139,14 @@ mod tests {
 
     #[test]
     fn a_fatally_failed_producer_is_rebuilt() {
+        assert_eq!(delivery(E::Fatal), Action::Rebuild);
+        // Only once librdkafka says so: it often recovers by itself.
         for code in [
-            E::Fatal,
             E::OutOfOrderSequenceNumber,
             E::InvalidProducerEpoch,
             E::ProducerFenced,
         ] {
-            assert_eq!(delivery(code), Action::Rebuild, "{code:?}");
+            assert_eq!(delivery(code), Action::Retry("fatal"), "{code:?}");
         }
         assert_eq!(
             classify(&KafkaError::Global(E::Fatal)),

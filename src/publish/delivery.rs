@@ -117,8 +117,8 @@ impl DeliveryContext {
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<InFlight>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, inflight: Box<InFlight>) {
-        self.generation.permits.add_permits(1);
+    fn delivery(&self, result: &DeliveryResult<'_>, mut inflight: Box<InFlight>) {
+        self.generation.permits.add_permits(inflight.permits());
         self.generation.reports.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         match result {
@@ -162,6 +162,13 @@ impl ProducerContext for DeliveryContext {
                     return;
                 }
                 match action {
+                    // The broker may have refused the whole batch for its
+                    // size: the record alone may well pass.
+                    Action::DeadLetter(_) if !inflight.alone => {
+                        tracing::debug!(error = %err, spool_id = inflight.spool_id, "request refused; sending the record again on its own");
+                        inflight.alone = true;
+                        let _ = shared.retry.send(*inflight);
+                    }
                     Action::DeadLetter(_) => shared.dead_letters.bury(*inflight, err.to_string()),
                     Action::Retry(_) | Action::Wait | Action::Rebuild => {
                         tracing::debug!(error = %err, spool_id = inflight.spool_id, "delivery failed; will send again");

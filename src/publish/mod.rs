@@ -64,6 +64,33 @@ pub struct InFlight {
     data: Bytes,
     /// A copy bound for the dead-letter topic; already acknowledged.
     dead_letter_copy: bool,
+    /// Failed deliveries so far: a record's own pause before it is sent
+    /// again grows with them, so one record that keeps failing waits
+    /// longer without holding back the records behind it.
+    attempts: u32,
+    /// Kafka refused the request this record was in as too large or
+    /// invalid: the broker judges a whole compressed batch, and fails
+    /// every record in it. Such a record is sent once more in a request
+    /// of its own (nothing else with librdkafka meanwhile) before it is
+    /// dead-lettered.
+    alone: bool,
+}
+
+impl InFlight {
+    /// librdkafka slots this record holds while it is with librdkafka: all
+    /// of them when it must travel alone.
+    fn permits(&self) -> usize {
+        if self.alone { MAX_IN_FLIGHT } else { 1 }
+    }
+}
+
+impl InFlight {
+    /// Gives up the spool read buffer `data` is a slice of: a record that
+    /// waits (for its next attempt, or for room in the dead-letter file)
+    /// must not keep a whole read batch in memory.
+    fn own_bytes(&mut self) {
+        self.data = Bytes::copy_from_slice(&self.data);
+    }
 }
 
 /// What every producer generation and the pump share.
@@ -105,7 +132,6 @@ impl Publisher {
             max_bytes: kafka.dead_letter_max_bytes,
             spool: spool.clone(),
             metrics: metrics.clone(),
-            retry: retry_tx.clone(),
             to_topic: kafka.dead_letter_topic.is_some().then_some(copies_tx),
         })
         .with_context(|| {
@@ -142,6 +168,8 @@ impl Publisher {
             topics: config::Topics::new(kafka),
             live,
             retry_rx,
+            delayed: Default::default(),
+            raw_missing_logged: false,
             copies_rx,
             stop: stop_rx,
         };

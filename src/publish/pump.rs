@@ -3,12 +3,19 @@
 //! good.
 //!
 //! Every record without a positive delivery report is in exactly one of
-//! three places: with librdkafka, in the retry channel, or with the
-//! dead-letter thread. A fatally failed producer hands everything it holds
-//! back through its delivery reports when it is dropped (librdkafka purges
-//! its queues), so rebuilding it needs no bookkeeping of its own: the
-//! records come back through the retry channel and are sent again in spool
-//! order.
+//! four places: with librdkafka, in the retry channel, waiting in the
+//! pump's delay queue for its next attempt, or with the dead-letter thread.
+//! A fatally failed producer hands everything it holds back through its
+//! delivery reports when it is dropped (it is purged, and polled until the
+//! reports are all handled), so rebuilding it needs no bookkeeping of its
+//! own: the records come back through the retry channel and are sent
+//! again.
+//!
+//! Each failed record waits on its own clock: a record that keeps failing
+//! (an ACL missing on one topic only) never delays fresh records. While the
+//! delay queue (or the dead-letter thread's parked records) holds
+//! [`MAX_IN_FLIGHT`] records, no fresh ones are read: during an outage of
+//! every topic the backlog waits on disk, not in memory.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,8 +24,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use super::classify::{Action, classify};
 use super::config::{Topics, producer_config};
@@ -29,8 +37,8 @@ use crate::config::KafkaConfig;
 use crate::record::RecordRef;
 use crate::spool::{Spool, SpoolReader};
 
-/// The first pause before failed records are sent again; it doubles, up to
-/// [`MAX_RETRY_PAUSE`], while nothing at all gets delivered.
+/// The first pause before a failed record is sent again; it doubles with
+/// each of its failed attempts, up to [`MAX_RETRY_PAUSE`].
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// The same for building a new producer after a fatal error: a cause that
@@ -44,6 +52,10 @@ const MAX_REBUILD_PAUSE: Duration = Duration::from_secs(30);
 const BUSY_POLL: Duration = Duration::from_millis(1);
 /// The same while nothing is reported, to stay quiet when idle.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long a retired producer is polled for the reports of the records it
+/// purged. librdkafka's own drop polls only 500 ms, and a report it drops
+/// leaves its record neither sent again nor acknowledged until a restart.
+const RETIRE_REPORTS: Duration = Duration::from_secs(10);
 
 /// A producer, the thread that polls its events (delivery reports, errors,
 /// statistics), and the bookkeeping of its life.
@@ -116,8 +128,22 @@ impl Drop for Live {
         if let Some(poller) = self.poller.take() {
             let _ = poller.join();
         }
-        // The producer goes with the last reference: librdkafka purges its
-        // queues and the records come back as failed delivery reports.
+        // Every record this producer holds comes back as a failed delivery
+        // report, handled here (and sent again by the pump, or left in the
+        // spool at shutdown) before the producer goes.
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let deadline = std::time::Instant::now() + RETIRE_REPORTS;
+        while self.producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+            self.producer.poll(Duration::from_millis(50));
+        }
+        let left = self.producer.in_flight_count();
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "a retired Kafka producer still holds records after {RETIRE_REPORTS:?}; they stay in the spool and go out after the next restart"
+            );
+        }
     }
 }
 
@@ -153,8 +179,22 @@ impl Backoff {
 
 enum Next {
     Send(InFlight),
-    Retry(InFlight),
+    Failed(InFlight),
+    Due,
+    /// Nothing to do but look again whether fresh records may be read.
+    Look,
     Rebuild,
+}
+
+/// Failed records, each waiting for its own next attempt; ordered by when
+/// that is, then by spool id.
+pub type Delayed = BTreeMap<(Instant, u64), InFlight>;
+
+/// The pause before a record's next attempt, after `attempts` failed ones.
+fn retry_pause(attempts: u32) -> Duration {
+    RETRY_PAUSE
+        .saturating_mul(1 << attempts.saturating_sub(1).min(8))
+        .min(MAX_RETRY_PAUSE)
 }
 
 pub struct Pump {
@@ -164,6 +204,9 @@ pub struct Pump {
     pub topics: Topics,
     pub live: Live,
     pub retry_rx: mpsc::UnboundedReceiver<InFlight>,
+    pub delayed: Delayed,
+    /// Said once: raw records wait because `kafka.raw_topic` is gone.
+    pub raw_missing_logged: bool,
     /// Copies of dead letters bound for `kafka.dead_letter_topic`.
     pub copies_rx: mpsc::UnboundedReceiver<InFlight>,
     pub stop: watch::Receiver<bool>,
@@ -187,6 +230,8 @@ impl Pump {
                         appended_ms: r.append_time_ms,
                         data: r.payload,
                         dead_letter_copy: false,
+                        attempts: 0,
+                        alone: false,
                     };
                     if fresh_tx.send(item).await.is_err() {
                         return;
@@ -194,28 +239,37 @@ impl Pump {
                 }
             }
         });
-        let mut retry_pause = Backoff::new(RETRY_PAUSE, MAX_RETRY_PAUSE);
         let mut rebuild_pause = Backoff::new(REBUILD_PAUSE, MAX_REBUILD_PAUSE);
         loop {
             if *self.stop.borrow() {
                 break;
             }
             let mut fatal = self.live.generation.fatal.subscribe();
+            let due = self.delayed.first_key_value().map(|((at, _), _)| *at);
+            // Waiting records are held in memory: past this many, the rest
+            // of the backlog waits in the spool.
+            let hold_fresh =
+                self.delayed.len() + self.shared.dead_letters.parked() >= MAX_IN_FLIGHT;
             let next = tokio::select! {
                 biased;
                 _ = self.stop.changed() => break,
                 _ = fatal.wait_for(|f| *f) => Next::Rebuild,
-                Some(first) = self.retry_rx.recv() => Next::Retry(first),
+                Some(failed) = self.retry_rx.recv() => Next::Failed(failed),
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Next::Due,
                 Some(copy) = self.copies_rx.recv() => Next::Send(copy),
-                Some(fresh) = fresh_rx.recv() => Next::Send(fresh),
+                Some(fresh) = fresh_rx.recv(), if !hold_fresh => Next::Send(fresh),
+                // Parked dead letters leave without telling the pump.
+                _ = tokio::time::sleep(Duration::from_millis(100)), if hold_fresh => Next::Look,
                 else => break,
             };
             let carry_on = match next {
                 Next::Send(item) => self.send(item).await,
-                Next::Retry(first) => {
-                    let pause = retry_pause.next(self.delivered());
-                    self.retry_round(first, pause).await
+                Next::Failed(item) => {
+                    self.delay(item);
+                    true
                 }
+                Next::Due => self.send_due().await,
+                Next::Look => true,
                 Next::Rebuild => {
                     let pause = &mut rebuild_pause;
                     self.rebuild(pause).await
@@ -233,20 +287,27 @@ impl Pump {
         self.shared.delivered.load(Ordering::Relaxed)
     }
 
-    /// Waits `pause` (the broker is likely away), then sends the whole
-    /// failed group again in spool order. False when told to stop.
-    async fn retry_round(&mut self, first: InFlight, pause: Duration) -> bool {
-        let mut group = BTreeMap::new();
-        group.insert(first.spool_id, first);
-        tokio::select! {
-            _ = tokio::time::sleep(pause) => {}
-            _ = self.stop.changed() => return false,
+    /// Puts a failed record in the delay queue, on its own clock.
+    fn delay(&mut self, mut item: InFlight) {
+        if item.attempts == 0 {
+            item.own_bytes();
         }
-        while let Ok(more) = self.retry_rx.try_recv() {
-            group.insert(more.spool_id, more);
-        }
-        for item in group.into_values() {
+        item.attempts = item.attempts.saturating_add(1);
+        let at = Instant::now() + retry_pause(item.attempts);
+        self.delayed.insert((at, item.spool_id), item);
+    }
+
+    /// Sends every record whose next attempt is due, in spool order. False
+    /// when told to stop.
+    async fn send_due(&mut self) -> bool {
+        // Everything at or before now stays; the rest is split off.
+        let later = self.delayed.split_off(&(Instant::now(), u64::MAX));
+        let due = std::mem::replace(&mut self.delayed, later);
+        let mut due: Vec<InFlight> = due.into_values().collect();
+        due.sort_by_key(|item| item.spool_id);
+        for item in due {
             if !self.send(item).await {
+                // The rest is still in the spool; nothing to hand back.
                 return false;
             }
         }
@@ -312,17 +373,25 @@ impl Pump {
         };
         let Some(topic) = topic else {
             // A raw record spooled while raw_topic was set, replayed after
-            // it was removed from the config.
-            self.shared
-                .dead_letters
-                .bury(item, "kafka.raw_topic is no longer configured".into());
+            // it was removed from the config: an operator can fix that, so
+            // it waits (in the spool) rather than being dead-lettered.
+            if !self.raw_missing_logged {
+                self.raw_missing_logged = true;
+                tracing::error!(
+                    spool_id = item.spool_id,
+                    "the spool holds raw records but kafka.raw_topic is no longer set; they wait in the spool: set it again and restart, and they go out"
+                );
+            }
+            self.delay(item);
             return true;
         };
         // Bound what librdkafka holds; the permit returns with the report.
         let generation = self.live.generation.clone();
         let mut fatal = generation.fatal.subscribe();
         tokio::select! {
-            p = generation.permits.acquire() => match p {
+            // A record that travels alone waits until every other record
+            // is reported on, and holds every slot until its own report.
+            p = generation.permits.acquire_many(item.permits() as u32) => match p {
                 Ok(p) => p.forget(),
                 Err(_) => return false,
             },
@@ -346,17 +415,18 @@ impl Pump {
             if action == Action::Wait {
                 // librdkafka's own queue is full (it bounds bytes too):
                 // give its thread a moment to drain.
+                let held = back.delivery_opaque.permits();
                 base = back;
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
                     _ = self.stop.changed() => {
-                        generation.permits.add_permits(1);
+                        generation.permits.add_permits(held);
                         return false;
                     }
                 }
             }
-            generation.permits.add_permits(1);
             let item = *back.delivery_opaque;
+            generation.permits.add_permits(item.permits());
             self.shared
                 .metrics
                 .kafka_errors
