@@ -46,12 +46,15 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 const REBUILD_PAUSE: Duration = Duration::from_millis(500);
 const MAX_REBUILD_PAUSE: Duration = Duration::from_secs(30);
 
-/// How long one poll of librdkafka's events lasts while delivery reports
-/// flow: their acks are written out after each, so a SIGKILL replays at
-/// most about this much already-delivered traffic (as duplicates).
-const BUSY_POLL: Duration = Duration::from_millis(1);
-/// The same while nothing is reported, to stay quiet when idle.
-const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long one call to librdkafka's poll lasts. rdkafka's
+/// `BaseProducer::poll` keeps polling until its deadline and waits on the
+/// queue for the time left in whole milliseconds, so the last millisecond of
+/// every call is a busy spin: a 1 ms poll (tried, to write acks sooner) spun
+/// a whole core under load and doubled the CPU per callback. 100 ms, as
+/// rdkafka's own `ThreadedProducer`, spins about 1 % of the time. Acks do
+/// not wait for it: below 20,000/s they are written as they come, above it
+/// within half a millisecond (see `Spool::flush_acks`).
+const POLL: Duration = Duration::from_millis(100);
 /// How long a retired producer is polled for the reports of the records it
 /// purged. librdkafka's own drop polls only 500 ms, and a report it drops
 /// leaves its record neither sent again nor acknowledged until a restart.
@@ -103,21 +106,11 @@ impl Live {
 /// `Spool::flush_acks`) are written out, so that they survive a crash of the
 /// process without a system call per ack.
 fn poll(producer: &BaseProducer<DeliveryContext>, generation: &Generation, spool: &Spool) {
-    // Short polls from the first report until a quiet spell of IDLE_POLL.
-    let mut quiet = IDLE_POLL;
     while !generation.stop_polling.load(Ordering::Relaxed) {
         let before = generation.reports.load(Ordering::Relaxed);
-        let round = if quiet < IDLE_POLL {
-            BUSY_POLL
-        } else {
-            IDLE_POLL
-        };
-        producer.poll(round);
+        producer.poll(POLL);
         if generation.reports.load(Ordering::Relaxed) != before {
             spool.flush_acks();
-            quiet = Duration::ZERO;
-        } else {
-            quiet += round;
         }
     }
 }
