@@ -30,7 +30,9 @@ const MAX_ACK_AHEAD: u64 = 1 << 32;
 pub struct RecoveryReport {
     /// Segment files in use after recovery.
     pub segments: usize,
-    /// Valid records found in all segments.
+    /// Records kept in all segments: every valid one, and every corrupt one
+    /// skipped alone (it keeps its id, counted as delivered and never
+    /// replayed; see `damaged`).
     pub records_recovered: u64,
     /// Of those, records not yet delivered: they will be replayed.
     pub records_pending: u64,
