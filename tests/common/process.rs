@@ -39,23 +39,7 @@ impl GatewayProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         tweak(&mut cmd);
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(strip_ansi(&line));
-            }
-        });
-        let mut p = GatewayProcess {
-            child,
-            addr: "127.0.0.1:1".parse().unwrap(),
-            log,
-        };
-        let line = p.wait_for_log("timbridge listening", Duration::from_secs(30));
-        p.addr = field(&line, "addr=").parse().unwrap();
-        p
+        spawn_until_listening(cmd, "timbridge listening")
     }
 
     /// Waits for a log line containing `needle`; panics with the whole log
@@ -171,15 +155,20 @@ pub fn field(line: &str, name: &str) -> String {
 pub fn start_materializer(dir: &Path, name: &str, config: &str) -> GatewayProcess {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["materialize", "--config"])
+    let mut cmd = Command::new(BIN);
+    cmd.args(["materialize", "--config"])
         .arg(&path)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::piped());
+    spawn_until_listening(cmd, "materializer listening")
+}
+
+/// Starts `cmd` (stderr piped), collects its log lines, and waits for the
+/// line containing `listening`, whose `addr=` field is where it serves.
+fn spawn_until_listening(mut cmd: Command, listening: &str) -> GatewayProcess {
+    let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
@@ -193,7 +182,7 @@ pub fn start_materializer(dir: &Path, name: &str, config: &str) -> GatewayProces
         addr: "127.0.0.1:1".parse().unwrap(),
         log,
     };
-    let line = p.wait_for_log("materializer listening", Duration::from_secs(30));
+    let line = p.wait_for_log(listening, Duration::from_secs(30));
     p.addr = field(&line, "addr=").parse().unwrap();
     p
 }
