@@ -59,6 +59,7 @@ pub mod materialize;
 pub mod metrics;
 pub mod publish;
 pub mod record;
+pub mod request_line;
 pub mod send;
 pub mod server;
 pub mod spool;

@@ -53,6 +53,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::config::ServerConfig;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
+use crate::request_line::FirstLineLimit;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 use crate::tencent::payload;
 use crate::tencent::query::CallbackQuery;
@@ -301,7 +302,9 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
         let timed_out = Arc::new(AtomicBool::new(false));
-        let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
+        let long_url = Arc::new(AtomicBool::new(false));
+        let io = FirstLineLimit::new(stream, MAX_HEAD_BYTES, long_url.clone());
+        let io = AnswerDeadline::new(io, config.write_timeout, timed_out.clone());
         let conn = builder.serve_connection(
             TokioIo::new(io),
             service_fn(move |mut req: Request<Incoming>| {
@@ -336,6 +339,9 @@ pub async fn serve(
                         .inc();
                 }
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
+            }
+            if long_url.load(Ordering::Relaxed) {
+                tracing::debug!(%peer, listener = label, limit = MAX_HEAD_BYTES, "answered 414: the request line passed the head limit");
             }
             drop(held);
         });

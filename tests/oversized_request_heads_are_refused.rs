@@ -55,3 +55,41 @@ async fn a_400_kib_header_line_is_answered_431_not_buffered() {
         1
     );
 }
+
+/// A URL too long for the head limit (here a 64 KiB CallbackCommand) is
+/// answered 414, "URI Too Long", which names what to shorten, rather than
+/// 431; the gateway takes nothing from it and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_64_kib_callback_command_is_answered_414() {
+    let s = setup();
+    let gw = s.gateway(&[]).await;
+    let addr = gw.local_addr();
+
+    let command = "C".repeat(64 * 1024);
+    let body = group_body("long-url", 1);
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /callback?SdkAppid={APP}&CallbackCommand={command}&contenttype=json HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The gateway answers and closes once 16 KiB have passed, so the rest
+    // of the write may fail.
+    let _ = c.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer:?}");
+
+    assert_ok(&post(addr, &group_callback(), group_body("after", 1).as_bytes()).await);
+    assert_groups_arrive(&s.bootstrap, &["after".to_owned()]);
+    let handled: u64 = timbridge::metrics::OUTCOME_LABELS
+        .iter()
+        .map(|o| {
+            gw.metrics()
+                .callbacks
+                .with_label_values(&["other", o])
+                .get()
+        })
+        .sum();
+    assert_eq!(handled, 0, "the long-URL request reached the handler");
+}
