@@ -196,11 +196,27 @@ pub fn assert_ok(a: &Answer) {
 
 /// Asserts a FAIL answer with `status`, and returns its ErrorInfo.
 pub fn assert_fail(a: &Answer, status: u16) -> String {
-    assert_eq!(a.status, status, "{}", a.json);
-    assert_eq!(a.json["ActionStatus"], "FAIL", "{}", a.json);
-    assert_ne!(a.json["ErrorCode"], 0, "{}", a.json);
-    assert!(a.json["ErrorCode"].is_u64());
-    a.json["ErrorInfo"].as_str().expect("ErrorInfo").to_owned()
+    fail_info(a, status).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// A FAIL answer with `status` gives its ErrorInfo; any other answer says
+/// how it differs (for table-driven tests, which report every case).
+pub fn fail_info(a: &Answer, status: u16) -> Result<String, String> {
+    let json = &a.json;
+    if a.status != status {
+        return Err(format!("status {}, want {status}: {json}", a.status));
+    }
+    if json["ActionStatus"] != "FAIL" {
+        return Err(format!("ActionStatus is not FAIL: {json}"));
+    }
+    match json["ErrorCode"].as_u64() {
+        Some(code) if code != 0 => {}
+        _ => return Err(format!("ErrorCode is not a non-zero integer: {json}")),
+    }
+    json["ErrorInfo"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no ErrorInfo string: {json}"))
 }
 
 #[derive(Debug, Clone)]
@@ -352,10 +368,15 @@ pub fn group_body(group: &str, seq: u64) -> String {
         r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":{seq},"ReadNum":1,"UnreadNum":1,"ReadReceiptMembers":[{{"Member_Account":"u"}}]}}],"EventTime":1670574414123}}"#
     )
 }
+pub mod cases;
 pub mod faults;
 pub mod process;
 pub mod tmpfs;
 pub mod upstream;
+
+// Not every test binary checks a table of cases.
+#[allow(unused_imports)]
+pub use cases::Cases;
 
 /// A mock cluster and a temp dir for one test's gateway and spool.
 pub struct Setup {
