@@ -133,18 +133,7 @@ async fn a_full_listener_answers_503_at_once_instead_of_leaving_clients_hanging(
     // Two clients that connect and say nothing hold both slots.
     let idle1 = TcpStream::connect(addr).await.unwrap();
     let _idle2 = TcpStream::connect(addr).await.unwrap();
-    wait_until(
-        "both idle clients hold a slot",
-        Duration::from_secs(5),
-        || {
-            gw.metrics()
-                .connections_open
-                .with_label_values(&["callback"])
-                .get()
-                == 2
-        },
-    )
-    .await;
+    wait_open_connections(&gw, "callback", 2).await;
 
     let started = Instant::now();
     let a = tokio::time::timeout(
@@ -192,18 +181,7 @@ async fn with_a_per_address_cap_one_address_cannot_take_every_slot() {
         TcpStream::connect(addr).await.unwrap(),
         TcpStream::connect(addr).await.unwrap(),
     ];
-    wait_until(
-        "both connections are served",
-        Duration::from_secs(5),
-        || {
-            gw.metrics()
-                .connections_open
-                .with_label_values(&["callback"])
-                .get()
-                == 2
-        },
-    )
-    .await;
+    wait_open_connections(&gw, "callback", 2).await;
     let a = post(addr, &group_callback(), group_body("third", 1).as_bytes()).await;
     let info = assert_fail(&a, 503);
     assert!(info.contains("max_connections_per_ip"), "{info}");

@@ -309,6 +309,33 @@ pub fn assert_valid(v: &jsonschema::Validator, value: &serde_json::Value) {
     assert!(errors.is_empty(), "{value} fails the schema: {errors:?}");
 }
 
+/// Fetches /metrics from `addr` and asserts that it has every one of
+/// `lines` (whole samples, e.g. `name{label="v"} 1`), naming each one that
+/// is missing. Returns the text.
+pub async fn assert_metrics_show(addr: std::net::SocketAddr, lines: &[&str]) -> String {
+    let (status, text) = get_text(addr, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let mut cases = Cases::new();
+    for line in lines {
+        cases.check(line, text.lines().any(|l| l == *line), || {
+            "missing".to_owned()
+        });
+    }
+    cases.finish_showing("/metrics", &text);
+    text
+}
+
+/// Waits until `listener` ("callback" or "admin") has `n` connections open.
+pub async fn wait_open_connections(gw: &timbridge::Gateway, listener: &str, n: i64) {
+    let open = gw.metrics().connections_open.with_label_values(&[listener]);
+    wait_until(
+        &format!("{n} connections open on the {listener} listener"),
+        Duration::from_secs(5),
+        || open.get() == n,
+    )
+    .await;
+}
+
 /// Waits for a condition, polling; panics with `what` at the deadline.
 pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;

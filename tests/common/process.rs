@@ -238,3 +238,45 @@ fn spawn_until_listening(mut cmd: Command, listening: &str) -> GatewayProcess {
     p.addr = field(&line, "addr=").parse().unwrap();
     p
 }
+
+impl super::Setup {
+    /// The crash every recovery test starts from: with Kafka down, a
+    /// gateway process on `config` spools callbacks for groups
+    /// `{prefix}-{i}` (none can be delivered) and is SIGKILLed. Returns
+    /// the groups, in the order they were spooled.
+    pub async fn spool_then_kill(
+        &self,
+        config: &str,
+        prefix: &str,
+        range: std::ops::Range<u64>,
+    ) -> Vec<String> {
+        self.cluster.broker_down(1).unwrap();
+        let gw = GatewayProcess::start(self.dir.path(), config);
+        let groups = super::post_groups(gw.addr, prefix, range).await;
+        gw.kill9();
+        groups
+    }
+
+    /// After [`Setup::spool_then_kill`]: Kafka back, and a new gateway
+    /// process on the same spool.
+    pub fn restart_with_kafka(&self, config: &str) -> GatewayProcess {
+        self.cluster.broker_up(1).unwrap();
+        GatewayProcess::start(self.dir.path(), config)
+    }
+
+    /// The spool's segment files, oldest first.
+    pub fn segments(&self) -> Vec<PathBuf> {
+        let mut segments: Vec<_> = std::fs::read_dir(self.dir.path().join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        segments.sort();
+        segments
+    }
+
+    /// The newest segment file, the one a crash leaves torn.
+    pub fn last_segment(&self) -> PathBuf {
+        self.segments().pop().expect("a segment file")
+    }
+}
