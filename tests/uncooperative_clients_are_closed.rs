@@ -155,16 +155,7 @@ async fn a_full_listener_answers_503_at_once_instead_of_leaving_clients_hanging(
 
     // A slot freed is a slot served.
     drop(idle1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let a = post(addr, &group_callback(), group_body("served", 1).as_bytes()).await;
-        if a.status == 200 {
-            assert_ok(&a);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no slot came free: {}", a.json);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    post_until_accepted(addr, "served", "no slot came free", Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -325,6 +325,50 @@ pub async fn assert_metrics_show(addr: std::net::SocketAddr, lines: &[&str]) -> 
     text
 }
 
+/// Posts a signed group receipt for `group` again and again until it is
+/// accepted, at most `within`; panics with the last refusal and `what`.
+/// For a gateway that refuses for a while and must come back by itself.
+pub async fn post_until_accepted(
+    addr: std::net::SocketAddr,
+    group: &str,
+    what: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = post(addr, &group_callback(), group_body(group, 1).as_bytes()).await;
+        if a.status == 200 {
+            assert_ok(&a);
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} {}", a.status, a.json);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls GET `path` until it answers `status`, at most `within`; panics
+/// with the last answer and `what`.
+pub async fn wait_for_status(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    what: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (got, body) = get_text(addr, path).await;
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {path} stayed {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `listener` ("callback" or "admin") has `n` connections open.
 pub async fn wait_open_connections(gw: &timbridge::Gateway, listener: &str, n: i64) {
     let open = gw.metrics().connections_open.with_label_values(&[listener]);
