@@ -4,7 +4,7 @@
 # See bench/README.md, "Profile".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins --examples --quiet
+cargo build --release --workspace --bins --quiet
 # Line tables keep inlined frames named; a target dir of its own keeps the
 # measured binaries in target/release untouched.
 CARGO_PROFILE_RELEASE_DEBUG=line-tables-only CARGO_TARGET_DIR=target/prof \

@@ -2,9 +2,9 @@
 """timbridge's load harness driver; `bench/run.sh [--quick]` builds and runs it.
 
 It starts the mock Kafka broker in a process of its own, then alternates
-the floor (examples/floor.rs) and the gateway, one fsync mode at a time
+the floor (bench/src/floor.rs) and the gateway, one fsync mode at a time
 (floor, gateway/interval, floor, gateway/always, floor, gateway/never),
-for two rounds or more, with the same load from examples/loadgen.rs, on
+for two rounds or more, with the same load from bench/src/loadgen.rs, on
 127.0.0.1 only. Each gateway figure is divided by the one of the floor run
 just before it. A gateway run whose accepted callbacks are not all in
 Kafka afterwards (topic high watermarks) is reported as INVALID and makes
@@ -39,9 +39,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE = ROOT / "target" / "release"
 GATEWAY = RELEASE / "timbridge"
-FLOOR = RELEASE / "examples" / "floor"
-LOADGEN = RELEASE / "examples" / "loadgen"
-BROKER = RELEASE / "examples" / "mock_broker"
+FLOOR = RELEASE / "floor"
+LOADGEN = RELEASE / "loadgen"
+BROKER = RELEASE / "mock_broker"
 
 GROUP_TOPIC = "tim.group.read_receipts"
 C2C_TOPIC = "tim.c2c.read_receipts"
@@ -640,7 +640,7 @@ def main() -> int:
             ap.error(f"unknown fsync mode {m!r}")
     for b in (VARIANT["binary"], FLOOR, LOADGEN, BROKER):
         if not b.exists():
-            ap.error(f"{b} is missing: cargo build --release --bins --examples")
+            ap.error(f"{b} is missing: cargo build --release --workspace --bins")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

@@ -4,5 +4,5 @@
 # Full: about 9 minutes; --quick: about 3. See bench/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins --examples --quiet
+cargo build --release --workspace --bins --quiet
 exec python3 bench/run.py "$@"

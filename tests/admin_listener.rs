@@ -59,13 +59,7 @@ async fn each_listener_serves_only_its_own_routes() {
         .await,
     );
     assert_groups_arrive(&s.bootstrap, &["via-callbacks".to_owned()]);
-    let (_, metrics) = get_text(admin, "/metrics").await;
-    assert!(
-        metrics.contains(
-            "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"accepted\"} 1"
-        ),
-        "{metrics}"
-    );
+    assert_metrics_show(admin, &["timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"accepted\"} 1"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,18 +83,7 @@ async fn probes_answer_while_slow_clients_fill_the_callback_listener() {
             .unwrap();
         slow.push(c);
     }
-    wait_until(
-        "the slow clients hold every callback slot",
-        Duration::from_secs(5),
-        || {
-            gw.metrics()
-                .connections_open
-                .with_label_values(&["callback"])
-                .get()
-                == 4
-        },
-    )
-    .await;
+    wait_open_connections(&gw, "callback", 4).await;
     let admin = gw.admin_addr().unwrap();
     for path in ["/healthz", "/readyz", "/metrics"] {
         let started = Instant::now();

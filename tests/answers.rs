@@ -14,124 +14,207 @@ fn group_path(query: &str) -> String {
     format!("/callback?{query}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rejections_get_their_status_and_write_nothing() {
-    let s = setup();
-    let gw = s.gateway(&[]).await;
-    let addr = gw.local_addr();
+/// A callback the gateway must refuse: the status it gets, and what its
+/// ErrorInfo must name ("" for nothing in particular).
+struct Refusal {
+    name: &'static str,
+    query: String,
+    body: Vec<u8>,
+    status: u16,
+    names: &'static str,
+}
+
+/// Every row of the answer table that refuses, one case each.
+fn refusals() -> Vec<Refusal> {
     let body = group_body("g-rejected", 1);
-
-    // 403: SdkAppid missing, or not configured.
-    let info = assert_fail(
-        &post(
-            addr,
-            &group_path(&format!("CallbackCommand={GROUP_CMD}")),
-            body.as_bytes(),
-        )
-        .await,
-        403,
-    );
-    assert!(info.contains("SdkAppid"), "{info}");
-    let q = timbridge::send::tencent_query(1400000777, GROUP_CMD, Some(TOKEN), now_s());
-    assert_fail(&post(addr, &group_path(&q), body.as_bytes()).await, 403);
-    let q = format!("SdkAppid=not-a-number&CallbackCommand={GROUP_CMD}");
-    assert_fail(&post(addr, &group_path(&q), body.as_bytes()).await, 403);
-
-    // 401: Sign or RequestTime missing, wrong, or stale.
-    let unsigned = timbridge::send::tencent_query(APP, GROUP_CMD, None, now_s());
-    let info = assert_fail(
-        &post(addr, &group_path(&unsigned), body.as_bytes()).await,
-        401,
-    );
-    assert!(info.contains("Sign"), "{info}");
-    let wrong = timbridge::send::tencent_query(APP, GROUP_CMD, Some("not-the-token"), now_s());
-    let info = assert_fail(&post(addr, &group_path(&wrong), body.as_bytes()).await, 401);
-    assert!(
-        !info.contains(TOKEN),
-        "ErrorInfo must not echo the token: {info}"
-    );
-    let stale = timbridge::send::tencent_query(APP, GROUP_CMD, Some(TOKEN), now_s() - 3600);
-    let info = assert_fail(&post(addr, &group_path(&stale), body.as_bytes()).await, 401);
-    assert!(info.contains("RequestTime"), "{info}");
-    let future = timbridge::send::tencent_query(APP, GROUP_CMD, Some(TOKEN), now_s() + 120);
-    assert_fail(
-        &post(addr, &group_path(&future), body.as_bytes()).await,
-        401,
-    );
-    let t = now_s().to_string();
-    let no_time = format!(
-        "SdkAppid={APP}&CallbackCommand={GROUP_CMD}&Sign={}",
-        timbridge::tencent::auth::sign(TOKEN, &t)
-    );
-    assert_fail(
-        &post(addr, &group_path(&no_time), body.as_bytes()).await,
-        401,
-    );
-
-    // 400: not JSON, missing fields, wrong types; ErrorInfo names the field.
+    let group = |query: String, b: &str| (query, b.as_bytes().to_vec());
+    let query = |app, token, time| timbridge::send::tencent_query(app, GROUP_CMD, token, time);
     let signed = signed_query(GROUP_CMD);
-    let info = assert_fail(&post(addr, &group_path(&signed), b"{not json").await, 400);
-    assert!(info.contains("not JSON"), "{info}");
+    let c2c = |cmd: &str, b: String| (signed_query(cmd), b.into_bytes());
     let published_sample = r#"{
 "CallbackCommand": "Group.CallbackAfterReadReceipt", // Callback after read receipt
 "GroupId": "@TGS#2TTV7VSII", // Group ID
 "GroupMsgReceiptList": [ { "MsgSeq": 1, "ReadNum": 1, "UnreadNum": 6 "ReadReceiptMembers":[] } ],
 "EventTime":"1670574414123"
 }"#;
-    assert_fail(
-        &post(addr, &group_path(&signed), published_sample.as_bytes()).await,
-        400,
+    let no_command = timbridge::send::tencent_query(APP, "", Some(TOKEN), now_s())
+        .replace("CallbackCommand=&", "");
+    let no_time = format!(
+        "SdkAppid={APP}&CallbackCommand={GROUP_CMD}&Sign={}",
+        timbridge::tencent::auth::sign(TOKEN, &now_s().to_string())
     );
-    let missing = body.replace("\"GroupId\":\"g-rejected\",", "");
-    let info = assert_fail(
-        &post(addr, &group_path(&signed), missing.as_bytes()).await,
-        400,
-    );
-    assert!(info.contains("GroupId"), "{info}");
-    let wrong_type = body.replace("\"MsgSeq\":1", "\"MsgSeq\":\"1\"");
-    let info = assert_fail(
-        &post(addr, &group_path(&signed), wrong_type.as_bytes()).await,
-        400,
-    );
-    assert!(info.contains("GroupMsgReceiptList[0].MsgSeq"), "{info}");
-    for (cmd, bad, field) in [
+    let rows = [
+        // 403: SdkAppid missing, or not configured.
         (
-            "C2C.CallbackAfterMsgReadReceipt",
-            C2C_RECEIPT_BODY.replace("\"Operator_Account\": \"zed\",", ""),
+            "403 without SdkAppid",
+            group(format!("CallbackCommand={GROUP_CMD}"), &body),
+            403,
+            "SdkAppid",
+        ),
+        (
+            "403 for an app not configured",
+            group(query(1400000777, Some(TOKEN), now_s()), &body),
+            403,
+            "",
+        ),
+        (
+            "403 for an SdkAppid that is not a number",
+            group(
+                format!("SdkAppid=not-a-number&CallbackCommand={GROUP_CMD}"),
+                &body,
+            ),
+            403,
+            "",
+        ),
+        // 401: Sign or RequestTime missing, wrong, or stale.
+        (
+            "401 without Sign",
+            group(query(APP, None, now_s()), &body),
+            401,
+            "Sign",
+        ),
+        (
+            "401 for a Sign made with another token",
+            group(query(APP, Some("not-the-token"), now_s()), &body),
+            401,
+            "",
+        ),
+        (
+            "401 for a RequestTime an hour old",
+            group(query(APP, Some(TOKEN), now_s() - 3600), &body),
+            401,
+            "RequestTime",
+        ),
+        (
+            "401 for a RequestTime two minutes ahead",
+            group(query(APP, Some(TOKEN), now_s() + 120), &body),
+            401,
+            "",
+        ),
+        ("401 without RequestTime", group(no_time, &body), 401, ""),
+        // 400: not JSON, missing fields, wrong types; ErrorInfo names the field.
+        (
+            "400 for a body that is not JSON",
+            group(signed.clone(), "{not json"),
+            400,
+            "not JSON",
+        ),
+        (
+            "400 for Tencent's published sample, comments and all",
+            group(signed.clone(), published_sample),
+            400,
+            "",
+        ),
+        (
+            "400 for a group receipt without GroupId",
+            group(
+                signed.clone(),
+                &body.replace("\"GroupId\":\"g-rejected\",", ""),
+            ),
+            400,
+            "GroupId",
+        ),
+        (
+            "400 for a MsgSeq that is a string",
+            group(
+                signed.clone(),
+                &body.replace("\"MsgSeq\":1", "\"MsgSeq\":\"1\""),
+            ),
+            400,
+            "GroupMsgReceiptList[0].MsgSeq",
+        ),
+        (
+            "400 for a c2c receipt without Operator_Account",
+            c2c(
+                "C2C.CallbackAfterMsgReadReceipt",
+                C2C_RECEIPT_BODY.replace("\"Operator_Account\": \"zed\",", ""),
+            ),
+            400,
             "Operator_Account",
         ),
         (
-            "C2C.CallbackAfterMsgReadReceipt",
-            C2C_RECEIPT_BODY.replace("\"MsgKey\": \"1_2_3\"", "\"MsgKey\": 123"),
+            "400 for a c2c MsgKey that is a number",
+            c2c(
+                "C2C.CallbackAfterMsgReadReceipt",
+                C2C_RECEIPT_BODY.replace("\"MsgKey\": \"1_2_3\"", "\"MsgKey\": 123"),
+            ),
+            400,
             "C2CMsgInfo[0].MsgKey",
         ),
         (
-            "C2C.CallbackAfterMsgReport",
-            C2C_REPORT_BODY.replace("\"LastReadTime\": 1670574414,", ""),
+            "400 for a c2c report without LastReadTime",
+            c2c(
+                "C2C.CallbackAfterMsgReport",
+                C2C_REPORT_BODY.replace("\"LastReadTime\": 1670574414,", ""),
+            ),
+            400,
             "LastReadTime",
         ),
         (
-            "C2C.CallbackAfterMsgReport",
-            C2C_REPORT_BODY.replace("\"Report_Account\": \"amy\"", "\"Report_Account\": [1]"),
+            "400 for a c2c report whose Report_Account is a list",
+            c2c(
+                "C2C.CallbackAfterMsgReport",
+                C2C_REPORT_BODY.replace("\"Report_Account\": \"amy\"", "\"Report_Account\": [1]"),
+            ),
+            400,
             "Report_Account",
         ),
-    ] {
-        let q = signed_query(cmd);
-        let info = assert_fail(&post(addr, &group_path(&q), bad.as_bytes()).await, 400);
-        assert!(info.contains(field), "{cmd}: {info}");
-    }
-    let no_command = timbridge::send::tencent_query(APP, "", Some(TOKEN), now_s());
-    let no_command = no_command.replace("CallbackCommand=&", "");
-    let info = assert_fail(
-        &post(addr, &group_path(&no_command), body.as_bytes()).await,
-        400,
-    );
-    assert!(info.contains("CallbackCommand"), "{info}");
+        (
+            "400 without CallbackCommand",
+            group(no_command, &body),
+            400,
+            "CallbackCommand",
+        ),
+        // 413: over max_body_bytes (64 KiB in the test config).
+        (
+            "413 for a body over max_body_bytes",
+            (signed, vec![b' '; 70_000]),
+            413,
+            "",
+        ),
+    ];
+    rows.into_iter()
+        .map(|(name, (query, body), status, names)| Refusal {
+            name,
+            query,
+            body,
+            status,
+            names,
+        })
+        .collect()
+}
 
-    // 413: over max_body_bytes (64 KiB in the test config), by declared
-    // length and by a chunked body that only turns out too long.
-    let huge = vec![b' '; 70_000];
-    assert_fail(&post(addr, &group_path(&signed), &huge).await, 413);
+/// The counts of `refusals()` and one good callback, per command and outcome.
+const COUNTED: &[&str] = &[
+    r#"timbridge_callbacks_total{command="Group.CallbackAfterReadReceipt",outcome="unknown_app"} 3"#,
+    r#"timbridge_callbacks_total{command="Group.CallbackAfterReadReceipt",outcome="invalid"} 4"#,
+    r#"timbridge_callbacks_total{command="C2C.CallbackAfterMsgReadReceipt",outcome="invalid"} 2"#,
+    r#"timbridge_callbacks_total{command="C2C.CallbackAfterMsgReport",outcome="invalid"} 2"#,
+    r#"timbridge_callbacks_total{command="other",outcome="invalid"} 1"#,
+    r#"timbridge_callbacks_total{command="Group.CallbackAfterReadReceipt",outcome="unauthorized"} 5"#,
+    r#"timbridge_callbacks_total{command="Group.CallbackAfterReadReceipt",outcome="too_large"} 1"#,
+    r#"timbridge_callbacks_total{command="Group.CallbackAfterReadReceipt",outcome="accepted"} 1"#,
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_get_their_status_and_write_nothing() {
+    let s = setup();
+    let gw = s.gateway(&[]).await;
+    let addr = gw.local_addr();
+    let mut cases = Cases::new();
+    for r in refusals() {
+        let a = post(addr, &group_path(&r.query), &r.body).await;
+        let outcome = fail_info(&a, r.status).and_then(|info| {
+            if !info.contains(r.names) {
+                Err(format!("ErrorInfo {info:?} does not name {:?}", r.names))
+            } else if info.contains(TOKEN) {
+                Err(format!("ErrorInfo echoes the token: {info:?}"))
+            } else {
+                Ok(())
+            }
+        });
+        cases.record(r.name, outcome);
+    }
 
     // After all of that, a good callback is still served, and it is the only
     // record written.
@@ -143,25 +226,25 @@ async fn rejections_get_their_status_and_write_nothing() {
         )
         .await,
     );
-    let recs = read_all(&s.bootstrap, GROUP_TOPIC);
-    assert_eq!(recs.len(), 1, "{recs:?}");
-    assert_eq!(recs[0].key, b"g-good");
-    assert!(read_all(&s.bootstrap, C2C_TOPIC).is_empty());
-    assert!(read_all(&s.bootstrap, RAW_TOPIC).is_empty());
+    let keys = |topic| -> Vec<String> {
+        read_all(&s.bootstrap, topic)
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.key).into_owned())
+            .collect()
+    };
+    cases.eq(
+        "only the good callback's record",
+        keys(GROUP_TOPIC),
+        vec!["g-good".to_owned()],
+    );
+    cases.eq("nothing on the c2c topic", keys(C2C_TOPIC), vec![]);
+    cases.eq("nothing on the raw topic", keys(RAW_TOPIC), vec![]);
 
     let (_, metrics) = get_text(addr, "/metrics").await;
-    for line in [
-        "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"unknown_app\"} 3",
-        "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"invalid\"} 4",
-        "timbridge_callbacks_total{command=\"C2C.CallbackAfterMsgReadReceipt\",outcome=\"invalid\"} 2",
-        "timbridge_callbacks_total{command=\"C2C.CallbackAfterMsgReport\",outcome=\"invalid\"} 2",
-        "timbridge_callbacks_total{command=\"other\",outcome=\"invalid\"} 1",
-        "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"unauthorized\"} 5",
-        "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"too_large\"} 1",
-        "timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"accepted\"} 1",
-    ] {
-        assert!(metrics.contains(line), "missing {line}\n{metrics}");
+    for line in COUNTED {
+        cases.check(line, metrics.contains(line), || "missing".to_owned());
     }
+    cases.finish_showing("/metrics", &metrics);
     gw.shutdown().await.unwrap();
 }
 

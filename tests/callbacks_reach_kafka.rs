@@ -133,13 +133,7 @@ async fn a_repeated_callback_is_written_once_with_the_same_event_id() {
     assert_ok(&post(gw.local_addr(), &q, C2C_REPORT_BODY.as_bytes()).await);
     // Tencent's retry-on-timeout sends the same content again.
     assert_ok(&post(gw.local_addr(), &q, C2C_REPORT_BODY.as_bytes()).await);
-    let (_, metrics) = get_text(gw.local_addr(), "/metrics").await;
-    assert!(
-        metrics.contains(
-            "timbridge_callbacks_total{command=\"C2C.CallbackAfterMsgReport\",outcome=\"duplicate\"} 1"
-        ),
-        "{metrics}"
-    );
+    assert_metrics_show(gw.local_addr(), &["timbridge_callbacks_total{command=\"C2C.CallbackAfterMsgReport\",outcome=\"duplicate\"} 1"]).await;
     let recs = read_all(&s.bootstrap, C2C_TOPIC);
     assert_eq!(recs.len(), 1, "{recs:?}");
     gw.shutdown().await.unwrap();

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::process::BIN;
+use common::process::{BIN, output_text};
 
 const FILE: &str = "[[apps]]\nsdk_app_id = 1400000000\ntoken = \"hunter2\"\n[kafka]\nbrokers = \"embedded\"\n[kafka.properties]\n\"sasl.password\" = \"pw-secret\"\n";
 
@@ -22,8 +22,7 @@ fn check_config(dir: &std::path::Path, tweak: impl FnOnce(&mut Command)) -> (boo
         .env_remove("TIMBRIDGE_REQUIRE_TOPICS");
     tweak(&mut cmd);
     let out = cmd.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 

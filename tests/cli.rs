@@ -3,26 +3,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::process::{BIN, field, strip_ansi};
-
-fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-/// `timbridge check-config --config PATH`.
-fn check_config(path: &std::path::Path) -> std::process::Output {
-    Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(path)
-        .output()
-        .unwrap()
-}
+use common::process::{BIN, GatewayProcess, SHIPPED_CONFIG, check_config, write_file as write};
 
 #[test]
 fn version_and_help() {
@@ -87,8 +71,7 @@ fn check_config_names_an_unknown_key_and_fails() {
 
 #[test]
 fn the_shipped_config_is_valid_and_uses_the_embedded_kafka() {
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
-    let out = check_config(shipped.as_ref());
+    let out = check_config(SHIPPED_CONFIG.as_ref());
     assert!(
         out.status.success(),
         "{}",
@@ -97,112 +80,12 @@ fn the_shipped_config_is_valid_and_uses_the_embedded_kafka() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("brokers = \"embedded\""));
 }
 
-/// A gateway process started from the shipped config.toml, on a free port.
-struct Served {
-    child: std::process::Child,
-    addr: String,
-    bootstrap: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve_shipped_config() -> Served {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
-    // The spool goes to a temp dir; everything else is as shipped.
-    let cfg = shipped.replace(
-        "dir = \"data/spool\"",
-        &format!("dir = \"{}\"", dir.path().join("spool").display()),
-    );
-    let cfg = write(dir.path(), "config.toml", &cfg);
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env("TIMBRIDGE_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "info,timbridge::publish=debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut addr = None;
-    let mut bootstrap = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while addr.is_none() || bootstrap.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the gateway logs its bootstrap address and listening address");
-        let plain = strip_ansi(&line);
-        if plain.contains("EMBEDDED KAFKA") && plain.contains("NOT FOR PRODUCTION") {
-            bootstrap = Some(field(&plain, "bootstrap="));
-        }
-        if plain.contains("timbridge listening") {
-            addr = Some(field(&plain, "addr="));
-        }
-    }
-    // Keep draining so the child never blocks on a full pipe; hand the
-    // delivery lines to the test.
-    Served {
-        child,
-        addr: addr.unwrap(),
-        bootstrap: bootstrap.unwrap(),
-        _dir: dir,
-    }
-    .with_log(rx)
-}
-
-impl Served {
-    fn with_log(self, rx: std::sync::mpsc::Receiver<String>) -> Served {
-        LOG.with(|l| *l.borrow_mut() = Some(rx));
-        self
-    }
-}
-
-thread_local! {
-    static LOG: std::cell::RefCell<Option<std::sync::mpsc::Receiver<String>>> = const { std::cell::RefCell::new(None) };
-}
-
-fn wait_for_log(pred: impl Fn(&str) -> bool, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    LOG.with(|l| {
-        let l = l.borrow();
-        let rx = l.as_ref().unwrap();
-        loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("expected log line");
-            let plain = strip_ansi(&line);
-            if pred(&plain) {
-                return plain;
-            }
-        }
-    })
-}
-
 #[test]
 fn send_against_the_shipped_config_shows_a_delivery() {
-    let served = serve_shipped_config();
-    assert!(
-        served.bootstrap.starts_with("127.0.0.1:"),
-        "{}",
-        served.bootstrap
-    );
     let dir = tempfile::tempdir().unwrap();
+    let mut served = GatewayProcess::start_shipped(dir.path());
+    let bootstrap = served.embedded_bootstrap();
+    assert!(bootstrap.starts_with("127.0.0.1:"), "{bootstrap}");
     let body = write(
         dir.path(),
         "receipt.json",
@@ -234,7 +117,7 @@ fn send_against_the_shipped_config_shows_a_delivery() {
         text.contains(r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#),
         "{text}"
     );
-    let line = wait_for_log(|l| l.contains("delivered"), Duration::from_secs(20));
+    let line = served.wait_for_log("delivered", Duration::from_secs(20));
     assert!(line.contains("tim.group.read_receipts"), "{line}");
     assert!(line.contains("partition="), "{line}");
     assert!(line.contains("offset="), "{line}");
@@ -255,9 +138,8 @@ fn the_shipped_config_shows_every_key() {
     // check-config prints the effective config, every key with its value;
     // each must appear in config.toml, set or commented, so that a newcomer
     // finds it there.
-    let shipped_path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
-    let shipped = std::fs::read_to_string(shipped_path).unwrap();
-    let out = check_config(shipped_path.as_ref());
+    let shipped = std::fs::read_to_string(SHIPPED_CONFIG).unwrap();
+    let out = check_config(SHIPPED_CONFIG.as_ref());
     let effective = String::from_utf8(out.stdout).unwrap();
     let mut keys = 0;
     for line in effective.lines() {

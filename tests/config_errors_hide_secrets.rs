@@ -9,13 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::BIN;
-
-fn write(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+use common::process::{BIN, output_text, write_file as write};
 
 /// Runs `timbridge <args>` to its end (at most 20 s); returns exit success
 /// and everything it printed.
@@ -37,8 +31,7 @@ fn run(args: &[&str], path: &std::path::Path) -> (bool, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = output_text(&out);
     (out.status.success(), text)
 }
 

@@ -7,7 +7,6 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::GatewayProcess;
 use common::*;
 
 /// Offsets of the records in a segment file (24-byte file header; each
@@ -26,28 +25,18 @@ fn record_offsets(bytes: &[u8]) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_record_is_skipped_and_the_ones_after_it_are_delivered() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
     let text = s.config_text(&[]);
-    let gw = GatewayProcess::start(s.dir.path(), &text);
-    let mut groups = post_groups(gw.addr, "g-bitflip", 0..5).await;
-    gw.kill9();
+    let mut groups = s.spool_then_kill(&text, "g-bitflip", 0..5).await;
 
-    let mut segments: Vec<_> = std::fs::read_dir(s.dir.path().join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segments.sort();
-    let seg = segments.last().expect("a segment file");
-    let mut bytes = std::fs::read(seg).unwrap();
+    let seg = s.last_segment();
+    let mut bytes = std::fs::read(&seg).unwrap();
     let offsets = record_offsets(&bytes);
     assert_eq!(offsets.len(), 5, "one record per callback");
     // A payload byte of the third record: its length and id stay intact.
     bytes[offsets[2] + 24 + 10] ^= 0x01;
-    std::fs::write(seg, &bytes).unwrap();
+    std::fs::write(&seg, &bytes).unwrap();
 
-    s.cluster.broker_up(1).unwrap();
-    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    let mut gw = s.restart_with_kafka(&text);
     let line = gw.wait_for_log("spool recovery skipped data", Duration::from_secs(5));
     assert!(line.contains("checksum"), "says why: {line}");
     let lost = groups.remove(2);
@@ -55,11 +44,7 @@ async fn a_corrupt_record_is_skipped_and_the_ones_after_it_are_delivered() {
     let all = read_all(&s.bootstrap, GROUP_TOPIC);
     assert_eq!(all.len(), 4, "the four intact records, once each");
     assert!(all.iter().all(|r| r.key != lost.as_bytes()));
-    let (_, metrics) = get_text(gw.addr, "/metrics").await;
-    assert!(
-        metrics.contains("timbridge_spool_records_lost_total 1"),
-        "{metrics}"
-    );
+    assert_metrics_show(gw.addr, &["timbridge_spool_records_lost_total 1"]).await;
     // The segment is not cut: new callbacks are taken and delivered.
     post_groups(gw.addr, "g-after-flip", 0..1).await;
 }

@@ -7,7 +7,6 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::process::GatewayProcess;
 use common::*;
 
 fn distinct_event_ids(recs: &[Received]) -> usize {
@@ -20,15 +19,10 @@ fn distinct_event_ids(recs: &[Received]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_callbacks_survive_sigkill_during_an_outage() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
     let text = s.config_text(&[]);
-    let gw = GatewayProcess::start(s.dir.path(), &text);
-    let groups = post_groups(gw.addr, "g-kill", 0..40).await;
-    // No flush, no sync, no goodbye.
-    gw.kill9();
-
-    s.cluster.broker_up(1).unwrap();
-    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    // SIGKILL: no flush, no sync, no goodbye.
+    let groups = s.spool_then_kill(&text, "g-kill", 0..40).await;
+    let mut gw = s.restart_with_kafka(&text);
     gw.wait_for_log("spool opened", Duration::from_secs(5));
     let recs = assert_groups_arrive(&s.bootstrap, &groups);
     eprintln!(

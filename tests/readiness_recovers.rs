@@ -73,18 +73,14 @@ async fn readiness_returns_without_traffic_once_a_refusal_is_over() {
     assert_eq!(get_text(addr, "/readyz").await.0, 503);
     // With no traffic and Kafka still away, the spool has room for other
     // callbacks: readiness comes back by itself.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = get_text(addr, "/readyz").await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/readyz stayed {status}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_status(
+        addr,
+        "/readyz",
+        200,
+        "readiness after the refusal",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_ok(&post(addr, &group_callback(), group_body("g-small", 1).as_bytes()).await);
     gw.shutdown().await.unwrap();
 }
@@ -93,8 +89,7 @@ async fn readiness_returns_without_traffic_once_a_refusal_is_over() {
 async fn readiness_returns_by_itself_after_a_transient_disk_full() {
     let s = setup();
     s.cluster.broker_down(1).unwrap();
-    let Some(_tmpfs) = Tmpfs::mount(s.dir.path(), "256k") else {
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(s.dir.path(), "256k") else {
         return;
     };
     // Something else on the disk takes most of it, for a while.
@@ -115,18 +110,14 @@ async fn readiness_returns_by_itself_after_a_transient_disk_full() {
     // The disk has room again; nothing else happens: no callback, and
     // Kafka still away, so no delivery frees anything either.
     std::fs::remove_file(&filler).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = get_text(addr, "/readyz").await;
-        if status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "/readyz stayed {status} after the disk had room again: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_status(
+        addr,
+        "/readyz",
+        200,
+        "readiness after the disk had room again",
+        Duration::from_secs(10),
+    )
+    .await;
     assert_ok(&post(addr, &group_callback(), group_body("g-room", 1).as_bytes()).await);
     gw.shutdown().await.unwrap();
 }

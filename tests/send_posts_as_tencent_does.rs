@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::BIN;
+use common::process::{BIN, output_text};
 use common::*;
 
 fn send(url: &str, body: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
@@ -21,8 +21,7 @@ fn send(url: &str, body: &std::path::Path, args: &[&str], env: &[(&str, &str)]) 
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = output_text(&out);
     (out.status.code().unwrap(), text)
 }
 

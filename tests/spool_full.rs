@@ -28,11 +28,7 @@ async fn a_full_spool_answers_503_and_recovers_when_kafka_drains_it() {
     assert_eq!(ready["spool_has_room"], false);
     // Still serving: health and metrics answer.
     assert_eq!(get_text(addr, "/healthz").await.0, 200);
-    let (_, metrics) = get_text(addr, "/metrics").await;
-    assert!(
-        metrics.contains("timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"overloaded\"} 1"),
-        "{metrics}"
-    );
+    assert_metrics_show(addr, &["timbridge_callbacks_total{command=\"Group.CallbackAfterReadReceipt\",outcome=\"overloaded\"} 1"]).await;
 
     s.cluster.broker_up(1).unwrap();
     let spool = gw.spool().clone();

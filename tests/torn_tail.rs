@@ -6,33 +6,22 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::GatewayProcess;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_is_skipped_and_everything_before_it_is_replayed() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
     let text = s.config_text(&[]);
-    let gw = GatewayProcess::start(s.dir.path(), &text);
-    let mut groups = post_groups(gw.addr, "g-torn", 0..10).await;
-    gw.kill9();
+    let mut groups = s.spool_then_kill(&text, "g-torn", 0..10).await;
 
     // Cut the last segment in the middle of its last record.
-    let mut segments: Vec<_> = std::fs::read_dir(s.dir.path().join("spool"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
-        .collect();
-    segments.sort();
-    let last = segments.last().expect("a segment file");
-    let len = std::fs::metadata(last).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(last).unwrap();
+    let last = s.last_segment();
+    let len = std::fs::metadata(&last).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
     f.set_len(len - 40).unwrap();
     drop(f);
 
-    s.cluster.broker_up(1).unwrap();
-    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    let mut gw = s.restart_with_kafka(&text);
     let line = gw.wait_for_log("spool recovery skipped data", Duration::from_secs(5));
     assert!(line.contains(".seg"), "names the file: {line}");
     let torn = groups.pop().unwrap();

@@ -133,18 +133,7 @@ async fn a_full_listener_answers_503_at_once_instead_of_leaving_clients_hanging(
     // Two clients that connect and say nothing hold both slots.
     let idle1 = TcpStream::connect(addr).await.unwrap();
     let _idle2 = TcpStream::connect(addr).await.unwrap();
-    wait_until(
-        "both idle clients hold a slot",
-        Duration::from_secs(5),
-        || {
-            gw.metrics()
-                .connections_open
-                .with_label_values(&["callback"])
-                .get()
-                == 2
-        },
-    )
-    .await;
+    wait_open_connections(&gw, "callback", 2).await;
 
     let started = Instant::now();
     let a = tokio::time::timeout(
@@ -166,16 +155,7 @@ async fn a_full_listener_answers_503_at_once_instead_of_leaving_clients_hanging(
 
     // A slot freed is a slot served.
     drop(idle1);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let a = post(addr, &group_callback(), group_body("served", 1).as_bytes()).await;
-        if a.status == 200 {
-            assert_ok(&a);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no slot came free: {}", a.json);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    post_until_accepted(addr, "served", "no slot came free", Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,18 +172,7 @@ async fn with_a_per_address_cap_one_address_cannot_take_every_slot() {
         TcpStream::connect(addr).await.unwrap(),
         TcpStream::connect(addr).await.unwrap(),
     ];
-    wait_until(
-        "both connections are served",
-        Duration::from_secs(5),
-        || {
-            gw.metrics()
-                .connections_open
-                .with_label_values(&["callback"])
-                .get()
-                == 2
-        },
-    )
-    .await;
+    wait_open_connections(&gw, "callback", 2).await;
     let a = post(addr, &group_callback(), group_body("third", 1).as_bytes()).await;
     let info = assert_fail(&a, 503);
     assert!(info.contains("max_connections_per_ip"), "{info}");

@@ -15,9 +15,7 @@ const SEND_MSG: &[u8] =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_upstream_is_a_502_and_read_receipts_carry_on() {
     let s = setup();
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", dead_url().await), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&dead_url().await, "").await;
     let addr = gw.local_addr();
     let started = Instant::now();
     let a = post(addr, &callback_path("Group.CallbackAfterSendMsg"), SEND_MSG).await;
@@ -43,13 +41,14 @@ async fn an_unreachable_upstream_is_a_502_and_read_receipts_carry_on() {
     assert_eq!(readyz["upstream_configured"], true);
     assert_eq!(readyz["upstream_reachable"], false);
 
-    let (_, metrics) = get_text(addr, "/metrics").await;
-    for line in [
-        "timbridge_callbacks_total{command=\"other\",outcome=\"upstream_failed\"} 1",
-        "timbridge_upstream_requests_total{outcome=\"unreachable\"} 1",
-    ] {
-        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
-    }
+    assert_metrics_show(
+        addr,
+        &[
+            "timbridge_callbacks_total{command=\"other\",outcome=\"upstream_failed\"} 1",
+            "timbridge_upstream_requests_total{outcome=\"unreachable\"} 1",
+        ],
+    )
+    .await;
     gw.shutdown().await.unwrap();
 }
 
@@ -58,10 +57,7 @@ async fn an_upstream_slower_than_the_timeout_is_a_504_within_it() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!("url = \"{}\"\ntimeout = \"500ms\"", app.url()),
-            &[],
-        )
+        .gateway_proxying_to(&app.url(), "timeout = \"500ms\"")
         .await;
     let addr = gw.local_addr();
     let started = Instant::now();
@@ -99,11 +95,11 @@ async fn an_upstream_slower_than_the_timeout_is_a_504_within_it() {
     );
     assert_fail(&slow.await.unwrap(), 504);
 
-    let (_, metrics) = get_text(addr, "/metrics").await;
-    assert!(
-        metrics.contains("timbridge_upstream_requests_total{outcome=\"timeout\"} 2"),
-        "{metrics}"
-    );
+    assert_metrics_show(
+        addr,
+        &["timbridge_upstream_requests_total{outcome=\"timeout\"} 2"],
+    )
+    .await;
     gw.shutdown().await.unwrap();
 }
 
@@ -112,13 +108,7 @@ async fn past_max_in_flight_callbacks_get_503_at_once() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!(
-                "url = \"{}\"\ntimeout = \"2s\"\nmax_in_flight = 1",
-                app.url()
-            ),
-            &[],
-        )
+        .gateway_proxying_to(&app.url(), "timeout = \"2s\"\nmax_in_flight = 1")
         .await;
     let addr = gw.local_addr();
     let slow = tokio::spawn(async move {
@@ -140,11 +130,11 @@ async fn past_max_in_flight_callbacks_get_503_at_once() {
     assert_eq!(app.seen().len(), 1, "the refused callback reached the app");
     assert_fail(&slow.await.unwrap(), 504);
 
-    let (_, metrics) = get_text(addr, "/metrics").await;
-    assert!(
-        metrics.contains("timbridge_upstream_requests_total{outcome=\"busy\"} 1"),
-        "{metrics}"
-    );
+    assert_metrics_show(
+        addr,
+        &["timbridge_upstream_requests_total{outcome=\"busy\"} 1"],
+    )
+    .await;
     gw.shutdown().await.unwrap();
 }
 
@@ -153,10 +143,7 @@ async fn an_answer_over_max_response_bytes_is_a_502() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!("url = \"{}\"\nmax_response_bytes = 4096", app.url()),
-            &[],
-        )
+        .gateway_proxying_to(&app.url(), "max_response_bytes = 4096")
         .await;
     let a = post(
         gw.local_addr(),
@@ -166,10 +153,10 @@ async fn an_answer_over_max_response_bytes_is_a_502() {
     .await;
     let info = assert_fail(&a, 502);
     assert!(info.contains("max_response_bytes"), "{info}");
-    let (_, metrics) = get_text(gw.local_addr(), "/metrics").await;
-    assert!(
-        metrics.contains("timbridge_upstream_requests_total{outcome=\"bad_answer\"} 1"),
-        "{metrics}"
-    );
+    assert_metrics_show(
+        gw.local_addr(),
+        &["timbridge_upstream_requests_total{outcome=\"bad_answer\"} 1"],
+    )
+    .await;
     gw.shutdown().await.unwrap();
 }

@@ -14,10 +14,7 @@ async fn read_receipts_reach_the_app_after_the_gateway_answered() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!("url = \"{}\"\nforward_read_receipts = true", app.url()),
-            &[],
-        )
+        .gateway_proxying_to(&app.url(), "forward_read_receipts = true")
         .await;
     let path = group_callback();
     let started = Instant::now();
@@ -45,12 +42,9 @@ async fn read_receipts_the_queue_cannot_hold_are_counted_not_waited_for() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!(
-                "url = \"{}\"\nforward_read_receipts = true\nforward_queue = 1",
-                app.url()
-            ),
-            &[],
+        .gateway_proxying_to(
+            &app.url(),
+            "forward_read_receipts = true\nforward_queue = 1",
         )
         .await;
     let addr = gw.local_addr();
@@ -85,12 +79,9 @@ async fn read_receipts_past_the_queues_bytes_are_counted_not_held() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!(
-                "url = \"{}\"\nforward_read_receipts = true\nforward_queue_bytes = 32768",
-                app.url()
-            ),
-            &[],
+        .gateway_proxying_to(
+            &app.url(),
+            "forward_read_receipts = true\nforward_queue_bytes = 32768",
         )
         .await;
     let addr = gw.local_addr();
@@ -126,10 +117,7 @@ async fn a_failed_delivery_is_retried_until_the_app_takes_it() {
     let s = setup();
     let app = TestUpstream::start().await;
     let gw = s
-        .gateway_with_upstream(
-            &format!("url = \"{}\"\nforward_read_receipts = true", app.url()),
-            &[],
-        )
+        .gateway_proxying_to(&app.url(), "forward_read_receipts = true")
         .await;
     // The app answers 503 to the first delivery of a "flaky" body.
     let body = group_body("flaky-1", 1);

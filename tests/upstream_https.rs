@@ -17,14 +17,7 @@ async fn an_https_upstream_with_a_private_ca_is_proxied_to() {
     let ca = s.dir.path().join("app-ca.pem");
     std::fs::write(&ca, ca_pem).unwrap();
     let gw = s
-        .gateway_with_upstream(
-            &format!(
-                "url = \"{}\"\nca_file = \"{}\"",
-                app.https_url(),
-                ca.display()
-            ),
-            &[],
-        )
+        .gateway_proxying_to(&app.https_url(), &format!("ca_file = \"{}\"", ca.display()))
         .await;
     let a = post(
         gw.local_addr(),
@@ -46,9 +39,7 @@ async fn an_https_upstream_with_a_private_ca_is_proxied_to() {
 async fn an_https_upstream_with_an_untrusted_certificate_is_a_502() {
     let s = setup();
     let (app, _) = TestUpstream::start_tls().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.https_url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.https_url(), "").await;
     let a = post(
         gw.local_addr(),
         &callback_path("Group.CallbackAfterSendMsg"),

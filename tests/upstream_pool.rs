@@ -17,9 +17,7 @@ const CONCURRENCY: usize = 32;
 async fn a_thousand_proxied_callbacks_reuse_pooled_connections() {
     let s = setup();
     let app = TestUpstream::start().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
     let addr = gw.local_addr();
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();

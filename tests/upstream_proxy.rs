@@ -14,9 +14,7 @@ const BEFORE_SEND: &str = r#"{"CallbackCommand":"C2C.CallbackBeforeSendMsg","Fro
 async fn a_before_send_callback_gets_the_apps_answer_and_the_app_the_same_bytes() {
     let s = setup();
     let app = TestUpstream::start().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
     let addr = gw.local_addr();
     let path = callback_path("C2C.CallbackBeforeSendMsg");
     let a = request(
@@ -94,9 +92,7 @@ async fn a_before_send_callback_gets_the_apps_answer_and_the_app_the_same_bytes(
 async fn the_apps_status_and_content_type_go_back_as_they_are() {
     let s = setup();
     let app = TestUpstream::start().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
     let a = post(
         gw.local_addr(),
         &callback_path("Teapot.Command"),
@@ -113,9 +109,7 @@ async fn the_apps_status_and_content_type_go_back_as_they_are() {
 async fn read_receipts_are_answered_by_the_gateway_and_not_proxied() {
     let s = setup();
     let app = TestUpstream::start().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
     let started = std::time::Instant::now();
     let a = post(gw.local_addr(), &group_callback(), GROUP_BODY.as_bytes()).await;
     assert_ok(&a);
@@ -138,9 +132,7 @@ async fn read_receipts_are_answered_by_the_gateway_and_not_proxied() {
 async fn a_bad_sign_is_refused_and_nothing_is_forwarded() {
     let s = setup();
     let app = TestUpstream::start().await;
-    let gw = s
-        .gateway_with_upstream(&format!("url = \"{}\"", app.url()), &[])
-        .await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
     let q = format!(
         "/callback?SdkAppid={APP}&CallbackCommand=C2C.CallbackBeforeSendMsg&RequestTime={}&Sign={}",
         now_s(),

@@ -91,6 +91,30 @@ fn take(c: &AtomicU32) -> bool {
         .is_ok()
 }
 
+impl TestHooks {
+    /// The next `n` segment writes fail (as on a full disk).
+    fn fail_writes(&self, n: u32) {
+        self.fail_writes.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` fdatasyncs fail.
+    fn fail_syncs(&self, n: u32) {
+        self.fail_syncs.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` cuts back of a partial write fail.
+    fn fail_truncates(&self, n: u32) {
+        self.fail_truncates.store(n, Ordering::SeqCst);
+    }
+}
+
+impl Spool {
+    /// The writer's fault injection and flow control.
+    fn hooks(&self) -> &TestHooks {
+        &self.inner.shared.hooks
+    }
+}
+
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Polls `cond` until it holds; fails the test with `what` after `WAIT`.
@@ -113,6 +137,65 @@ fn cfg(dir: &Path) -> SpoolConfig {
 
 fn open(cfg: &SpoolConfig) -> (Spool, SpoolReader, RecoveryReport) {
     Spool::open(cfg.clone()).expect("open spool")
+}
+
+/// A fresh spool directory and the test config for it.
+fn fresh() -> (tempfile::TempDir, SpoolConfig) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let c = cfg(dir.path());
+    (dir, c)
+}
+
+/// A fresh spool directory with the spool open on the test config.
+fn fresh_open() -> (tempfile::TempDir, Spool, SpoolReader) {
+    let (dir, c) = fresh();
+    let (spool, reader, _) = open(&c);
+    (dir, spool, reader)
+}
+
+/// What an earlier run leaves in `c.dir`: `payloads` appended one per
+/// call, then the spool closed.
+async fn left_behind(c: &SpoolConfig, payloads: impl IntoIterator<Item = Bytes>) {
+    let (spool, reader, _) = open(c);
+    append_each(&spool, payloads).await;
+    shut(spool, reader).await;
+}
+
+/// Where record `n` (from 0) starts in a segment of `len`-byte payloads.
+fn record_at(n: u64, len: usize) -> u64 {
+    HEADER_LEN + n * record_size(len)
+}
+
+/// The offset of a record's payload from the record's start (length, crc,
+/// id, time).
+const PAYLOAD_AT: u64 = 24;
+
+/// Flips the bits of `mask` in the byte at `at` of `file`.
+fn flip(file: &Path, at: u64, mask: u8) {
+    let mut bytes = fs::read(file).expect("read");
+    bytes[usize::try_from(at).expect("offset")] ^= mask;
+    fs::write(file, &bytes).expect("write");
+}
+
+/// Cuts `file` to `len` bytes, as a crash mid-write leaves it.
+fn cut(file: &Path, len: u64) {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .expect("open")
+        .set_len(len)
+        .expect("cut");
+}
+
+/// Overwrites `file` at `at` with `bytes`, in place (the spool may have it
+/// open).
+fn poke(file: &Path, at: u64, bytes: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(file).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).expect("poke");
+}
+
+fn payloads(records: &[SpooledRecord]) -> Vec<Bytes> {
+    records.iter().map(|r| r.payload.clone()).collect()
 }
 
 fn ev(i: u64) -> Bytes {
@@ -211,8 +294,7 @@ fn stats_pending(spool: &Spool) -> u64 {
 
 #[tokio::test]
 async fn ids_follow_call_order_even_before_polling() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     // Futures created in order, awaited in reverse: ids follow the calls.
     let futs: Vec<_> = (1..=5).map(|i| spool.append(vec![ev(i)])).collect();
     for f in futs.into_iter().rev() {
@@ -228,11 +310,8 @@ async fn ids_follow_call_order_even_before_polling() {
 
 #[tokio::test]
 async fn ids_continue_after_reopen() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=3).map(ev)).await;
-    shut(spool, reader).await;
+    let (_dir, c) = fresh();
+    left_behind(&c, (1..=3).map(ev)).await;
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.next_id, 4);
@@ -246,8 +325,7 @@ async fn ids_continue_after_reopen() {
 
 #[tokio::test]
 async fn reopen_replays_unacked_in_order_and_skips_acked() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (_dir, c) = fresh();
     let (spool, mut reader, _) = open(&c);
     append_each(&spool, (1..=10).map(ev)).await;
     let got = read_n(&mut reader, 10).await;
@@ -271,8 +349,7 @@ async fn reopen_replays_unacked_in_order_and_skips_acked() {
 
 #[tokio::test]
 async fn reader_starts_at_lowest_unacked_even_if_acked_unread() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (_dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     append_each(&spool, (1..=8).map(ev)).await;
     for id in [1, 2, 3, 4, 5, 7] {
@@ -288,23 +365,15 @@ async fn reader_starts_at_lowest_unacked_even_if_acked_unread() {
 
 #[tokio::test]
 async fn torn_tail_is_cut_reported_and_appends_continue() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
-    shut(spool, reader).await;
+    let (dir, c) = fresh();
+    left_behind(&c, (1..=5).map(|i| sized(i, 100))).await;
 
     let seg = segment_path(dir.path(), 1);
     let full_len = file_len(&seg);
     assert_eq!(full_len, HEADER_LEN + 5 * record_size(100));
     // A crash in the middle of writing the fifth record.
-    let cut = full_len - 30;
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .expect("open")
-        .set_len(cut)
-        .expect("truncate");
+    let cut_at = full_len - 30;
+    cut(&seg, cut_at);
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_recovered, 4);
@@ -337,18 +406,13 @@ async fn torn_tail_is_cut_reported_and_appends_continue() {
 
 #[tokio::test]
 async fn a_corrupt_record_mid_segment_is_skipped_alone_and_counted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
-    shut(spool, reader).await;
+    let (dir, c) = fresh();
+    left_behind(&c, (1..=5).map(|i| sized(i, 100))).await;
 
     let seg = segment_path(dir.path(), 1);
-    let mut bytes = fs::read(&seg).expect("read");
-    let len_before = bytes.len() as u64;
-    let third = (HEADER_LEN + 2 * record_size(100)) as usize;
-    bytes[third + 24 + 50] ^= 0x01; // payload of record 3; length and id intact
-    fs::write(&seg, &bytes).expect("write");
+    let len_before = file_len(&seg);
+    let third = record_at(2, 100);
+    flip(&seg, third + PAYLOAD_AT + 50, 0x01); // payload of record 3; length and id intact
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_recovered, 5);
@@ -357,7 +421,7 @@ async fn a_corrupt_record_mid_segment_is_skipped_alone_and_counted() {
     assert_eq!(report.damaged.len(), 1);
     let d = &report.damaged[0];
     assert!(d.reason.contains("checksum"), "{}", d.reason);
-    assert_eq!(d.offset, third as u64);
+    assert_eq!(d.offset, third);
     assert_eq!(d.bytes_skipped, record_size(100));
     assert_eq!(d.action, DamageAction::RecordSkipped);
     assert_eq!(file_len(&seg), len_before, "nothing may be cut");
@@ -390,18 +454,12 @@ async fn drain_after_close(spool: &Spool, reader: &mut SpoolReader) -> Vec<Spool
 
 #[tokio::test]
 async fn a_run_of_corrupt_records_is_one_report_entry() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=6).map(|i| sized(i, 100))).await;
-    shut(spool, reader).await;
+    let (dir, c) = fresh();
+    left_behind(&c, (1..=6).map(|i| sized(i, 100))).await;
     let seg = segment_path(dir.path(), 1);
-    let mut bytes = fs::read(&seg).expect("read");
-    for n in [1u64, 2, 3] {
-        let at = (HEADER_LEN + n * record_size(100)) as usize;
-        bytes[at + 24 + 50] ^= 0x01;
+    for n in [1, 2, 3] {
+        flip(&seg, record_at(n, 100) + PAYLOAD_AT + 50, 0x01);
     }
-    fs::write(&seg, &bytes).expect("write");
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_skipped, 3);
@@ -414,22 +472,17 @@ async fn a_run_of_corrupt_records_is_one_report_entry() {
 
 #[tokio::test]
 async fn a_corrupt_last_record_is_a_torn_tail_and_cut() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=3).map(|i| sized(i, 100))).await;
-    shut(spool, reader).await;
+    let (dir, c) = fresh();
+    left_behind(&c, (1..=3).map(|i| sized(i, 100))).await;
     let seg = segment_path(dir.path(), 1);
-    let mut bytes = fs::read(&seg).expect("read");
-    let third = (HEADER_LEN + 2 * record_size(100)) as usize;
-    bytes[third + 24 + 50] ^= 0x01;
-    fs::write(&seg, &bytes).expect("write");
+    let third = record_at(2, 100);
+    flip(&seg, third + PAYLOAD_AT + 50, 0x01);
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_recovered, 2);
     assert_eq!(report.records_skipped, 0);
     assert_eq!(report.damaged[0].action, DamageAction::Truncated);
-    assert_eq!(file_len(&seg), third as u64);
+    assert_eq!(file_len(&seg), third);
     spool.append(vec![ev(3)]).await.expect("append");
     spool.close().await.expect("close");
     let got = drain(&mut reader).await;
@@ -439,20 +492,15 @@ async fn a_corrupt_last_record_is_a_torn_tail_and_cut() {
 
 #[tokio::test]
 async fn corruption_in_older_segment_skips_its_rest_and_keeps_going() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.segment_bytes = HEADER_LEN + 2 * record_size(100);
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=6).map(|i| sized(i, 100))).await;
-    shut(spool, reader).await;
+    left_behind(&c, (1..=6).map(|i| sized(i, 100))).await;
     let segs = seg_files(dir.path());
     assert_eq!(segs.len(), 3, "{segs:?}");
 
     // Corrupt the second record of the first segment.
-    let mut bytes = fs::read(&segs[0]).expect("read");
-    let second = (HEADER_LEN + record_size(100)) as usize;
-    bytes[second + 30] ^= 0xff;
-    fs::write(&segs[0], &bytes).expect("write");
+    let len_before = file_len(&segs[0]);
+    flip(&segs[0], record_at(1, 100) + 30, 0xff);
 
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_recovered, 5);
@@ -461,7 +509,7 @@ async fn corruption_in_older_segment_skips_its_rest_and_keeps_going() {
     assert_eq!(report.damaged[0].bytes_skipped, record_size(100));
     assert_eq!(
         file_len(&segs[0]),
-        bytes.len() as u64,
+        len_before,
         "older segment must not be modified"
     );
     spool.close().await.expect("close");
@@ -470,8 +518,7 @@ async fn corruption_in_older_segment_skips_its_rest_and_keeps_going() {
 
 #[tokio::test]
 async fn segments_roll_and_are_deleted_once_fully_acked() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.segment_bytes = 1000;
     let (spool, mut reader, _) = open(&c);
     append_each(&spool, (1..=30).map(|i| sized(i, 200))).await;
@@ -524,8 +571,7 @@ async fn segments_roll_and_are_deleted_once_fully_acked() {
 
 #[tokio::test]
 async fn full_rejects_until_acks_free_room() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (_dir, mut c) = fresh();
     c.segment_bytes = 300;
     c.max_bytes = 1000;
     let (spool, mut reader, _) = open(&c);
@@ -565,8 +611,7 @@ async fn full_rejects_until_acks_free_room() {
 
 #[tokio::test]
 async fn full_single_segment_recovers_by_rolling_over_acked_data() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.max_bytes = 600;
     c.segment_bytes = 1 << 20; // never rolls by size
     let (spool, mut reader, _) = open(&c);
@@ -594,12 +639,11 @@ async fn full_single_segment_recovers_by_rolling_over_acked_data() {
 
 #[tokio::test]
 async fn group_commit_serves_many_appends_with_one_sync() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     spool.append(vec![ev(0)]).await.expect("warm-up append");
     let before = spool.stats().counters;
 
-    let hooks = &spool.inner.shared.hooks;
+    let hooks = spool.hooks();
     hooks.pause();
     let futs: Vec<_> = (1..=50).map(|i| spool.append(vec![ev(i), ev(i)])).collect();
     hooks.resume();
@@ -620,8 +664,7 @@ async fn group_commit_serves_many_appends_with_one_sync() {
 
 #[tokio::test]
 async fn always_mode_syncs_before_each_reply() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, reader) = fresh_open();
     spool.append(vec![ev(0)]).await.expect("warm-up append");
     let before = spool.stats().counters.syncs;
     for i in 1..=5 {
@@ -637,8 +680,7 @@ async fn always_mode_syncs_before_each_reply() {
 
 #[tokio::test]
 async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
     let (spool, reader, _) = open(&c);
     spool.append(vec![ev(1)]).await.expect("append");
@@ -665,11 +707,10 @@ async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
 
 #[tokio::test]
 async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (_dir, mut c) = fresh();
     c.fsync = FsyncMode::Interval(Duration::from_millis(5));
     let (spool, reader, _) = open(&c);
-    let hooks = &spool.inner.shared.hooks;
+    let hooks = spool.hooks();
     hooks.hold_syncs(true);
     spool.append(vec![ev(1)]).await.expect("append");
     // Wait until a periodic sync has started and is stuck on the "disk".
@@ -695,8 +736,7 @@ async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
 
 #[tokio::test]
 async fn never_mode_syncs_only_at_close() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.fsync = FsyncMode::Never;
     c.segment_bytes = 100;
     let (spool, mut reader, _) = open(&c);
@@ -714,19 +754,13 @@ async fn never_mode_syncs_only_at_close() {
 
 #[tokio::test]
 async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, mut reader, _) = open(&c);
     spool.append(vec![ev(1)]).await.expect("append");
     let seg = segment_path(dir.path(), 1);
     let len_before = file_len(&seg);
 
-    spool
-        .inner
-        .shared
-        .hooks
-        .fail_writes
-        .store(1, Ordering::SeqCst);
+    spool.hooks().fail_writes(1);
     let err = spool
         .append(vec![sized(2, 300), sized(3, 300)])
         .await
@@ -755,21 +789,16 @@ async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
     assert!(report.damaged.is_empty(), "{report:?}");
     spool.close().await.expect("close");
     let replay = drain(&mut reader).await;
-    assert_eq!(
-        replay.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
-        vec![ev(1), ev(4)]
-    );
+    assert_eq!(payloads(&replay), vec![ev(1), ev(4)]);
 }
 
 #[tokio::test]
 async fn a_failed_write_that_cannot_be_cut_back_is_not_replayed() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (_dir, c) = fresh();
     let (spool, mut reader, _) = open(&c);
     spool.append(vec![ev(1)]).await.expect("append");
-    let hooks = &spool.inner.shared.hooks;
-    hooks.fail_writes.store(1, Ordering::SeqCst);
-    hooks.fail_truncates.store(1, Ordering::SeqCst);
+    spool.hooks().fail_writes(1);
+    spool.hooks().fail_truncates(1);
     // Half of this lands: the whole first record of the batch.
     spool
         .append(vec![sized(2, 300), sized(3, 300)])
@@ -788,22 +817,13 @@ async fn a_failed_write_that_cannot_be_cut_back_is_not_replayed() {
     let (spool, mut reader, _) = open(&c);
     spool.close().await.expect("close");
     let replay = drain(&mut reader).await;
-    assert_eq!(
-        replay.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
-        vec![ev(1), ev(4)]
-    );
+    assert_eq!(payloads(&replay), vec![ev(1), ev(4)]);
 }
 
 #[tokio::test]
 async fn after_a_failed_write_readiness_returns_by_itself() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, reader, _) = open(&cfg(dir.path()));
-    spool
-        .inner
-        .shared
-        .hooks
-        .fail_writes
-        .store(1, Ordering::SeqCst);
+    let (_dir, spool, reader) = fresh_open();
+    spool.hooks().fail_writes(1);
     spool
         .append(vec![ev(1)])
         .await
@@ -816,8 +836,7 @@ async fn after_a_failed_write_readiness_returns_by_itself() {
 
 #[tokio::test]
 async fn an_append_larger_than_the_spool_is_refused_and_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (_dir, mut c) = fresh();
     c.max_bytes = 4096;
     c.segment_bytes = 1024;
     let (spool, reader, _) = open(&c);
@@ -844,15 +863,9 @@ async fn an_append_larger_than_the_spool_is_refused_and_changes_nothing() {
 
 #[tokio::test]
 async fn failed_sync_fails_append_and_hides_its_records() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     spool.append(vec![ev(1)]).await.expect("append");
-    spool
-        .inner
-        .shared
-        .hooks
-        .fail_syncs
-        .store(1, Ordering::SeqCst);
+    spool.hooks().fail_syncs(1);
     assert!(matches!(
         spool.append(vec![ev(2)]).await,
         Err(SpoolError::Io(_))
@@ -863,16 +876,12 @@ async fn failed_sync_fails_append_and_hides_its_records() {
         .expect("append after failure");
     spool.close().await.expect("close");
     let got = drain(&mut reader).await;
-    assert_eq!(
-        got.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
-        vec![ev(1), ev(3)]
-    );
+    assert_eq!(payloads(&got), vec![ev(1), ev(3)]);
 }
 
 #[tokio::test]
 async fn second_open_of_same_dir_is_refused_clearly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     let err = Spool::open(c.clone()).err().expect("second open must fail");
     assert!(
@@ -894,8 +903,7 @@ async fn second_open_of_same_dir_is_refused_clearly() {
 
 #[tokio::test]
 async fn stat_dir_matches_live_stats_and_changes_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.segment_bytes = 500;
     let (spool, mut reader, _) = open(&c);
     append_each(&spool, (1..=20).map(|i| sized(i, 100))).await;
@@ -932,12 +940,7 @@ async fn stat_dir_matches_live_stats_and_changes_nothing() {
     // A torn tail is counted but not repaired by stat_dir.
     let last = seg_files(dir.path()).pop().expect("a segment");
     let len = file_len(&last);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&last)
-        .expect("open")
-        .set_len(len - 5)
-        .expect("cut");
+    cut(&last, len - 5);
     stat_dir(dir.path()).expect("stat_dir");
     assert_eq!(file_len(&last), len - 5);
     assert!(stat_dir(&dir.path().join("missing")).is_err());
@@ -945,8 +948,7 @@ async fn stat_dir_matches_live_stats_and_changes_nothing() {
 
 #[tokio::test]
 async fn reader_waits_for_appends_and_ends_after_close() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     let waiting = tokio::spawn(async move {
         let batch = reader.next_batch(10, 1 << 20).await;
         (reader, batch)
@@ -970,8 +972,7 @@ async fn reader_waits_for_appends_and_ends_after_close() {
 
 #[tokio::test]
 async fn reader_respects_batch_limits_and_large_records() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     append_each(&spool, (1..=10).map(|i| sized(i, 100))).await;
     let big = sized(11, 300 << 10); // larger than a read window
     spool.append(vec![big.clone()]).await.expect("append");
@@ -991,8 +992,7 @@ async fn reader_respects_batch_limits_and_large_records() {
     );
     assert!(reader.next_batch(100, 1 << 20).await.is_none());
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     spool
         .append(vec![big.clone(), ev(2)])
         .await
@@ -1005,8 +1005,7 @@ async fn reader_respects_batch_limits_and_large_records() {
 
 #[tokio::test]
 async fn reader_jumps_over_delivered_prefix_without_reading_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     for chunk in 0..4u64 {
         let recs: Vec<Bytes> = (0..3000).map(|i| ev(chunk * 3000 + i + 1)).collect();
@@ -1021,12 +1020,12 @@ async fn reader_jumps_over_delivered_prefix_without_reading_it() {
     assert_eq!(report.records_pending, 3000);
     // Wreck the length field of a delivered record: a reader that walked
     // the delivered prefix would stumble on it.
-    let seg = fs::OpenOptions::new()
-        .write(true)
-        .open(segment_path(dir.path(), 1))
-        .expect("open");
-    let rec100 = HEADER_LEN + 99 * record_size(ev(1).len());
-    std::os::unix::fs::FileExt::write_all_at(&seg, &u32::MAX.to_le_bytes(), rec100).expect("poke");
+    let rec100 = record_at(99, ev(1).len());
+    poke(
+        &segment_path(dir.path(), 1),
+        rec100,
+        &u32::MAX.to_le_bytes(),
+    );
     spool.close().await.expect("close");
     let got = drain(&mut reader).await;
     assert_eq!(ids(&got), (9001..=12000).collect::<Vec<_>>());
@@ -1036,15 +1035,11 @@ async fn reader_jumps_over_delivered_prefix_without_reading_it() {
 
 #[tokio::test]
 async fn data_corrupted_while_running_is_skipped_and_counted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (dir, spool, mut reader) = fresh_open();
     append_each(&spool, (1..=5).map(ev)).await;
-    let seg = fs::OpenOptions::new()
-        .write(true)
-        .open(segment_path(dir.path(), 1))
-        .expect("open");
-    let rec3 = HEADER_LEN + 2 * record_size(ev(1).len());
-    std::os::unix::fs::FileExt::write_all_at(&seg, b"X", rec3 + 26).expect("poke");
+    let seg = segment_path(dir.path(), 1);
+    let rec3 = record_at(2, ev(1).len());
+    poke(&seg, rec3 + PAYLOAD_AT + 2, b"X");
 
     assert_eq!(ids(&read_n(&mut reader, 2).await), vec![1, 2]);
     spool.append(vec![ev(6)]).await.expect("append");
@@ -1064,9 +1059,9 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
 
     // Damage that hides where the next record starts costs the rest of
     // what is written, but new appends are still delivered.
-    let rec7 = file_len(&segment_path(dir.path(), 1));
+    let rec7 = file_len(&seg);
     spool.append(vec![ev(7), ev(8)]).await.expect("append");
-    std::os::unix::fs::FileExt::write_all_at(&seg, &u32::MAX.to_le_bytes(), rec7).expect("poke");
+    poke(&seg, rec7, &u32::MAX.to_le_bytes());
     let next = tokio::spawn(async move { reader.next_batch(10, 1 << 20).await.map(|b| ids(&b)) });
     wait_for("damage never detected", || {
         spool.stats().counters.records_lost >= 3
@@ -1084,8 +1079,7 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
 
 #[tokio::test]
 async fn oldest_pending_age_follows_lowest_unacked() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     assert_eq!(spool.stats().oldest_pending_age, None);
     append_each(&spool, (1..=3).map(ev)).await;
     let age = spool.stats().oldest_pending_age.expect("pending");
@@ -1124,8 +1118,7 @@ async fn oldest_pending_age_follows_lowest_unacked() {
 
 #[tokio::test]
 async fn torn_ack_file_is_tolerated_and_later_acks_still_count() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     append_each(&spool, (1..=4).map(ev)).await;
     spool.ack(1);
@@ -1153,8 +1146,7 @@ async fn torn_ack_file_is_tolerated_and_later_acks_still_count() {
 
 #[tokio::test]
 async fn acked_ids_lost_in_a_crash_are_not_reused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     append_each(&spool, (1..=5).map(|i| sized(i, 100))).await;
     spool.ack(4);
@@ -1162,12 +1154,7 @@ async fn acked_ids_lost_in_a_crash_are_not_reused() {
     shut(spool, reader).await;
     // Power cut: records 4 and 5 never reached the disk, their acks did.
     let seg = segment_path(dir.path(), 1);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .expect("open")
-        .set_len(HEADER_LEN + 3 * record_size(100))
-        .expect("cut");
+    cut(&seg, HEADER_LEN + 3 * record_size(100));
 
     let (spool, reader, report) = open(&c);
     assert_eq!(report.next_id, 6);
@@ -1183,11 +1170,8 @@ async fn acked_ids_lost_in_a_crash_are_not_reused() {
 
 #[tokio::test]
 async fn unusable_segment_files_are_set_aside() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
-    let (spool, reader, _) = open(&c);
-    append_each(&spool, (1..=2).map(ev)).await;
-    shut(spool, reader).await;
+    let (dir, c) = fresh();
+    left_behind(&c, (1..=2).map(ev)).await;
     let garbage = segment_path(dir.path(), 50);
     fs::write(&garbage, vec![0xAB; 100]).expect("write");
     let empty = segment_path(dir.path(), 60);
@@ -1218,8 +1202,7 @@ async fn unusable_segment_files_are_set_aside() {
 
 #[tokio::test]
 async fn newer_format_is_refused_not_discarded() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let c = cfg(dir.path());
+    let (dir, c) = fresh();
     let (spool, reader, _) = open(&c);
     spool.append(vec![ev(1)]).await.expect("append");
     shut(spool, reader).await;
@@ -1237,8 +1220,7 @@ async fn newer_format_is_refused_not_discarded() {
 
 #[tokio::test]
 async fn arbitrary_damage_never_panics_and_keeps_a_valid_prefix() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.segment_bytes = 400;
     c.fsync = FsyncMode::Never;
     let (spool, reader, _) = open(&c);
@@ -1313,8 +1295,7 @@ async fn arbitrary_damage_never_panics_and_keeps_a_valid_prefix() {
 
 #[tokio::test]
 async fn empty_and_oversized_appends() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (spool, mut reader, _) = open(&cfg(dir.path()));
+    let (_dir, spool, mut reader) = fresh_open();
     spool
         .append(Vec::new())
         .await
@@ -1335,8 +1316,7 @@ async fn empty_and_oversized_appends() {
 
 #[tokio::test]
 async fn dropping_without_close_keeps_data_and_releases_lock() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (_dir, mut c) = fresh();
     c.fsync = FsyncMode::Never;
     let (spool, reader, _) = open(&c);
     append_each(&spool, (1..=3).map(ev)).await;
@@ -1351,8 +1331,7 @@ async fn dropping_without_close_keeps_data_and_releases_lock() {
 
 #[test]
 fn config_is_validated() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut c = cfg(dir.path());
+    let (dir, mut c) = fresh();
     c.fsync = FsyncMode::Interval(Duration::ZERO);
     assert!(matches!(Spool::open(c), Err(SpoolError::Config(_))));
     let mut c = cfg(dir.path());

@@ -196,11 +196,27 @@ pub fn assert_ok(a: &Answer) {
 
 /// Asserts a FAIL answer with `status`, and returns its ErrorInfo.
 pub fn assert_fail(a: &Answer, status: u16) -> String {
-    assert_eq!(a.status, status, "{}", a.json);
-    assert_eq!(a.json["ActionStatus"], "FAIL", "{}", a.json);
-    assert_ne!(a.json["ErrorCode"], 0, "{}", a.json);
-    assert!(a.json["ErrorCode"].is_u64());
-    a.json["ErrorInfo"].as_str().expect("ErrorInfo").to_owned()
+    fail_info(a, status).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// A FAIL answer with `status` gives its ErrorInfo; any other answer says
+/// how it differs (for table-driven tests, which report every case).
+pub fn fail_info(a: &Answer, status: u16) -> Result<String, String> {
+    let json = &a.json;
+    if a.status != status {
+        return Err(format!("status {}, want {status}: {json}", a.status));
+    }
+    if json["ActionStatus"] != "FAIL" {
+        return Err(format!("ActionStatus is not FAIL: {json}"));
+    }
+    match json["ErrorCode"].as_u64() {
+        Some(code) if code != 0 => {}
+        _ => return Err(format!("ErrorCode is not a non-zero integer: {json}")),
+    }
+    json["ErrorInfo"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no ErrorInfo string: {json}"))
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +309,77 @@ pub fn assert_valid(v: &jsonschema::Validator, value: &serde_json::Value) {
     assert!(errors.is_empty(), "{value} fails the schema: {errors:?}");
 }
 
+/// Fetches /metrics from `addr` and asserts that it has every one of
+/// `lines` (whole samples, e.g. `name{label="v"} 1`), naming each one that
+/// is missing. Returns the text.
+pub async fn assert_metrics_show(addr: std::net::SocketAddr, lines: &[&str]) -> String {
+    let (status, text) = get_text(addr, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let mut cases = Cases::new();
+    for line in lines {
+        cases.check(line, text.lines().any(|l| l == *line), || {
+            "missing".to_owned()
+        });
+    }
+    cases.finish_showing("/metrics", &text);
+    text
+}
+
+/// Posts a signed group receipt for `group` again and again until it is
+/// accepted, at most `within`; panics with the last refusal and `what`.
+/// For a gateway that refuses for a while and must come back by itself.
+pub async fn post_until_accepted(
+    addr: std::net::SocketAddr,
+    group: &str,
+    what: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let a = post(addr, &group_callback(), group_body(group, 1).as_bytes()).await;
+        if a.status == 200 {
+            assert_ok(&a);
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {} {}", a.status, a.json);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls GET `path` until it answers `status`, at most `within`; panics
+/// with the last answer and `what`.
+pub async fn wait_for_status(
+    addr: std::net::SocketAddr,
+    path: &str,
+    status: u16,
+    what: &str,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (got, body) = get_text(addr, path).await;
+        if got == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {path} stayed {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `listener` ("callback" or "admin") has `n` connections open.
+pub async fn wait_open_connections(gw: &timbridge::Gateway, listener: &str, n: i64) {
+    let open = gw.metrics().connections_open.with_label_values(&[listener]);
+    wait_until(
+        &format!("{n} connections open on the {listener} listener"),
+        Duration::from_secs(5),
+        || open.get() == n,
+    )
+    .await;
+}
+
 /// Waits for a condition, polling; panics with `what` at the deadline.
 pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -352,10 +439,15 @@ pub fn group_body(group: &str, seq: u64) -> String {
         r#"{{"CallbackCommand":"Group.CallbackAfterReadReceipt","GroupId":"{group}","Type":"Public","GroupMsgReceiptList":[{{"MsgSeq":{seq},"ReadNum":1,"UnreadNum":1,"ReadReceiptMembers":[{{"Member_Account":"u"}}]}}],"EventTime":1670574414123}}"#
     )
 }
+pub mod cases;
 pub mod faults;
 pub mod process;
 pub mod tmpfs;
 pub mod upstream;
+
+// Not every test binary checks a table of cases.
+#[allow(unused_imports)]
+pub use cases::Cases;
 
 /// A mock cluster and a temp dir for one test's gateway and spool.
 pub struct Setup {

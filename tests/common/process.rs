@@ -3,12 +3,39 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_timbridge");
+
+/// The `config.toml` shipped at the repository's root.
+pub const SHIPPED_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+
+/// The shipped config's spool directory line.
+const SHIPPED_SPOOL: &str = "dir = \"data/spool\"";
+
+/// Writes `text` to `dir/name`; returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `timbridge check-config --config PATH`, run to its end.
+pub fn check_config(path: &Path) -> Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+/// What a finished command printed, stdout then stderr.
+pub fn output_text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
 
 pub struct GatewayProcess {
     pub child: Child,
@@ -40,6 +67,31 @@ impl GatewayProcess {
             .stderr(Stdio::piped());
         tweak(&mut cmd);
         spawn_until_listening(cmd, "timbridge listening")
+    }
+
+    /// The shipped `config.toml` as it is, but for its spool, which goes to
+    /// `dir/spool`; served on a free port with the publisher's delivery
+    /// lines (debug) in the log. Its Kafka is the embedded broker, whose
+    /// address [`GatewayProcess::embedded_bootstrap`] reads from the log.
+    pub fn start_shipped(dir: &Path) -> GatewayProcess {
+        let shipped = std::fs::read_to_string(SHIPPED_CONFIG).unwrap();
+        let spool = format!("dir = \"{}\"", dir.join("spool").display());
+        assert!(
+            shipped.contains(SHIPPED_SPOOL),
+            "config.toml no longer sets {SHIPPED_SPOOL}: update the test harness"
+        );
+        let config = shipped.replace(SHIPPED_SPOOL, &spool);
+        Self::start_with(dir, &config, |cmd| {
+            cmd.env("RUST_LOG", "info,timbridge::publish=debug");
+        })
+    }
+
+    /// The bootstrap address of the embedded Kafka, from its start-up
+    /// warning.
+    pub fn embedded_bootstrap(&mut self) -> String {
+        let line = self.wait_for_log("EMBEDDED KAFKA", Duration::from_secs(30));
+        assert!(line.contains("NOT FOR PRODUCTION"), "{line}");
+        field(&line, "bootstrap=")
     }
 
     /// Waits for a log line containing `needle`; panics with the whole log
@@ -185,4 +237,46 @@ fn spawn_until_listening(mut cmd: Command, listening: &str) -> GatewayProcess {
     let line = p.wait_for_log(listening, Duration::from_secs(30));
     p.addr = field(&line, "addr=").parse().unwrap();
     p
+}
+
+impl super::Setup {
+    /// The crash every recovery test starts from: with Kafka down, a
+    /// gateway process on `config` spools callbacks for groups
+    /// `{prefix}-{i}` (none can be delivered) and is SIGKILLed. Returns
+    /// the groups, in the order they were spooled.
+    pub async fn spool_then_kill(
+        &self,
+        config: &str,
+        prefix: &str,
+        range: std::ops::Range<u64>,
+    ) -> Vec<String> {
+        self.cluster.broker_down(1).unwrap();
+        let gw = GatewayProcess::start(self.dir.path(), config);
+        let groups = super::post_groups(gw.addr, prefix, range).await;
+        gw.kill9();
+        groups
+    }
+
+    /// After [`Setup::spool_then_kill`]: Kafka back, and a new gateway
+    /// process on the same spool.
+    pub fn restart_with_kafka(&self, config: &str) -> GatewayProcess {
+        self.cluster.broker_up(1).unwrap();
+        GatewayProcess::start(self.dir.path(), config)
+    }
+
+    /// The spool's segment files, oldest first.
+    pub fn segments(&self) -> Vec<PathBuf> {
+        let mut segments: Vec<_> = std::fs::read_dir(self.dir.path().join("spool"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        segments.sort();
+        segments
+    }
+
+    /// The newest segment file, the one a crash leaves torn.
+    pub fn last_segment(&self) -> PathBuf {
+        self.segments().pop().expect("a segment file")
+    }
 }

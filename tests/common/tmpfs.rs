@@ -19,6 +19,18 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// [`Tmpfs::mount`], saying on stderr that the test is skipped when it
+    /// cannot: `let Some(_disk) = Tmpfs::mount_or_skip(..) else { return };`
+    pub fn mount_or_skip(dir: &Path, size: &str) -> Option<Tmpfs> {
+        let mounted = Self::mount(dir, size);
+        if mounted.is_none() {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        }
+        mounted
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();

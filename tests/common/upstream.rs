@@ -208,6 +208,15 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// A gateway proxying to `url` (an app's, or [`dead_url`]), with `more`
+    /// lines in its `[upstream]` table.
+    pub async fn gateway_proxying_to(&self, url: &str, more: &str) -> timbridge::Gateway {
+        self.gateway_with_upstream(&format!("url = \"{url}\"\n{more}"), &[])
+            .await
+    }
+}
+
 /// A signed query for `command`, as Tencent sends it.
 pub fn callback_path(command: &str) -> String {
     format!("/callback?{}", super::signed_query(command))

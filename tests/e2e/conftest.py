@@ -1,12 +1,12 @@
 """Fixtures for the end-to-end suite: real processes, real Kafka protocol.
 
-Each test gets its own mock broker process (`examples/mock_broker.rs`, holding
+Each test gets its own mock broker process (`bench/src/mock_broker.rs`, holding
 librdkafka's mock cluster) and its own `timbridge serve` process configured
 against it, so that a test can count every record on the topics.
 
 The suite does not build anything. Run first:
 
-    cargo build --bins --examples
+    cargo build --workspace --bins
 
 `TIMBRIDGE_BIN` and `MOCK_BROKER_BIN` point at other builds (e.g. release).
 """
@@ -42,7 +42,7 @@ def _binary(env_name: str, default: Path) -> Path:
     if not (path.is_file() and os.access(path, os.X_OK)):
         pytest.fail(
             f"{path} is missing or not executable. The e2e suite does not build: run "
-            f"`cargo build --bins --examples` in {REPO_ROOT} first, or set {env_name}.",
+            f"`cargo build --workspace --bins` in {REPO_ROOT} first, or set {env_name}.",
             pytrace=False,
         )
     return path
@@ -55,7 +55,7 @@ def timbridge_bin() -> Path:
 
 @pytest.fixture(scope="session")
 def mock_broker_bin() -> Path:
-    return _binary("MOCK_BROKER_BIN", REPO_ROOT / "target" / "debug" / "examples" / "mock_broker")
+    return _binary("MOCK_BROKER_BIN", REPO_ROOT / "target" / "debug" / "mock_broker")
 
 
 def _register_log(request, name: str, path: Path) -> None:
