@@ -59,11 +59,14 @@ pub mod materialize;
 pub mod metrics;
 pub mod publish;
 pub mod record;
+pub mod reload;
 pub mod send;
 pub mod server;
+pub mod source;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+pub mod tls;
 pub mod topics;
 pub mod upstream;
 
@@ -97,6 +100,8 @@ pub struct Gateway {
     stop_server: watch::Sender<bool>,
     shutdown_timeout: Duration,
     drain_delay: Duration,
+    /// Applies a reloaded configuration (SIGHUP) to the running gateway.
+    reloader: Arc<reload::Reloader>,
     // Dropped last: the producer must be gone before its broker.
     embedded: Option<EmbeddedKafka>,
 }
@@ -106,6 +111,9 @@ impl Gateway {
     /// binds the listener. The config is taken as validated.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let apps = config.resolve_apps()?;
+        let certs = tls::load(&config.server)
+            .map_err(anyhow::Error::msg)?
+            .map(tls::CertStore::new);
         // Before any file or socket is opened: EMFILE would fail the probes.
         fdlimit::raise_and_check(&config);
         let embedded = if config.kafka.is_embedded() {
@@ -189,7 +197,12 @@ impl Gateway {
                     .context("cannot set up [upstream]")?,
             );
         }
+        if let Some(certs) = &certs {
+            intake = intake.with_tls(certs.acceptor()?);
+        }
         let intake = Arc::new(intake);
+        let https = certs.is_some();
+        let reloader = Arc::new(reload::Reloader::new(config.clone(), intake.clone(), certs));
         let listen = config.listen_addr();
         let listener = TcpListener::bind(listen).await.with_context(|| {
             format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
@@ -258,6 +271,7 @@ impl Gateway {
         tracing::info!(
             %addr,
             callback_path = %config.server.callback_path,
+            https,
             brokers = %bootstrap,
             "timbridge listening"
         );
@@ -272,6 +286,7 @@ impl Gateway {
             stop_server,
             shutdown_timeout: config.server.shutdown_timeout,
             drain_delay: config.server.drain_delay,
+            reloader,
             embedded,
         })
     }
@@ -291,6 +306,11 @@ impl Gateway {
     /// `brokers = "embedded"`).
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// What applies a reloaded configuration to this gateway: see [`reload`].
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
     }
 
     pub fn spool(&self) -> &Spool {
