@@ -206,12 +206,11 @@ impl Reloader {
     fn prepare(&self, current: &Config, new: &Config) -> Result<Prepared, String> {
         let apps = new.resolve_apps().map_err(|e| e.to_string())?;
         crate::logging::check_level(&new.log.level)?;
-        // TLS switched on or off needs a restart (the listener is built
-        // either way); only a new pair for a TLS listener is taken now.
-        let cert = match (&self.certs, current.server.tls_cert_file.is_some()) {
-            (Some(_), true) if new.server.tls_cert_file.is_some() => crate::tls::load(&new.server)?,
-            _ => None,
-        };
+        // Checked even when TLS is being switched on, which needs a restart
+        // (the listener is built either way): a broken pair is named now, not
+        // at that restart. Only a new pair for a TLS listener is taken now.
+        let cert = crate::tls::load(&new.server)?
+            .filter(|_| self.certs.is_some() && current.server.tls_cert_file.is_some());
         Ok(Prepared {
             live: Live::new(new, apps),
             cert,

@@ -2,14 +2,14 @@
 //! from the test's own CA, checked with curl and with a rustls client; a
 //! certificate swapped by SIGHUP is what new handshakes get while an open
 //! keep-alive connection goes on; plain HTTP on the TLS port gets no
-//! answer and holds nothing; check-config says what is wrong with a pair.
+//! answer and holds nothing.
 
 mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{BIN, GatewayProcess, field};
+use common::process::{GatewayProcess, field};
 use common::reload::{RELOADED, TestCa, https_connect, hup, send};
 use common::*;
 
@@ -129,56 +129,4 @@ async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
         metrics.contains("timbridge_config_last_reload_successful 1"),
         "{metrics}"
     );
-}
-
-#[test]
-fn check_config_names_what_is_wrong_with_a_certificate_pair() {
-    let s = setup();
-    let ca = TestCa::new();
-    let (cert, key) = ca.issue_into(s.dir.path());
-    let path = s.dir.path().join("config.toml");
-    let check = |config: &str| {
-        std::fs::write(&path, config).unwrap();
-        let out = Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env_remove("TIMBRIDGE_BROKERS")
-            .env_remove("TIMBRIDGE_LISTEN")
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let good = tls_config(&s);
-    let (ok, err) = check(&good);
-    assert!(ok, "{err}");
-
-    // A key of another certificate.
-    let other = tempfile::tempdir().unwrap();
-    let (_, other_key) = TestCa::new().issue_into(other.path());
-    std::fs::copy(&other_key, &key).unwrap();
-    let (ok, err) = check(&good);
-    assert!(
-        !ok && err.contains("is not the key of server.tls_cert_file"),
-        "{err}"
-    );
-    let key_text = std::fs::read_to_string(&key).unwrap();
-    assert!(!err.contains(key_text.lines().nth(1).unwrap()), "{err}");
-
-    // An unreadable certificate.
-    std::fs::remove_file(&cert).unwrap();
-    let (ok, err) = check(&good);
-    assert!(
-        !ok && err.contains("cannot read server.tls_cert_file"),
-        "{err}"
-    );
-
-    // A range that is no range.
-    let (ok, err) = check(&s.config_text(&[(
-        "server",
-        "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.1/40\"]",
-    )]));
-    assert!(!ok && err.contains("server.trusted_proxies[1]"), "{err}");
 }
