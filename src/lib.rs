@@ -37,6 +37,11 @@
 //! `server.admin_listen` those routes and `/healthz` get a listener of their
 //! own, so that clients hogging the callback listener cannot fail the probes.
 //!
+//! Who may post (`source`: `server.allow_from`) is checked before the app;
+//! with `server.tls_cert_file` the callback listener speaks TLS only
+//! (`tls`). On SIGHUP, `reload` swaps in the apps, tokens, source rules,
+//! certificate and log settings of the file read again, without a restart.
+//!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 //!
 //! `timbridge materialize` ([`materialize`]) is a second process mode
