@@ -58,8 +58,8 @@ impl Accepted {
 
 /// Everything a callback needs, shared by all connections.
 pub struct Intake {
-    /// The apps and source rules, replaced whole by a reload (SIGHUP); a
-    /// request keeps the snapshot it started with.
+    /// The apps and source rules, replaced whole by a reload (SIGHUP):
+    /// each check sees one whole snapshot, never half of a reload.
     live: Swap<Live>,
     /// `timbridge_auth_token_matches_total`: which token a Sign matched.
     token_matches: prometheus::IntCounterVec,
@@ -123,7 +123,8 @@ impl Intake {
         self.live.load()
     }
 
-    /// Requests starting from now on see `live`; those in flight keep theirs.
+    /// Checks from now on see `live`; one already running finishes with the
+    /// snapshot it took.
     pub fn replace_live(&self, live: Live) {
         live.declare_token_series(&self.token_matches);
         self.live.store(live);
