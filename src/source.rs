@@ -42,15 +42,23 @@ impl Cidr {
         let net: IpAddr = addr.parse().map_err(|_| {
             format!("{text:?} is not an address range: write it like \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"")
         })?;
+        // An IPv4-mapped range (::ffff:192.0.2.0/120) is the IPv4 range it maps.
+        let mapped = canonical(net) != net;
         let net = canonical(net);
-        let max = if net.is_ipv4() { 32 } else { 128 };
+        let (max, written_max) = match (net.is_ipv4(), mapped) {
+            (true, true) => (32, 128),
+            (true, false) => (32, 32),
+            (false, _) => (128, 128),
+        };
+        // The bits of the written address that are not the IPv4 one's.
+        let skip = written_max - max;
         let prefix = match prefix {
             None => max,
             Some(p) => match p.parse::<u8>() {
-                Ok(n) if n <= max && !p.starts_with('+') => n,
+                Ok(n) if (skip..=written_max).contains(&n) && !p.starts_with('+') => n - skip,
                 _ => {
                     return Err(format!(
-                        "{text:?} has a prefix length that is not 0 to {max}"
+                        "{text:?} has a prefix length that is not {skip} to {written_max}"
                     ));
                 }
             },
@@ -227,8 +235,11 @@ mod tests {
         assert!(c.contains(ip("10.255.1.2")));
         assert!(!c.contains(ip("11.0.0.1")));
         assert!(c.contains(ip("::ffff:10.1.2.3")), "mapped v4 is v4");
-        let c = Cidr::parse("::ffff:192.0.2.0/120").unwrap_err();
-        assert!(c.contains("past its /120") || c.contains("prefix"), "{c}");
+        let c = Cidr::parse("::ffff:192.0.2.0/120").unwrap();
+        assert_eq!(c, Cidr::parse("192.0.2.0/24").unwrap());
+        assert!(c.contains(ip("192.0.2.200")) && !c.contains(ip("192.0.3.1")));
+        let e = Cidr::parse("::ffff:192.0.2.0/64").unwrap_err();
+        assert!(e.contains("96 to 128"), "{e}");
         let c = Cidr::parse("2001:db8::/32").unwrap();
         assert!(c.contains(ip("2001:db8:ffff::1")));
         assert!(!c.contains(ip("2001:db9::1")));
@@ -236,6 +247,12 @@ mod tests {
         let one = Cidr::parse("192.0.2.7").unwrap();
         assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
         assert!(Cidr::parse("::1").unwrap().contains(ip("::1")));
+        assert!(Cidr::parse("::1/128").unwrap().contains(ip("::1")));
+        assert!(
+            Cidr::parse("192.0.2.7/32")
+                .unwrap()
+                .contains(ip("192.0.2.7"))
+        );
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
         assert!(!Cidr::parse("0.0.0.0/0").unwrap().contains(ip("::1")));
         assert!(Cidr::parse("::/0").unwrap().contains(ip("2001:db8::1")));
