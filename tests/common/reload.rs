@@ -1,4 +1,4 @@
-//! Helpers for the reload, HTTPS and allow-list tests: SIGHUP with its
+//! What the reload, HTTPS and allow-list tests share: SIGHUP with its
 //! outcome awaited, requests from a chosen loopback address, and a CA that
 //! issues the gateway's certificates.
 
