@@ -203,7 +203,8 @@ def _():
 # --------------------------------------------------------------------------
 
 def defined_metrics() -> set[str]:
-    src = (ROOT / "src" / "metrics.rs").read_text()
+    # Most are in src/metrics.rs; a module may register its own (src/reload.rs).
+    src = "".join(p.read_text() for p in sorted((ROOT / "src").rglob("*.rs")))
     return set(re.findall(r'"(timbridge_[a-z0-9_]+)"', src))
 
 

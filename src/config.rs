@@ -86,6 +86,20 @@ pub struct ServerConfig {
     /// undelivered stays in the spool).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// With `tls_key_file`: the callback listener speaks HTTPS only, with
+    /// this PEM certificate (its chain following it). Re-read on SIGHUP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Address ranges callbacks are taken from (CIDR); unset: any. See
+    /// `crate::source`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_from: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDR); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +117,10 @@ impl Default for ServerConfig {
             max_body_memory_bytes: 4 * 1024 * 1024,
             drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(10),
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_from: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -118,6 +136,14 @@ pub struct AppConfig {
     /// secret need not sit in a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
+    /// The token being rotated out: while set, a Sign made with either
+    /// token is accepted, so changing the token in Tencent's console and
+    /// here need not happen at the same instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<String>,
+    /// `previous_token` from an environment variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -470,6 +496,8 @@ pub enum ConfigError {
 pub struct App {
     pub sdk_app_id: u64,
     pub token: Option<String>,
+    /// The token being rotated out, also accepted while set.
+    pub previous_token: Option<String>,
 }
 
 impl std::fmt::Debug for App {
@@ -478,6 +506,10 @@ impl std::fmt::Debug for App {
         f.debug_struct("App")
             .field("sdk_app_id", &self.sdk_app_id)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "previous_token",
+                &self.previous_token.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -536,12 +568,22 @@ impl Config {
                     "apps[{i}]: set either token or token_env, not both"
                 ));
             }
-            if let Some(t) = &app.token
-                && (t.is_empty() || t.len() > MAX_TOKEN_LEN)
-            {
+            if app.previous_token.is_some() && app.previous_token_env.is_some() {
                 return invalid(format!(
-                    "apps[{i}].token must be 1 to 128 characters (Tencent's limit); remove the key to switch authentication off"
+                    "apps[{i}]: set either previous_token or previous_token_env, not both"
                 ));
+            }
+            for (key, value) in [
+                ("token", &app.token),
+                ("previous_token", &app.previous_token),
+            ] {
+                if let Some(t) = value
+                    && (t.is_empty() || t.len() > MAX_TOKEN_LEN)
+                {
+                    return invalid(format!(
+                        "apps[{i}].{key} must be 1 to 128 characters (Tencent's limit); remove the key to switch it off"
+                    ));
+                }
             }
         }
         if self.server.listen.parse::<SocketAddr>().is_err() {
@@ -564,6 +606,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_tls_and_sources()?;
         if !self.server.callback_path.starts_with('/') {
             return invalid(format!(
                 "server.callback_path = {:?} must start with '/'",
@@ -653,6 +696,28 @@ impl Config {
         self.validate_read_state()
     }
 
+    /// `server.tls_*` come as a pair, and the address ranges parse. The
+    /// files themselves are read by `crate::tls` (check-config, start and
+    /// each reload), not here: parsing text must not depend on the disk.
+    fn validate_tls_and_sources(&self) -> Result<(), ConfigError> {
+        match (&self.server.tls_cert_file, &self.server.tls_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid(
+                    "server.tls_cert_file is set but server.tls_key_file is not: give both (PEM files), or neither for plain HTTP".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "server.tls_key_file is set but server.tls_cert_file is not: give both (PEM files), or neither for plain HTTP".into(),
+                ));
+            }
+            _ => {}
+        }
+        crate::source::SourceRules::from_config(&self.server)
+            .map(|_| ())
+            .map_err(ConfigError::Invalid)
+    }
+
     fn validate_read_state(&self) -> Result<(), ConfigError> {
         let rs = &self.read_state;
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -693,32 +758,22 @@ impl Config {
             .iter()
             .enumerate()
             .map(|(i, app)| {
-                let token = match (&app.token, &app.token_env) {
-                    (Some(t), _) => Some(t.clone()),
-                    (None, Some(var)) => match std::env::var(var) {
-                        // A token read from a secret file usually ends in a
-                        // newline, which would make every Sign mismatch.
-                        Ok(t) if !t.trim().is_empty() => {
-                            let t = t.trim();
-                            if t.len() > MAX_TOKEN_LEN {
-                                return Err(ConfigError::Invalid(format!(
-                                    "apps[{i}].token_env: the value of {var} is {} characters; a token is 1 to {MAX_TOKEN_LEN} (Tencent's limit): check the variable",
-                                    t.chars().count()
-                                )));
-                            }
-                            Some(t.to_owned())
-                        }
-                        _ => {
-                            return Err(ConfigError::Invalid(format!(
-                                "apps[{i}].token_env names {var}, which is not set or empty: export it, or use token"
-                            )));
-                        }
-                    },
-                    (None, None) => None,
-                };
+                let token = resolve_token(i, "token", &app.token, &app.token_env)?;
+                let previous_token = resolve_token(
+                    i,
+                    "previous_token",
+                    &app.previous_token,
+                    &app.previous_token_env,
+                )?;
+                if token.is_none() && previous_token.is_some() {
+                    return Err(ConfigError::Invalid(format!(
+                        "apps[{i}] has a previous_token but no token: set the new token too, or remove previous_token"
+                    )));
+                }
                 Ok(App {
                     sdk_app_id: app.sdk_app_id,
                     token,
+                    previous_token,
                 })
             })
             .collect()
@@ -749,6 +804,9 @@ impl Config {
             if app.token.is_some() {
                 app.token = Some(REDACTED.into());
             }
+            if app.previous_token.is_some() {
+                app.previous_token = Some(REDACTED.into());
+            }
         }
         for (key, value) in copy
             .kafka
@@ -769,6 +827,40 @@ const REDACTED: &str = "<redacted>";
 /// Tencent's limit on a callback token's length.
 const MAX_TOKEN_LEN: usize = 128;
 
+/// A token from the file (`key`) or the environment (`{key}_env`). An
+/// environment variable is read from the process's own environment, which
+/// a reload cannot change: such a token changes with a restart only.
+fn resolve_token(
+    i: usize,
+    key: &str,
+    inline: &Option<String>,
+    env: &Option<String>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(t) = inline {
+        return Ok(Some(t.clone()));
+    }
+    let Some(var) = env else {
+        return Ok(None);
+    };
+    match std::env::var(var) {
+        // A token read from a secret file usually ends in a newline, which
+        // would make every Sign mismatch.
+        Ok(t) if !t.trim().is_empty() => {
+            let t = t.trim();
+            if t.len() > MAX_TOKEN_LEN {
+                return Err(ConfigError::Invalid(format!(
+                    "apps[{i}].{key}_env: the value of {var} is {} characters; a token is 1 to {MAX_TOKEN_LEN} (Tencent's limit): check the variable",
+                    t.chars().count()
+                )));
+            }
+            Ok(Some(t.to_owned()))
+        }
+        _ => Err(ConfigError::Invalid(format!(
+            "apps[{i}].{key}_env names {var}, which is not set or empty: export it, or use {key}"
+        ))),
+    }
+}
+
 impl Config {
     /// Replaces every secret this config holds (tokens in the file, values
     /// of secret-looking Kafka properties) found in `text`, for errors that
@@ -777,7 +869,8 @@ impl Config {
         let secrets = self
             .apps
             .iter()
-            .filter_map(|a| a.token.clone())
+            .flat_map(|a| [a.token.clone(), a.previous_token.clone()])
+            .flatten()
             .chain(
                 self.kafka
                     .properties

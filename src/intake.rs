@@ -7,7 +7,6 @@
 //! The answer is OK only once the records are in the spool: from then on
 //! the gateway holds the only copy and the publisher takes it to Kafka.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +20,7 @@ use crate::limits::{Limit, Limits, clip};
 use crate::logging::Untrusted;
 use crate::metrics::{Metrics, command_label};
 use crate::record::{Record, TopicRole};
+use crate::reload::{Live, Swap};
 use crate::spool::{Spool, SpoolError};
 use crate::tencent::answer::{RejectKind, Rejection};
 use crate::tencent::auth;
@@ -58,7 +58,11 @@ impl Accepted {
 
 /// Everything a callback needs, shared by all connections.
 pub struct Intake {
-    apps: HashMap<u64, App>,
+    /// The apps and source rules, replaced whole by a reload (SIGHUP):
+    /// each check sees one whole snapshot, never half of a reload.
+    live: Swap<Live>,
+    /// `timbridge_auth_token_matches_total`: which token a Sign matched.
+    token_matches: prometheus::IntCounterVec,
     raw_enabled: bool,
     limits: Limits,
     spool: Spool,
@@ -71,12 +75,19 @@ pub struct Intake {
     rejection_log: LogThrottle,
     /// The app behind the gateway, when `[upstream]` is set.
     upstream: Option<Upstream>,
+    /// With `server.tls_cert_file`: the callback listener's TLS (the
+    /// certificate itself is swapped by a reload, see `crate::tls`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Intake {
     pub fn new(config: &Config, apps: Vec<App>, spool: Spool, metrics: Arc<Metrics>) -> Intake {
+        let token_matches = crate::reload::register_token_matches(&metrics);
+        let live = Live::new(config, apps);
+        live.declare_token_series(&token_matches);
         Intake {
-            apps: apps.into_iter().map(|a| (a.sdk_app_id, a)).collect(),
+            live: Swap::new(live),
+            token_matches,
             raw_enabled: config.kafka.raw_topic.is_some(),
             limits: config.limits,
             spool,
@@ -86,13 +97,45 @@ impl Intake {
             draining: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             upstream: None,
+            tls: None,
         }
+    }
+
+    /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
+    pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The callback listener's TLS, when `server.tls_cert_file` is set.
+    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
+        self.tls.as_ref()
     }
 
     /// Other commands go to `upstream` from now on (see [`crate::upstream`]).
     pub fn with_upstream(mut self, upstream: Upstream) -> Intake {
         self.upstream = Some(upstream);
         self
+    }
+
+    /// The apps and source rules requests see now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load()
+    }
+
+    /// Checks from now on see `live`; one already running finishes with the
+    /// snapshot it took.
+    pub fn replace_live(&self, live: Live) {
+        live.declare_token_series(&self.token_matches);
+        self.live.store(live);
+    }
+
+    /// Lets `per_second` rejection lines a second through from now on.
+    pub fn set_rejection_log_rate(&self, per_second: u32) {
+        self.rejection_log.set_per_second(per_second);
+        if let Some(u) = &self.upstream {
+            u.set_log_per_second(per_second);
+        }
     }
 
     pub fn upstream(&self) -> Option<&Upstream> {
@@ -219,7 +262,7 @@ impl Intake {
         request_bytes: usize,
         origin: &Origin,
     ) -> Result<Accepted, Rejection> {
-        let app = self.authenticate(query)?;
+        let sdk_app_id = self.authenticate(query)?;
         let command = match query.callback_command.as_deref() {
             Some(c) if !c.is_empty() => c,
             _ => {
@@ -235,7 +278,7 @@ impl Intake {
         match payload::parse_within(command, &body, &self.limits) {
             Some(Ok(callback)) => {
                 let env = Envelope {
-                    sdk_app_id: app.sdk_app_id,
+                    sdk_app_id,
                     received_at_ms,
                     client_ip: query.client_ip.as_deref(),
                     platform: query.platform.as_deref(),
@@ -260,7 +303,7 @@ impl Intake {
                 }
                 let key = match &other.group_id {
                     Some(g) => g.as_bytes().to_vec(),
-                    None => app.sdk_app_id.to_string().into_bytes(),
+                    None => sdk_app_id.to_string().into_bytes(),
                 };
                 if self.raw_enabled {
                     records.push(Record {
@@ -269,7 +312,7 @@ impl Intake {
                         value: body.to_vec(),
                         event_id: None,
                         command: command.to_owned().into(),
-                        sdk_app_id: app.sdk_app_id,
+                        sdk_app_id,
                     });
                 }
                 if let Some(upstream) = &self.upstream {
@@ -435,17 +478,20 @@ impl Intake {
         Rejection::new(RejectKind::Invalid, info)
     }
 
-    fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<&App, Rejection> {
+    /// The app's SdkAppid once the app is known and, when it has a token,
+    /// the Sign matches the current (or, during a rotation, the previous) one.
+    fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,
                 "SdkAppid is missing from the query string",
             )
         })?;
+        let live = self.live.load();
         let app = id
             .parse::<u64>()
             .ok()
-            .and_then(|n| self.apps.get(&n))
+            .and_then(|n| live.apps.get(&n))
             .ok_or_else(|| {
                 Rejection::new(
                     RejectKind::UnknownApp,
@@ -457,15 +503,19 @@ impl Intake {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
-            auth::verify(
+            let matched = auth::verify_rotating(
                 token,
+                app.previous_token.as_deref(),
                 query.sign.as_deref(),
                 query.request_time.as_deref(),
                 now,
             )
             .map_err(|e| Rejection::new(RejectKind::Unauthorized, e.to_string()))?;
+            self.token_matches
+                .with_label_values(&[&app.sdk_app_id.to_string(), matched.label()])
+                .inc();
         }
-        Ok(app)
+        Ok(app.sdk_app_id)
     }
 
     async fn spool_records(&self, records: &[Record]) -> Result<(), Rejection> {

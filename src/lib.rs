@@ -37,6 +37,11 @@
 //! `server.admin_listen` those routes and `/healthz` get a listener of their
 //! own, so that clients hogging the callback listener cannot fail the probes.
 //!
+//! Who may post (`source`: `server.allow_from`) is checked before the app;
+//! with `server.tls_cert_file` the callback listener speaks TLS only
+//! (`tls`). On SIGHUP, `reload` swaps in the apps, tokens, source rules,
+//! certificate and log settings of the file read again, without a restart.
+//!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 //!
 //! `timbridge materialize` ([`materialize`]) is a second process mode
@@ -59,12 +64,15 @@ pub mod materialize;
 pub mod metrics;
 pub mod publish;
 pub mod record;
+pub mod reload;
 pub mod request_line;
 pub mod send;
 pub mod server;
+pub mod source;
 pub mod spool;
 pub mod tencent;
 pub mod throttle;
+pub mod tls;
 pub mod topics;
 pub mod upstream;
 
@@ -98,6 +106,8 @@ pub struct Gateway {
     stop_server: watch::Sender<bool>,
     shutdown_timeout: Duration,
     drain_delay: Duration,
+    /// Applies a reloaded configuration (SIGHUP) to the running gateway.
+    reloader: Arc<reload::Reloader>,
     // Dropped last: the producer must be gone before its broker.
     embedded: Option<EmbeddedKafka>,
 }
@@ -107,6 +117,9 @@ impl Gateway {
     /// binds the listener. The config is taken as validated.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let apps = config.resolve_apps()?;
+        let certs = tls::load(&config.server)
+            .map_err(anyhow::Error::msg)?
+            .map(tls::CertStore::new);
         // Before any file or socket is opened: EMFILE would fail the probes.
         fdlimit::raise_and_check(&config);
         let embedded = if config.kafka.is_embedded() {
@@ -190,7 +203,12 @@ impl Gateway {
                     .context("cannot set up [upstream]")?,
             );
         }
+        if let Some(certs) = &certs {
+            intake = intake.with_tls(certs.acceptor()?);
+        }
         let intake = Arc::new(intake);
+        let https = certs.is_some();
+        let reloader = Arc::new(reload::Reloader::new(config.clone(), intake.clone(), certs));
         let listen = config.listen_addr();
         let listener = TcpListener::bind(listen).await.with_context(|| {
             format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
@@ -259,6 +277,7 @@ impl Gateway {
         tracing::info!(
             %addr,
             callback_path = %config.server.callback_path,
+            https,
             brokers = %bootstrap,
             "timbridge listening"
         );
@@ -273,6 +292,7 @@ impl Gateway {
             stop_server,
             shutdown_timeout: config.server.shutdown_timeout,
             drain_delay: config.server.drain_delay,
+            reloader,
             embedded,
         })
     }
@@ -292,6 +312,11 @@ impl Gateway {
     /// `brokers = "embedded"`).
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// What applies a reloaded configuration to this gateway: see [`reload`].
+    pub fn reloader(&self) -> Arc<reload::Reloader> {
+        self.reloader.clone()
     }
 
     pub fn spool(&self) -> &Spool {

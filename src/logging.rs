@@ -4,12 +4,19 @@
 //! `librdkafka`), so one filter governs both.
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Registry, fmt, reload};
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Where a reload puts a new `log.level`; unset while `RUST_LOG` wins.
+static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
 pub fn init(config: &LogConfig) -> anyhow::Result<()> {
+    let from_env = matches!(std::env::var("RUST_LOG"), Ok(v) if !v.is_empty());
     let filter = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => EnvFilter::try_new(&v)
             .map_err(|e| anyhow::anyhow!("RUST_LOG={v:?} is not a valid filter: {e}"))?,
@@ -20,15 +27,42 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     // Colour only for a person at a terminal: escape codes in a log file or
     // a collector are noise.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let result = match config.format {
-        LogFormat::Pretty => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-    };
-    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+    let (filter, handle) = reload::Layer::new(filter);
+    let pretty = (config.format == LogFormat::Pretty)
+        .then(|| fmt::layer().with_ansi(colour).with_writer(std::io::stderr));
+    let json = (config.format == LogFormat::Json).then(|| {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_ansi(colour)
+            .with_writer(std::io::stderr)
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(pretty)
+        .with(json)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
+    if !from_env {
+        let _ = LEVEL.set(handle);
+    }
+    Ok(())
+}
+
+/// Whether `level` is a filter [`set_level`] would take; the error names the key.
+pub fn check_level(level: &str) -> Result<(), String> {
+    EnvFilter::try_new(level)
+        .map(|_| ())
+        .map_err(|e| format!("log.level = {level:?} is not a valid filter: {e}"))
+}
+
+/// Filters the log by `level` from now on; false when `RUST_LOG` is set
+/// (it wins) or logging was not set up by [`init`].
+pub fn set_level(level: &str) -> bool {
+    match (LEVEL.get(), EnvFilter::try_new(level)) {
+        (Some(handle), Ok(filter)) => handle.reload(filter).is_ok(),
+        _ => false,
+    }
 }
 
 /// Text someone outside chose (a GroupId, a command, an error quoting the

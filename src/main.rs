@@ -219,12 +219,17 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Serve { config } => {
             let (cfg, _) = config.load(sub)?;
             logging::init(&cfg.log)?;
-            serve(cfg).await?;
+            // SIGHUP reads the same file with the same flags and environment.
+            let (overrides, path) = (config.overrides(sub), config.config.clone());
+            serve(cfg, move || overrides.load(&path).map(|(c, _)| c)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => {
             let (cfg, applied) = config.load(sub)?;
             cfg.resolve_apps()?;
+            // What serve would read at start besides the file.
+            timbridge::tls::load(&cfg.server).map_err(anyhow::Error::msg)?;
+            logging::check_level(&cfg.log.level).map_err(anyhow::Error::msg)?;
             print!(
                 "{}",
                 timbridge::effective::render(
@@ -304,8 +309,22 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn serve(cfg: Config) -> anyhow::Result<()> {
+async fn serve(
+    cfg: Config,
+    reload: impl Fn() -> Result<Config, timbridge::config::ConfigError> + Send + 'static,
+) -> anyhow::Result<()> {
+    // Before the gateway says it listens: SIGHUP's default action is to exit.
+    #[cfg(unix)]
+    let hangups = timbridge::reload::hangup_signal()?;
     let gateway = Gateway::start(cfg).await?;
+    #[cfg(unix)]
+    tokio::spawn(timbridge::reload::on_sighup(
+        hangups,
+        gateway.reloader(),
+        reload,
+    ));
+    #[cfg(not(unix))]
+    drop(reload);
     wait_for_signal().await;
     tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
     tokio::spawn(async {

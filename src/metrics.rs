@@ -27,7 +27,7 @@ pub const COMMAND_LABELS: [&str; 4] = [
 ];
 
 /// Every value the `outcome` label takes.
-pub const OUTCOME_LABELS: [&str; 11] = [
+pub const OUTCOME_LABELS: [&str; 12] = [
     "accepted",
     "duplicate",
     "ignored",
@@ -37,6 +37,7 @@ pub const OUTCOME_LABELS: [&str; 11] = [
     "invalid",
     "unauthorized",
     "unknown_app",
+    "forbidden_source",
     "too_large",
     "overloaded",
 ];

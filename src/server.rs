@@ -253,6 +253,11 @@ pub async fn serve(
         open: Mutex::new(HashMap::new()),
     });
     let open = metrics.connections_open.with_label_values(&[label]);
+    // Callbacks only: the admin listener stays plain HTTP for probes.
+    let tls = match role {
+        Role::Admin => None,
+        Role::Everything | Role::Callbacks => routes.intake.tls().cloned(),
+    };
     let graceful = GracefulShutdown::new();
     loop {
         // Accept first and look for a slot after: with the slot taken first,
@@ -303,17 +308,15 @@ pub async fn serve(
         let routes = routes.clone();
         let timed_out = Arc::new(AtomicBool::new(false));
         let long_url = Arc::new(AtomicBool::new(false));
-        let io = FirstLineLimit::new(stream, MAX_HEAD_BYTES, long_url.clone());
-        let io = AnswerDeadline::new(io, config.write_timeout, timed_out.clone());
-        let conn = builder.serve_connection(
-            TokioIo::new(io),
-            service_fn(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(Peer(peer));
-                let routes = routes.clone();
-                async move { Ok::<_, Infallible>(routes.route(req).await) }
-            }),
-        );
-        let conn = graceful.watch(conn);
+        let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(Peer(peer));
+            let routes = routes.clone();
+            async move { Ok::<_, Infallible>(routes.route(req).await) }
+        });
+        // Watched from here on: shutdown waits for a handshake under way too.
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let handshake_within = config.header_read_timeout;
         let metrics = metrics.clone();
         // Everything the connection holds is given back by drop, so a
         // panicking connection task cannot leak its slot or the gauge.
@@ -323,6 +326,25 @@ pub async fn serve(
             _permit: permit,
         };
         tokio::spawn(async move {
+            // The TLS handshake holds the connection's slot and counts as
+            // its head: plain HTTP or silence on a TLS port ends it quickly.
+            let io = match crate::tls::accept(tls.as_ref(), io, handshake_within).await {
+                Ok(io) => io,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::TimedOut {
+                        metrics
+                            .connections_timed_out
+                            .with_label_values(&[label, "head"])
+                            .inc();
+                    }
+                    tracing::debug!(error = %e, %peer, listener = label, "TLS handshake failed");
+                    drop(held);
+                    return;
+                }
+            };
+            // Inside TLS, so that it measures the request, not the records.
+            let io = FirstLineLimit::new(io, MAX_HEAD_BYTES, long_url.clone());
+            let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
                 let stage = if timed_out.load(Ordering::Relaxed) {
@@ -622,6 +644,11 @@ impl Routes {
         let refuse = self.intake.is_refusing();
         let (mut head, body) = req.into_parts();
         let query = head.uri.query().unwrap_or("");
+        // Who may post at all comes before which app it claims to be.
+        if let Err(r) = self.check_source(&head) {
+            self.intake.reject_unread(query, &r, started);
+            return rejected(&r, true);
+        }
         let too_large = || {
             Rejection::new(
                 RejectKind::TooLarge,
@@ -715,6 +742,32 @@ impl Routes {
         drop(reserved);
         drop(proxied);
         answer
+    }
+
+    /// 403 when the client (the peer, or behind trusted proxies the
+    /// address they forwarded) is outside `server.allow_from`.
+    fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
+        let live = self.intake.live();
+        if live.sources.allows_any() {
+            return Ok(());
+        }
+        // Always set by `serve`; without it, an address no range matches.
+        let peer = head
+            .extensions
+            .get::<Peer>()
+            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+        // A header that is not text matches no address: it ends the walk.
+        let forwarded = head
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?"));
+        live.sources.check(peer, forwarded).map_err(|client| {
+            Rejection::new(
+                RejectKind::ForbiddenSource,
+                format!("the client address {client} is not in server.allow_from"),
+            )
+        })
     }
 
     /// 503: the bodies being read already fill the budget.

@@ -3,10 +3,12 @@
 //! count is reported on the next line that gets through.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct LogThrottle {
-    per_second: u32,
+    /// `log.rejections_per_second`, which a reload may change.
+    per_second: AtomicU32,
     state: Mutex<State>,
 }
 
@@ -19,13 +21,18 @@ struct State {
 impl LogThrottle {
     pub fn new(per_second: u32) -> LogThrottle {
         LogThrottle {
-            per_second,
+            per_second: AtomicU32::new(per_second),
             state: Mutex::new(State {
                 window_start: Instant::now(),
                 used: 0,
                 suppressed: 0,
             }),
         }
+    }
+
+    /// Lets `per_second` lines a second through from now on.
+    pub fn set_per_second(&self, per_second: u32) {
+        self.per_second.store(per_second, Ordering::Relaxed);
     }
 
     /// `Some(lines suppressed since the last one logged)` when this line may
@@ -40,7 +47,7 @@ impl LogThrottle {
             s.window_start = now;
             s.used = 0;
         }
-        if s.used < self.per_second {
+        if s.used < self.per_second.load(Ordering::Relaxed) {
             s.used += 1;
             Some(std::mem::take(&mut s.suppressed))
         } else {
@@ -64,5 +71,10 @@ mod tests {
         assert_eq!(t.admit_at(now), None);
         assert_eq!(t.admit_at(now), None);
         assert_eq!(t.admit_at(now + Duration::from_secs(1)), Some(2));
+        t.set_per_second(4);
+        assert_eq!(t.admit_at(now + Duration::from_secs(1)), Some(0));
+        assert_eq!(t.admit_at(now + Duration::from_secs(1)), Some(0));
+        assert_eq!(t.admit_at(now + Duration::from_secs(1)), Some(0));
+        assert_eq!(t.admit_at(now + Duration::from_secs(1)), None);
     }
 }

@@ -233,6 +233,11 @@ impl Upstream {
         })
     }
 
+    /// `log.rejections_per_second` changed by a reload.
+    pub fn set_log_per_second(&self, per_second: u32) {
+        self.inner.log.set_per_second(per_second);
+    }
+
     /// Proxies one callback: its query string and body as received, the
     /// upstream's answer back. A failure is the FAIL answer to give Tencent.
     pub async fn proxy(

@@ -29,6 +29,8 @@ pub enum RejectKind {
     UpstreamTimeout,
     /// [upstream] already has max_in_flight requests: 503.
     UpstreamBusy,
+    /// The client address is outside `server.allow_from`: 403.
+    ForbiddenSource,
 }
 
 impl RejectKind {
@@ -43,6 +45,7 @@ impl RejectKind {
             RejectKind::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
             RejectKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             RejectKind::UpstreamBusy => StatusCode::SERVICE_UNAVAILABLE,
+            RejectKind::ForbiddenSource => StatusCode::FORBIDDEN,
         }
     }
 
@@ -57,7 +60,7 @@ impl RejectKind {
             RejectKind::TooLarge => 4,
             RejectKind::Overloaded => 5,
             RejectKind::Timeout => 6,
-            // 7 is forbidden_source's.
+            RejectKind::ForbiddenSource => 7,
             RejectKind::UpstreamUnreachable => 8,
             RejectKind::UpstreamTimeout => 9,
             RejectKind::UpstreamBusy => 10,
@@ -75,6 +78,7 @@ impl RejectKind {
             RejectKind::UpstreamUnreachable
             | RejectKind::UpstreamTimeout
             | RejectKind::UpstreamBusy => "upstream_failed",
+            RejectKind::ForbiddenSource => "forbidden_source",
         }
     }
 }
@@ -134,6 +138,7 @@ mod tests {
             RejectKind::UpstreamUnreachable,
             RejectKind::UpstreamTimeout,
             RejectKind::UpstreamBusy,
+            RejectKind::ForbiddenSource,
         ] {
             let body = fail_body(&Rejection::new(kind, "why \"quoted\""));
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();

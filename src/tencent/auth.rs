@@ -44,6 +44,37 @@ pub fn verify(
     request_time: Option<&str>,
     now: i64,
 ) -> Result<(), AuthError> {
+    verify_rotating(token, None, sign_param, request_time, now).map(|_| ())
+}
+
+/// Which of an app's tokens a Sign was made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenMatch {
+    Current,
+    /// `previous_token`: the operator watches these to know when it can go.
+    Previous,
+}
+
+impl TokenMatch {
+    /// The `token` label of `timbridge_auth_token_matches_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            TokenMatch::Current => "current",
+            TokenMatch::Previous => "previous",
+        }
+    }
+}
+
+/// [`verify`] against the current token and, during a rotation, the
+/// previous one. Both are compared, each in constant time, whichever
+/// matches: the answer's timing tells nothing about which one did.
+pub fn verify_rotating(
+    token: &str,
+    previous: Option<&str>,
+    sign_param: Option<&str>,
+    request_time: Option<&str>,
+    now: i64,
+) -> Result<TokenMatch, AuthError> {
     let sign_param = sign_param.ok_or(AuthError::MissingSign)?;
     let request_time = request_time.ok_or(AuthError::MissingRequestTime)?;
     let t: i64 = request_time
@@ -53,12 +84,16 @@ pub fn verify(
     if skew.abs() > MAX_CLOCK_SKEW_SECS {
         return Err(AuthError::Stale(skew));
     }
-    let expected = sign(token, request_time);
     // Tencent sends lower-case hex; accept upper case too rather than fail a
     // correct signature on its spelling.
     let given = sign_param.to_ascii_lowercase();
-    if bool::from(expected.as_bytes().ct_eq(given.as_bytes())) {
-        Ok(())
+    let matches = |token: &str| sign(token, request_time).as_bytes().ct_eq(given.as_bytes());
+    let current = matches(token);
+    let old = previous.map_or(subtle::Choice::from(0), matches);
+    if bool::from(current) {
+        Ok(TokenMatch::Current)
+    } else if bool::from(old) {
+        Ok(TokenMatch::Previous)
     } else {
         Err(AuthError::BadSign)
     }
@@ -127,6 +162,18 @@ mod tests {
             verify("xxxxyyyy", Some(VECTOR_SIGN), Some("yesterday"), t),
             Err(AuthError::BadRequestTime)
         );
+    }
+
+    #[test]
+    fn either_token_of_a_rotation_is_accepted_and_told_apart() {
+        let t = 1669872112;
+        let v = |tok: &str, prev: Option<&str>| {
+            verify_rotating(tok, prev, Some(VECTOR_SIGN), Some("1669872112"), t)
+        };
+        assert_eq!(v("xxxxyyyy", Some("new")), Ok(TokenMatch::Current));
+        assert_eq!(v("new", Some("xxxxyyyy")), Ok(TokenMatch::Previous));
+        assert_eq!(v("new", None), Err(AuthError::BadSign));
+        assert_eq!(v("new", Some("other")), Err(AuthError::BadSign));
     }
 
     #[test]

@@ -442,6 +442,7 @@ pub fn group_body(group: &str, seq: u64) -> String {
 pub mod cases;
 pub mod faults;
 pub mod process;
+pub mod reload;
 pub mod tmpfs;
 pub mod upstream;
 

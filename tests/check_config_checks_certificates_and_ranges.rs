@@ -1,0 +1,74 @@
+//! `check-config` reads what `serve` reads at start besides the file: a
+//! certificate that cannot be read, a key that is not the certificate's and
+//! a range that is no range are each named with what to fix, and the key's
+//! text is never printed.
+
+mod common;
+
+use std::process::Command;
+
+use common::process::BIN;
+use common::reload::TestCa;
+use common::*;
+
+fn tls_config(s: &Setup) -> String {
+    let dir = s.dir.path().display();
+    s.config_text(&[(
+        "server",
+        &format!(
+            "admin_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
+        ),
+    )])
+}
+
+#[test]
+fn check_config_names_what_is_wrong_with_a_certificate_pair() {
+    let s = setup();
+    let ca = TestCa::new();
+    let (cert, key) = ca.issue_into(s.dir.path());
+    let path = s.dir.path().join("config.toml");
+    let check = |config: &str| {
+        std::fs::write(&path, config).unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("TIMBRIDGE_BROKERS")
+            .env_remove("TIMBRIDGE_LISTEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let good = tls_config(&s);
+    let (ok, err) = check(&good);
+    assert!(ok, "{err}");
+
+    // A key of another certificate.
+    let other = tempfile::tempdir().unwrap();
+    let (_, other_key) = TestCa::new().issue_into(other.path());
+    std::fs::copy(&other_key, &key).unwrap();
+    let (ok, err) = check(&good);
+    assert!(
+        !ok && err.contains("is not the key of server.tls_cert_file"),
+        "{err}"
+    );
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    assert!(!err.contains(key_text.lines().nth(1).unwrap()), "{err}");
+
+    // An unreadable certificate.
+    std::fs::remove_file(&cert).unwrap();
+    let (ok, err) = check(&good);
+    assert!(
+        !ok && err.contains("cannot read server.tls_cert_file"),
+        "{err}"
+    );
+
+    // A range that is no range.
+    let (ok, err) = check(&s.config_text(&[(
+        "server",
+        "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.1/40\"]",
+    )]));
+    assert!(!ok && err.contains("server.trusted_proxies[1]"), "{err}");
+}

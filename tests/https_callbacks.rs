@@ -1,0 +1,132 @@
+//! HTTPS on the callback listener: callbacks over TLS with a certificate
+//! from the test's own CA, checked with curl and with a rustls client; a
+//! certificate swapped by SIGHUP is what new handshakes get while an open
+//! keep-alive connection goes on; plain HTTP on the TLS port gets no
+//! answer and holds nothing.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::process::{GatewayProcess, field};
+use common::reload::{RELOADED, TestCa, https_connect, hup, send};
+use common::*;
+
+fn tls_config(s: &Setup) -> String {
+    let dir = s.dir.path().display();
+    s.config_text(&[(
+        "server",
+        &format!(
+            "admin_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
+        ),
+    )])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
+    let s = setup();
+    let first = TestCa::new();
+    first.issue_into(s.dir.path());
+    let mut p = GatewayProcess::start(s.dir.path(), &tls_config(&s));
+    let addr = p.addr;
+    let admin: std::net::SocketAddr = field(
+        &p.wait_for_log("admin listener", Duration::from_secs(5)),
+        "admin=",
+    )
+    .parse()
+    .unwrap();
+
+    // curl, trusting the test CA only.
+    std::fs::write(s.dir.path().join("ca1.pem"), &first.pem).unwrap();
+    let url = format!("https://127.0.0.1:{}{}", addr.port(), group_callback());
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(s.dir.path().join("ca1.pem"))
+        .args(["-H", "content-type: application/json", "--data-binary"])
+        .arg(group_body("curl", 1))
+        .arg(&url)
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text,
+        r#"{"ActionStatus":"OK","ErrorCode":0,"ErrorInfo":""}"#
+    );
+
+    // Our own client, on a keep-alive connection kept open across the swap.
+    let mut open = https_connect(&first, addr)
+        .await
+        .expect("TLS to the first CA");
+    let a = send(
+        &mut open,
+        addr,
+        &group_callback(),
+        group_body("rustls", 1).as_bytes(),
+        &[],
+    )
+    .await;
+    assert_ok(&a.expect("an answer"));
+
+    // The certificate is renewed by another CA, then SIGHUP.
+    let second = TestCa::new();
+    second.issue_into(s.dir.path());
+    hup(&mut p, RELOADED);
+    let Err(err) = https_connect(&first, addr).await else {
+        panic!("a new handshake still got the old certificate");
+    };
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let mut fresh = https_connect(&second, addr)
+        .await
+        .expect("new handshakes get the new certificate");
+    assert_ok(
+        &send(
+            &mut fresh,
+            addr,
+            &group_callback(),
+            group_body("new-cert", 1).as_bytes(),
+            &[],
+        )
+        .await
+        .unwrap(),
+    );
+    open.ready()
+        .await
+        .expect("the open connection is still there");
+    let a = send(
+        &mut open,
+        addr,
+        &group_callback(),
+        group_body("rustls", 2).as_bytes(),
+        &[],
+    )
+    .await;
+    assert_ok(&a.expect("the open connection still answers"));
+
+    // Plain HTTP on the TLS port: no answer, and quickly (no slot held).
+    let started = Instant::now();
+    let plain = tokio::time::timeout(
+        Duration::from_secs(10),
+        try_post(addr, &group_callback(), group_body("plain", 1).as_bytes()),
+    )
+    .await
+    .expect("plain HTTP is not left hanging");
+    assert!(
+        plain.is_none_or(|a| a.status != 200),
+        "plain HTTP answered on the TLS port"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // The admin listener stays plain HTTP, and counted all three callbacks.
+    let (status, metrics) = get_text(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("timbridge_config_last_reload_successful 1"),
+        "{metrics}"
+    );
+}
