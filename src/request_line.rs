@@ -7,7 +7,10 @@
 //! the wrong thing to shorten. So the first request line of each connection
 //! is measured as its bytes pass through to hyper, holding nothing: once it
 //! passes the head limit without ending, the connection is answered 414 and
-//! closed. Later requests on a keep-alive connection are not measured (the
+//! closed. Before closing, what the client is still sending is read and
+//! dropped (up to [`DRAIN_LIMIT`], within hyper's head deadline): closing a
+//! socket with unread bytes sends a reset, which can destroy the answer
+//! before the client reads it. Later requests on a keep-alive connection are not measured (the
 //! wrapper cannot tell where a body ends and the next head begins); an
 //! over-long URL there still meets hyper's 431.
 //!
@@ -26,6 +29,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const ANSWER: &[u8] =
     b"HTTP/1.1 414 URI Too Long\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+/// The most a refused client may send after its answer before the
+/// connection is cut: enough for the rest of any request the gateway takes.
+const DRAIN_LIMIT: u64 = 4 * 1024 * 1024;
+
 /// A connection whose first request line is measured as it arrives.
 pub struct FirstLineLimit<S> {
     inner: S,
@@ -41,7 +48,10 @@ enum State {
     Passing,
     /// Over the limit: the answer is being written, this much of it so far.
     Answering(usize),
-    /// Answered: reads see the end of the stream, so hyper closes.
+    /// Answered: what the client still sends is dropped, this much so far,
+    /// until it closes.
+    Draining(u64),
+    /// Drained: reads see the end of the stream, so hyper closes.
     Answered,
 }
 
@@ -59,8 +69,8 @@ impl<S> FirstLineLimit<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> FirstLineLimit<S> {
-    /// Writes the 414 (the socket is fresh, so this rarely waits), then
-    /// reports the end of the stream.
+    /// Writes the 414 (the socket is fresh, so this rarely waits) and ends
+    /// the gateway's side of the connection, then drains the client's.
     fn answer(&mut self, cx: &mut Context<'_>, mut written: usize) -> Poll<io::Result<()>> {
         while written < ANSWER.len() {
             match Pin::new(&mut self.inner).poll_write(cx, &ANSWER[written..]) {
@@ -81,6 +91,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FirstLineLimit<S> {
         }
         self.state = State::Answering(written);
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        // The end of our side tells the client the answer is whole, so it
+        // closes its side, which ends the drain.
+        ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+        self.state = State::Draining(0);
+        self.drain(cx, 0)
+    }
+
+    /// Reads and drops the rest of the refused request, then reports the
+    /// end of the stream.
+    fn drain(&mut self, cx: &mut Context<'_>, mut dropped: u64) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 4096];
+        while dropped <= DRAIN_LIMIT {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => dropped += buf.filled().len() as u64,
+                Poll::Ready(Err(_)) => break,
+                Poll::Pending => {
+                    self.state = State::Draining(dropped);
+                    return Poll::Pending;
+                }
+            }
+        }
         self.state = State::Answered;
         Poll::Ready(Ok(()))
     }
@@ -96,6 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstLineLimit<S> {
             State::Passing => return Pin::new(&mut self.inner).poll_read(cx, buf),
             State::Answered => return Poll::Ready(Ok(())),
             State::Answering(written) => return self.answer(cx, written),
+            State::Draining(dropped) => return self.drain(cx, dropped),
             State::Measuring(seen) => seen,
         };
         let before = buf.filled().len();
