@@ -10,16 +10,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::clock;
 use crate::config::{App, Config};
 use crate::dedup::{Admission, Dedup};
 use crate::event::{self, Envelope};
+use crate::labels::{Command, Outcome, RecordKind};
 use crate::limits::{Limit, Limits, clip};
 use crate::logging::Untrusted;
-use crate::metrics::{Metrics, command_label};
+use crate::metrics::Metrics;
 use crate::record::{Record, TopicRole};
 use crate::spool::{Spool, SpoolError};
 use crate::tencent::answer::{RejectKind, Rejection};
@@ -45,13 +47,13 @@ pub enum Accepted {
 }
 
 impl Accepted {
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> Outcome {
         match self {
-            Accepted::Events => "accepted",
-            Accepted::Duplicate => "duplicate",
-            Accepted::Forwarded => "forwarded",
-            Accepted::Ignored => "ignored",
-            Accepted::Proxied(_) => "proxied",
+            Accepted::Events => Outcome::Accepted,
+            Accepted::Duplicate => Outcome::Duplicate,
+            Accepted::Forwarded => Outcome::Forwarded,
+            Accepted::Ignored => Outcome::Ignored,
+            Accepted::Proxied(_) => Outcome::Proxied,
         }
     }
 }
@@ -195,20 +197,15 @@ impl Intake {
         &self,
         query: &CallbackQuery<'_>,
         rejection: Option<&Rejection>,
-        outcome: &str,
+        outcome: Outcome,
         started: Instant,
     ) {
         if let Some(r) = rejection {
             self.log_rejection(query, r);
         }
-        let command = query.callback_command.as_deref().unwrap_or("");
+        let command = Command::of(query.callback_command.as_deref().unwrap_or(""));
         self.metrics
-            .callbacks
-            .with_label_values(&[command_label(command), outcome])
-            .inc();
-        self.metrics
-            .callback_duration
-            .observe(started.elapsed().as_secs_f64());
+            .callback_answered(command, outcome, started.elapsed().as_secs_f64());
     }
 
     async fn check_and_spool(
@@ -230,7 +227,7 @@ impl Intake {
             }
         };
         self.check_query_limits(query)?;
-        let received_at_ms = now_ms();
+        let received_at_ms = clock::now_ms();
         let mut records = Vec::new();
         match payload::parse_within(command, &body, &self.limits) {
             Some(Ok(callback)) => {
@@ -278,7 +275,7 @@ impl Intake {
                         .await;
                 }
                 self.spool_records(&records).await?;
-                self.metrics.events.with_label_values(&["raw"]).inc();
+                self.metrics.spooled(RecordKind::Raw, 1);
                 return Ok(Accepted::Forwarded);
             }
         }
@@ -298,6 +295,8 @@ impl Intake {
         command: &str,
         mut records: Vec<Record>,
     ) -> Result<Accepted, Rejection> {
+        // Every read-receipt command has its kind; `raw` is never reached.
+        let kind = event::Kind::of_command(command).map_or(RecordKind::Raw, RecordKind::from);
         let mut spooled = 0usize;
         let mut dropped = 0usize;
         loop {
@@ -331,10 +330,7 @@ impl Intake {
                 self.spool_records(&own).await?;
                 claim.commit();
                 spooled += own.len();
-                self.metrics
-                    .events
-                    .with_label_values(&[event::kind_of(command)])
-                    .inc_by(own.len() as u64);
+                self.metrics.spooled(kind, own.len() as u64);
             } else {
                 drop(claim);
             }
@@ -346,7 +342,7 @@ impl Intake {
             }
             records = waiting;
         }
-        self.metrics.duplicates_dropped.inc_by(dropped as u64);
+        self.metrics.duplicate_events.inc_by(dropped as u64);
         Ok(if spooled == 0 {
             Accepted::Duplicate
         } else {
@@ -371,7 +367,7 @@ impl Intake {
                 return;
             }
             match self.spool_records(raw).await {
-                Ok(()) => self.metrics.events.with_label_values(&["raw"]).inc(),
+                Ok(()) => self.metrics.spooled(RecordKind::Raw, 1),
                 Err(r) => {
                     if self.rejection_log.admit().is_some() {
                         tracing::warn!(reason = %r.info, "proxied callback not copied to the raw topic");
@@ -453,10 +449,7 @@ impl Intake {
                 )
             })?;
         if let Some(token) = &app.token {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let now = clock::now_s() as i64;
             auth::verify(
                 token,
                 query.sign.as_deref(),
@@ -512,13 +505,6 @@ impl Intake {
             self.metrics.log_lines_suppressed.inc();
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@
 //! downstream of Kafka: a consumer group that folds the events into each
 //! message's read state, kept in a compacted topic.
 
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod effective;
@@ -53,6 +54,7 @@ pub mod fdlimit;
 pub mod fuzzing;
 pub mod intake;
 pub mod kafka_log;
+pub mod labels;
 pub mod limits;
 pub mod logging;
 pub mod materialize;

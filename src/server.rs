@@ -52,6 +52,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::ServerConfig;
 use crate::intake::Intake;
+use crate::labels::{Listener, TimeoutStage};
 use crate::metrics::Metrics;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 use crate::tencent::payload;
@@ -97,10 +98,10 @@ pub enum Role {
 
 impl Role {
     /// The `listener` label of the connection metrics.
-    fn label(self) -> &'static str {
+    fn listener(self) -> Listener {
         match self {
-            Role::Everything | Role::Callbacks => "callback",
-            Role::Admin => "admin",
+            Role::Everything | Role::Callbacks => Listener::Callback,
+            Role::Admin => Listener::Admin,
         }
     }
 }
@@ -242,7 +243,7 @@ pub async fn serve(
     // Refusals are answered off the accept loop; bound how many at once so
     // that a connection flood cannot turn them into a task flood.
     let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
-    let label = role.label();
+    let label = role.listener().as_str();
     // The admin listener's few clients are the operator's own: no per-address cap.
     let per_ip = Arc::new(PerIp {
         max: match role {
@@ -323,16 +324,16 @@ pub async fn serve(
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
                 let stage = if timed_out.load(Ordering::Relaxed) {
-                    Some("answer")
+                    Some(TimeoutStage::Answer)
                 } else if e.is_timeout() {
-                    Some("head")
+                    Some(TimeoutStage::Head)
                 } else {
                     None
                 };
                 if let Some(stage) = stage {
                     metrics
                         .connections_timed_out
-                        .with_label_values(&[label, stage])
+                        .with_label_values(&[label, stage.as_str()])
                         .inc();
                 }
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");

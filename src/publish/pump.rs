@@ -420,11 +420,7 @@ impl Pump {
             }
             let item = *back.delivery_opaque;
             generation.permits.add_permits(item.permits());
-            self.shared
-                .metrics
-                .kafka_errors
-                .with_label_values(&[action.reason()])
-                .inc();
+            self.shared.metrics.kafka_error(action.reason());
             if action == Action::Rebuild {
                 self.live.producer.context().mark_fatal();
             }

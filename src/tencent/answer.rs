@@ -7,6 +7,8 @@
 
 use hyper::StatusCode;
 
+use crate::labels::Outcome;
+
 /// Why a callback was not accepted. Each maps to one row of the contract's
 /// answer table and to one `outcome` label of `timbridge_callbacks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +67,16 @@ impl RejectKind {
     }
 
     /// The `outcome` label of `timbridge_callbacks_total`.
-    pub fn outcome(self) -> &'static str {
+    pub fn outcome(self) -> Outcome {
         match self {
-            RejectKind::Invalid | RejectKind::Timeout => "invalid",
-            RejectKind::Unauthorized => "unauthorized",
-            RejectKind::UnknownApp => "unknown_app",
-            RejectKind::TooLarge => "too_large",
-            RejectKind::Overloaded => "overloaded",
+            RejectKind::Invalid | RejectKind::Timeout => Outcome::Invalid,
+            RejectKind::Unauthorized => Outcome::Unauthorized,
+            RejectKind::UnknownApp => Outcome::UnknownApp,
+            RejectKind::TooLarge => Outcome::TooLarge,
+            RejectKind::Overloaded => Outcome::Overloaded,
             RejectKind::UpstreamUnreachable
             | RejectKind::UpstreamTimeout
-            | RejectKind::UpstreamBusy => "upstream_failed",
+            | RejectKind::UpstreamBusy => Outcome::UpstreamFailed,
         }
     }
 }
