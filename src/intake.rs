@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::clock;
 use crate::config::{App, Config};
-use crate::dedup::{Admission, Dedup};
+use crate::dedup::{Admission, Dedup, DedupSettings};
 use crate::event::{self, Envelope};
 use crate::labels::{Command, Outcome, RecordKind};
 use crate::limits::{Limit, Limits, clip};
@@ -82,7 +82,7 @@ impl Intake {
             raw_enabled: config.kafka.raw_topic.is_some(),
             limits: config.limits,
             spool,
-            dedup: Dedup::new(config.spool.dedup_window, config.spool.dedup_max_entries),
+            dedup: Dedup::new(DedupSettings::from(&config.spool)),
             rejection_log: LogThrottle::new(config.log.rejections_per_second),
             metrics,
             draining: AtomicBool::new(false),
