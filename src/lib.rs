@@ -77,12 +77,12 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, FsyncPolicy};
+use crate::config::Config;
 use crate::embedded::EmbeddedKafka;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::spool::{FsyncMode, Spool, SpoolConfig};
+use crate::spool::{Spool, SpoolConfig};
 
 /// The dead-letter file, inside the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
@@ -150,17 +150,8 @@ impl Gateway {
             }
         }
 
-        let (spool, reader, report) = Spool::open(SpoolConfig {
-            dir: config.spool.dir.clone(),
-            max_bytes: config.spool.max_bytes,
-            fsync: match config.spool.fsync {
-                FsyncPolicy::Always => FsyncMode::Always,
-                FsyncPolicy::Interval => FsyncMode::Interval(config.spool.fsync_interval),
-                FsyncPolicy::Never => FsyncMode::Never,
-            },
-            segment_bytes: config.spool.segment_bytes,
-        })
-        .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let (spool, reader, report) = Spool::open(SpoolConfig::from(&config.spool))
+            .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
         log_recovery(&config.spool.dir, &report);
 
         let metrics = Arc::new(Metrics::new());
