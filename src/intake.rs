@@ -105,10 +105,6 @@ impl Intake {
         &self.spool
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Shutting down: /readyz turns 503 so that load balancers stop
     /// sending, but callbacks are still taken (Tencent would not retry them).
     pub fn start_draining(&self) {
