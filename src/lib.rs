@@ -1,5 +1,5 @@
 //! timbridge: Tencent Cloud Chat read-receipt callbacks in, `read_receipt.v1`
-//! records on Kafka out, and nothing acknowledged ever lost in between.
+//! events on Kafka out, and nothing acknowledged ever lost in between.
 //!
 //! # The data flow
 //!
@@ -31,11 +31,19 @@
 //! The upstream is never on the read-receipt path: a slow or dead app costs
 //! other commands a 502/504 and read receipts nothing.
 //!
-//! `metrics` is written by every stage and read by `/metrics`; `/readyz`
-//! asks the spool (room left?) and the intake (draining?). Whether Kafka is
-//! reachable is reported but never makes the gateway unready. With
-//! `server.admin_listen` those routes and `/healthz` get a listener of their
-//! own, so that clients hogging the callback listener cannot fail the probes.
+//! An *event* is a normalized `read_receipt.v1` value ([`event`]); a
+//! *record* is what carries one (or another command's raw body) through the
+//! spool and onto Kafka ([`record`]).
+//!
+//! `metrics` is written by every stage and read by `/metrics`; every series
+//! is declared once there, and every label value once in [`labels`]. The
+//! wall clock is read through [`clock`] alone. `/readyz` asks the spool
+//! (room left?) and the intake (draining?): [`server::Handles`] is what the
+//! listeners are given, so the server never reaches through one stage to
+//! another. Whether Kafka is reachable is reported but never makes the
+//! gateway unready. With `server.admin_listen` those routes and `/healthz`
+//! get a listener of their own, so that clients hogging the callback
+//! listener cannot fail the probes.
 //!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 //!

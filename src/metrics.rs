@@ -39,7 +39,7 @@ const DELIVERY_BUCKETS: &[f64] = &[
     3600.0,
 ];
 
-/// Buckets for an [upstream] request: 1 ms to 5 s.
+/// Buckets for an `[upstream]` request: 1 ms to 5 s.
 const UPSTREAM_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0,
 ];
@@ -230,7 +230,7 @@ impl Metrics {
         self.events.with_label_values(&[kind.as_str()]).inc_by(n);
     }
 
-    /// One more request to [upstream] (or one refused before it was sent).
+    /// One more request to `[upstream]` (or one refused before it was sent).
     pub fn upstream_request(&self, outcome: UpstreamOutcome) {
         self.upstream_requests
             .with_label_values(&[outcome.as_str()])
