@@ -275,70 +275,75 @@ struct SpoolCollector {
     spool: Spool,
     events: IntGauge,
     bytes: IntGauge,
-    max_bytes: IntGauge,
-    oldest_age: Gauge,
+    oldest_event_age_seconds: Gauge,
     segments: IntGauge,
     syncs: IntCounter,
     records_lost: IntCounter,
     /// Concurrent scrapes must not both add the same syncs to the counter.
     syncs_seen: Mutex<()>,
-    descs: Vec<Desc>,
+    /// The series above (sharing their values), listed once for both
+    /// `desc` and `collect`.
+    all: Vec<Box<dyn Collector>>,
 }
 
 impl SpoolCollector {
     fn new(spool: Spool, max_bytes: u64) -> SpoolCollector {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let c = SpoolCollector {
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let events = gauge(
+            "timbridge_spool_events",
+            "Records in the spool that Kafka has not acknowledged yet.",
+        );
+        let bytes = gauge(
+            "timbridge_spool_bytes",
+            "Bytes of spool segment files on disk.",
+        );
+        let max_bytes_gauge = gauge(
+            "timbridge_spool_max_bytes",
+            "The configured spool limit; callbacks are answered 503 beyond it.",
+        );
+        max_bytes_gauge.set(max_bytes as i64);
+        let oldest_event_age_seconds = Gauge::new(
+            "timbridge_spool_oldest_event_age_seconds",
+            "Age of the oldest record not yet in Kafka (0 when the spool is empty): the lag to alert on.",
+        )
+        .expect("valid metric");
+        let segments = gauge("timbridge_spool_segments", "Spool segment files on disk.");
+        let syncs = counter(
+            "timbridge_spool_syncs_total",
+            "fdatasync calls the spool has made (one per group commit with fsync = always).",
+        );
+        let records_lost = counter(
+            "timbridge_spool_records_lost_total",
+            "Spool records skipped because their bytes on disk are corrupt (found at start or while reading); each is logged, none is delivered.",
+        );
+        // The limit is set once here: only `all` holds it.
+        let all: Vec<Box<dyn Collector>> = vec![
+            Box::new(events.clone()),
+            Box::new(bytes.clone()),
+            Box::new(max_bytes_gauge.clone()),
+            Box::new(oldest_event_age_seconds.clone()),
+            Box::new(segments.clone()),
+            Box::new(syncs.clone()),
+            Box::new(records_lost.clone()),
+        ];
+        SpoolCollector {
             spool,
-            events: gauge(
-                "timbridge_spool_events",
-                "Records in the spool that Kafka has not acknowledged yet.",
-            ),
-            bytes: gauge("timbridge_spool_bytes", "Bytes of spool segment files on disk."),
-            max_bytes: gauge(
-                "timbridge_spool_max_bytes",
-                "The configured spool limit; callbacks are answered 503 beyond it.",
-            ),
-            oldest_age: Gauge::new(
-                "timbridge_spool_oldest_event_age_seconds",
-                "Age of the oldest record not yet in Kafka (0 when the spool is empty): the lag to alert on.",
-            )
-            .expect("valid metric"),
-            segments: gauge("timbridge_spool_segments", "Spool segment files on disk."),
-            syncs: IntCounter::new(
-                "timbridge_spool_syncs_total",
-                "fdatasync calls the spool has made (one per group commit with fsync = always).",
-            )
-            .expect("valid metric"),
-            records_lost: IntCounter::new(
-                "timbridge_spool_records_lost_total",
-                "Spool records skipped because their bytes on disk are corrupt (found at start or while reading); each is logged, none is delivered.",
-            )
-            .expect("valid metric"),
+            events,
+            bytes,
+            oldest_event_age_seconds,
+            segments,
+            syncs,
+            records_lost,
             syncs_seen: Mutex::new(()),
-            descs: Vec::new(),
-        };
-        c.max_bytes.set(max_bytes as i64);
-        let descs = [
-            c.events.desc(),
-            c.bytes.desc(),
-            c.max_bytes.desc(),
-            c.oldest_age.desc(),
-            c.segments.desc(),
-            c.syncs.desc(),
-            c.records_lost.desc(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-        SpoolCollector { descs, ..c }
+            all,
+        }
     }
 }
 
 impl Collector for SpoolCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
+        self.all.iter().flat_map(|c| c.desc()).collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -346,7 +351,7 @@ impl Collector for SpoolCollector {
         self.events.set(s.pending_events as i64);
         self.bytes.set(s.bytes as i64);
         self.segments.set(s.segments as i64);
-        self.oldest_age
+        self.oldest_event_age_seconds
             .set(s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0));
         {
             let _one_at_a_time = self.syncs_seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -356,17 +361,6 @@ impl Collector for SpoolCollector {
             self.records_lost
                 .inc_by(s.counters.records_lost.saturating_sub(seen));
         }
-        [
-            self.events.collect(),
-            self.bytes.collect(),
-            self.max_bytes.collect(),
-            self.oldest_age.collect(),
-            self.segments.collect(),
-            self.syncs.collect(),
-            self.records_lost.collect(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
+        self.all.iter().flat_map(|c| c.collect()).collect()
     }
 }
