@@ -16,6 +16,15 @@ use crate::spool::{FsyncMode, SpoolConfig, SpoolError};
 /// Where the Kafka brokers are, or `embedded` for the in-process mock cluster.
 pub const EMBEDDED_BROKERS: &str = "embedded";
 
+/// The smallest `spool.segment_bytes` taken (one page).
+const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// The most readers `read_state.max_readers` may keep per message.
+const MAX_READERS: usize = 100_000;
+
+/// The longest `upstream.timeout` (Tencent itself waits 2 s).
+const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -370,8 +379,10 @@ impl SpoolSettings {
                 self.max_bytes, self.segment_bytes
             ));
         }
-        if self.segment_bytes < 4096 {
-            return invalid("spool.segment_bytes must be at least 4096".into());
+        if self.segment_bytes < MIN_SEGMENT_BYTES {
+            return invalid(format!(
+                "spool.segment_bytes must be at least {MIN_SEGMENT_BYTES}"
+            ));
         }
         // The spool's own invariants, checked where the spool checks them.
         SpoolConfig::from(self).validate().map_err(|e| match e {
@@ -517,7 +528,7 @@ impl UpstreamConfig {
                 self.url
             ));
         }
-        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+        if self.timeout.is_zero() || self.timeout > MAX_UPSTREAM_TIMEOUT {
             return invalid(
                 "upstream.timeout must be above 0 and at most 60s (Tencent waits 2s)".into(),
             );
@@ -715,8 +726,8 @@ impl Config {
         if rs.group_id.trim().is_empty() {
             return invalid("read_state.group_id is empty: name the consumer group".into());
         }
-        if rs.max_readers == 0 || rs.max_readers > 100_000 {
-            return invalid("read_state.max_readers must be 1 to 100000".into());
+        if rs.max_readers == 0 || rs.max_readers > MAX_READERS {
+            return invalid(format!("read_state.max_readers must be 1 to {MAX_READERS}"));
         }
         if rs.listen.parse::<SocketAddr>().is_err() {
             return invalid(format!(

@@ -95,6 +95,13 @@ use crate::spool::{Spool, SpoolConfig};
 /// The dead-letter file, inside the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
 
+/// How often shutdown looks whether Kafka has taken everything spooled.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+
+/// The publisher gets at least this long to stop, even past the shutdown
+/// deadline: enough to flush what librdkafka already holds.
+const PUBLISHER_STOP_MIN: Duration = Duration::from_millis(100);
+
 /// A running gateway: listener, spool and publisher.
 pub struct Gateway {
     addr: SocketAddr,
@@ -244,12 +251,10 @@ impl Gateway {
         }
         // Give Kafka the rest of the time to take what is spooled.
         while self.spool.stats().pending_events > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(SHUTDOWN_POLL).await;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        self.publisher
-            .stop(left.max(Duration::from_millis(100)))
-            .await;
+        self.publisher.stop(left.max(PUBLISHER_STOP_MIN)).await;
         let pending = self.spool.stats().pending_events;
         self.spool.close().await.context("cannot close the spool")?;
         if pending > 0 {

@@ -138,6 +138,12 @@ struct Forward {
 const FORWARD_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::USER_AGENT];
 
 /// Why an exchange with the upstream failed.
+/// The first pause before a forwarded read receipt is sent again.
+const FORWARD_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest pause between two attempts at a forwarded read receipt.
+const FORWARD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 enum Failure {
     Unreachable(String),
@@ -443,9 +449,10 @@ impl Inner {
     }
 
     /// Delivers one read receipt, retrying failures and 5xx answers with
-    /// backoff until it expires.
+    /// backoff (from [`FORWARD_BACKOFF_FIRST`], doubling up to
+    /// [`FORWARD_BACKOFF_MAX`]) until it expires.
     async fn deliver(&self, item: Forward) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FORWARD_BACKOFF_FIRST;
         loop {
             // Also before the first send: one that waited in the queue past
             // its expiry carries a Sign the app would refuse as stale.
@@ -465,7 +472,7 @@ impl Inner {
                 return;
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(FORWARD_BACKOFF_MAX);
         }
     }
 }
