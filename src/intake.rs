@@ -365,10 +365,9 @@ impl Intake {
             match self.spool_records(raw).await {
                 Ok(()) => self.metrics.spooled(RecordKind::Raw, 1),
                 Err(r) => {
-                    if self.rejection_log.admit().is_some() {
+                    let suppressed = &self.metrics.log_lines_suppressed;
+                    if self.rejection_log.admit_or_count(suppressed).is_some() {
                         tracing::warn!(reason = %r.info, "proxied callback not copied to the raw topic");
-                    } else {
-                        self.metrics.log_lines_suppressed.inc();
                     }
                 }
             }
@@ -485,7 +484,8 @@ impl Intake {
     }
 
     fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {
-        if let Some(suppressed) = self.rejection_log.admit() {
+        let left_out = &self.metrics.log_lines_suppressed;
+        if let Some(suppressed) = self.rejection_log.admit_or_count(left_out) {
             // The sender chose these (the reason may quote the body): escaped,
             // no field can forge a line or reach a terminal; the query fields
             // are clipped, their length is the sender's too.
@@ -497,8 +497,6 @@ impl Intake {
                 suppressed_before = suppressed,
                 "callback rejected"
             );
-        } else {
-            self.metrics.log_lines_suppressed.inc();
         }
     }
 }

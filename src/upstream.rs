@@ -372,15 +372,14 @@ impl Inner {
         };
         self.state.store(state, Ordering::Relaxed);
         if let Err(f) = &result {
-            if let Some(suppressed) = self.log.admit() {
+            let left_out = &self.metrics.log_lines_suppressed;
+            if let Some(suppressed) = self.log.admit_or_count(left_out) {
                 tracing::warn!(
                     upstream = %self.display,
                     reason = %f.describe(self.timeout),
                     suppressed_before = suppressed,
                     "upstream request failed"
                 );
-            } else {
-                self.metrics.log_lines_suppressed.inc();
             }
         }
         result
@@ -436,15 +435,14 @@ impl Inner {
             .upstream_forward_dropped
             .with_label_values(&[reason.as_str()])
             .inc();
-        if let Some(suppressed) = self.log.admit() {
+        let left_out = &self.metrics.log_lines_suppressed;
+        if let Some(suppressed) = self.log.admit_or_count(left_out) {
             tracing::warn!(
                 upstream = %self.display,
                 reason = reason.as_str(),
                 suppressed_before = suppressed,
                 "read receipt not forwarded to the upstream (it is in Kafka all the same)"
             );
-        } else {
-            self.metrics.log_lines_suppressed.inc();
         }
     }
 
