@@ -87,7 +87,8 @@ pub struct Envelope<'a> {
     pub platform: Option<&'a str>,
 }
 
-/// The event as it is serialized; field order is the contract's.
+/// The event as it is serialized; field order is the README's ("The event,
+/// `read_receipt.v1`").
 #[derive(Debug, Serialize)]
 struct Event<'a> {
     schema: &'static str,
@@ -522,7 +523,7 @@ mod tests {
             "platform": "iOS"
         });
         assert_eq!(v, &expected);
-        // Field order is the contract's.
+        // Field order is the README's.
         let text = String::from_utf8(r.value.clone()).unwrap();
         assert!(text.starts_with("{\"schema\":\"read_receipt.v1\",\"event_id\":"));
         expected["msg_seq"] = json!(2);

@@ -1,7 +1,7 @@
 //! One callback, from query string to answer: who sent it, is it signed, what
 //! does it say, which records does it make, and are they safely in the spool.
 //!
-//! The order of the checks is the contract's: the app first (403), then its
+//! The order of the checks is the README's ("HTTP"): the app first (403), then its
 //! signature (401), then the body (400). Nothing is written anywhere until
 //! every check has passed, so a rejected callback produces no Kafka record.
 //! The answer is OK only once the records are in the spool: from then on

@@ -1,5 +1,5 @@
 //! The answer Tencent expects: `{"ActionStatus","ErrorCode","ErrorInfo"}`,
-//! all three mandatory, with the HTTP status from the contract's table.
+//! all three mandatory, with the HTTP status from the README's table ("HTTP").
 //!
 //! Tencent counts a delivery as failed when the status is not 200 or the body
 //! is not JSON, and ignores the codes of "after" callbacks; the statuses and
@@ -9,7 +9,7 @@ use hyper::StatusCode;
 
 use crate::labels::Outcome;
 
-/// Why a callback was not accepted. Each maps to one row of the contract's
+/// Why a callback was not accepted. Each maps to one row of the README's
 /// answer table and to one `outcome` label of `timbridge_callbacks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
