@@ -1,6 +1,6 @@
 //! The configuration file (`config.toml`), its defaults and its validation.
 //!
-//! The file is the contract's section 2. Unknown keys are an error rather than
+//! The file is the README's "Configuration reference". Unknown keys are an error rather than
 //! silently ignored: a misspelt `max_byte` that quietly falls back to a default
 //! is how a spool fills a disk. Every error names the key and says what to do.
 
@@ -11,8 +11,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::spool::{FsyncMode, SpoolConfig, SpoolError};
+
 /// Where the Kafka brokers are, or `embedded` for the in-process mock cluster.
 pub const EMBEDDED_BROKERS: &str = "embedded";
+
+/// The smallest `spool.segment_bytes` taken (one page).
+const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// The most readers `read_state.max_readers` may keep per message.
+const MAX_READERS: usize = 100_000;
+
+/// The longest `upstream.timeout` (Tencent itself waits 2 s).
+const MAX_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -125,6 +136,75 @@ impl Default for ServerConfig {
     }
 }
 
+impl ServerConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return invalid(format!(
+                "server.listen = {:?} is not an address like 127.0.0.1:8080 or [::1]:8080",
+                self.listen
+            ));
+        }
+        if let Some(admin) = &self.admin_listen {
+            let Ok(addr) = admin.parse::<SocketAddr>() else {
+                return invalid(format!(
+                    "server.admin_listen = {admin:?} is not an address like 127.0.0.1:9090 or [::]:9090"
+                ));
+            };
+            if addr.port() != 0 && admin.parse::<SocketAddr>().ok() == self.listen.parse().ok() {
+                return invalid(format!(
+                    "server.admin_listen = {admin:?} is the same address as server.listen: give the admin listener its own port, or remove the key"
+                ));
+            }
+        }
+        if !self.callback_path.starts_with('/') {
+            return invalid(format!(
+                "server.callback_path = {:?} must start with '/'",
+                self.callback_path
+            ));
+        }
+        for reserved in ["/metrics", "/healthz", "/readyz"] {
+            if self.callback_path == reserved {
+                return invalid(format!(
+                    "server.callback_path cannot be {reserved}: that route is taken"
+                ));
+            }
+        }
+        // A raw forward spools the whole body as one record.
+        const MAX_BODY: usize = crate::spool::MAX_RECORD_LEN / 2;
+        if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY {
+            return invalid(format!(
+                "server.max_body_bytes must be 1 to {MAX_BODY} (Tencent's callbacks are at most a few tens of KB)"
+            ));
+        }
+        if self.max_connections == 0 {
+            return invalid("server.max_connections must be above 0".into());
+        }
+        if self.write_timeout.is_zero() {
+            return invalid("server.write_timeout must be above 0".into());
+        }
+        // Both size semaphores, which cannot exceed MAX_PERMITS (it would panic).
+        const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_connections > MAX_PERMITS {
+            return invalid(format!(
+                "server.max_connections must be at most {MAX_PERMITS}; each connection needs a file descriptor, so a few thousand is plenty"
+            ));
+        }
+        if self.max_body_memory_bytes > MAX_PERMITS {
+            return invalid(format!(
+                "server.max_body_memory_bytes must be at most {MAX_PERMITS}; size it to the memory request bodies may take (the default is 4 MiB)"
+            ));
+        }
+        if self.max_body_memory_bytes < self.max_body_bytes {
+            return invalid(format!(
+                "server.max_body_memory_bytes ({}) is below server.max_body_bytes ({}): no body of the largest allowed size could ever be read; raise it or lower max_body_bytes",
+                self.max_body_memory_bytes, self.max_body_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
@@ -184,6 +264,34 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.brokers.trim().is_empty() {
+            return invalid(
+                "kafka.brokers is empty: give host:port[,host:port] or \"embedded\"".into(),
+            );
+        }
+        if self.dead_letter_max_bytes == 0 {
+            return invalid("kafka.dead_letter_max_bytes must be above 0".into());
+        }
+        for (key, topic) in [
+            ("kafka.group_topic", Some(&self.group_topic)),
+            ("kafka.c2c_topic", Some(&self.c2c_topic)),
+            ("kafka.raw_topic", self.raw_topic.as_ref()),
+            ("kafka.dead_letter_topic", self.dead_letter_topic.as_ref()),
+        ] {
+            if let Some(t) = topic
+                && !valid_topic(t)
+            {
+                return invalid(format!(
+                    "{key} = {t:?} is not a valid Kafka topic name (1 to 249 of [a-zA-Z0-9._-])"
+                ));
+            }
+        }
+        self.check_properties()?;
+        Ok(())
+    }
+
     pub fn is_embedded(&self) -> bool {
         self.brokers == EMBEDDED_BROKERS
     }
@@ -264,7 +372,9 @@ pub struct SpoolSettings {
     /// records are in Kafka, so smaller segments free disk sooner.
     pub segment_bytes: u64,
     /// How long an accepted event_id is remembered, so that a retried
-    /// callback does not double the stream.
+    /// callback does not double the stream. This key and the next are the
+    /// intake's ([`crate::dedup::DedupSettings`]), kept under `[spool]`
+    /// where they have always been documented.
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
     /// At most this many event_ids are remembered (bounds memory: ~25 bytes each).
@@ -281,6 +391,45 @@ impl Default for SpoolSettings {
             segment_bytes: 16 * 1024 * 1024,
             dedup_window: Duration::from_secs(300),
             dedup_max_entries: 200_000,
+        }
+    }
+}
+
+impl SpoolSettings {
+    /// The bounds of the `[spool]` keys, then the spool's own checks.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_bytes < self.segment_bytes {
+            return invalid(format!(
+                "spool.max_bytes ({}) is below spool.segment_bytes ({}): raise max_bytes or lower segment_bytes",
+                self.max_bytes, self.segment_bytes
+            ));
+        }
+        if self.segment_bytes < MIN_SEGMENT_BYTES {
+            return invalid(format!(
+                "spool.segment_bytes must be at least {MIN_SEGMENT_BYTES}"
+            ));
+        }
+        // The spool's own invariants, checked where the spool checks them.
+        SpoolConfig::from(self).validate().map_err(|e| match e {
+            SpoolError::Config(message) => ConfigError::Invalid(message),
+            other => ConfigError::Invalid(other.to_string()),
+        })
+    }
+}
+
+/// What the spool is opened with, from the `[spool]` keys.
+impl From<&SpoolSettings> for SpoolConfig {
+    fn from(s: &SpoolSettings) -> SpoolConfig {
+        SpoolConfig {
+            dir: s.dir.clone(),
+            max_bytes: s.max_bytes,
+            fsync: match s.fsync {
+                FsyncPolicy::Always => FsyncMode::Always,
+                FsyncPolicy::Interval => FsyncMode::Interval(s.fsync_interval),
+                FsyncPolicy::Never => FsyncMode::Never,
+            },
+            segment_bytes: s.segment_bytes,
         }
     }
 }
@@ -405,7 +554,7 @@ impl UpstreamConfig {
                 self.url
             ));
         }
-        if self.timeout.is_zero() || self.timeout > Duration::from_secs(60) {
+        if self.timeout.is_zero() || self.timeout > MAX_UPSTREAM_TIMEOUT {
             return invalid(
                 "upstream.timeout must be above 0 and at most 60s (Tencent waits 2s)".into(),
             );
@@ -549,6 +698,19 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_apps()?;
+        self.server.validate()?;
+        self.validate_tls_and_sources()?;
+        self.kafka.validate()?;
+        self.spool.validate()?;
+        if let Some(upstream) = &self.upstream {
+            upstream.validate()?;
+        }
+        self.limits.validate().map_err(ConfigError::Invalid)?;
+        self.validate_read_state()
+    }
+
+    fn validate_apps(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.apps.is_empty() {
             return invalid(
@@ -586,114 +748,7 @@ impl Config {
                 }
             }
         }
-        if self.server.listen.parse::<SocketAddr>().is_err() {
-            return invalid(format!(
-                "server.listen = {:?} is not an address like 127.0.0.1:8080 or [::1]:8080",
-                self.server.listen
-            ));
-        }
-        if let Some(admin) = &self.server.admin_listen {
-            let Ok(addr) = admin.parse::<SocketAddr>() else {
-                return invalid(format!(
-                    "server.admin_listen = {admin:?} is not an address like 127.0.0.1:9090 or [::]:9090"
-                ));
-            };
-            if addr.port() != 0
-                && admin.parse::<SocketAddr>().ok() == self.server.listen.parse().ok()
-            {
-                return invalid(format!(
-                    "server.admin_listen = {admin:?} is the same address as server.listen: give the admin listener its own port, or remove the key"
-                ));
-            }
-        }
-        self.validate_tls_and_sources()?;
-        if !self.server.callback_path.starts_with('/') {
-            return invalid(format!(
-                "server.callback_path = {:?} must start with '/'",
-                self.server.callback_path
-            ));
-        }
-        for reserved in ["/metrics", "/healthz", "/readyz"] {
-            if self.server.callback_path == reserved {
-                return invalid(format!(
-                    "server.callback_path cannot be {reserved}: that route is taken"
-                ));
-            }
-        }
-        // A raw forward spools the whole body as one record.
-        const MAX_BODY: usize = crate::spool::MAX_RECORD_LEN / 2;
-        if self.server.max_body_bytes == 0 || self.server.max_body_bytes > MAX_BODY {
-            return invalid(format!(
-                "server.max_body_bytes must be 1 to {MAX_BODY} (Tencent's callbacks are at most a few tens of KB)"
-            ));
-        }
-        if self.server.max_connections == 0 {
-            return invalid("server.max_connections must be above 0".into());
-        }
-        if self.server.write_timeout.is_zero() {
-            return invalid("server.write_timeout must be above 0".into());
-        }
-        // Both size semaphores, which cannot exceed MAX_PERMITS (it would panic).
-        const MAX_PERMITS: usize = tokio::sync::Semaphore::MAX_PERMITS;
-        if self.server.max_connections > MAX_PERMITS {
-            return invalid(format!(
-                "server.max_connections must be at most {MAX_PERMITS}; each connection needs a file descriptor, so a few thousand is plenty"
-            ));
-        }
-        if self.server.max_body_memory_bytes > MAX_PERMITS {
-            return invalid(format!(
-                "server.max_body_memory_bytes must be at most {MAX_PERMITS}; size it to the memory request bodies may take (the default is 4 MiB)"
-            ));
-        }
-        if self.server.max_body_memory_bytes < self.server.max_body_bytes {
-            return invalid(format!(
-                "server.max_body_memory_bytes ({}) is below server.max_body_bytes ({}): no body of the largest allowed size could ever be read; raise it or lower max_body_bytes",
-                self.server.max_body_memory_bytes, self.server.max_body_bytes
-            ));
-        }
-        if self.kafka.brokers.trim().is_empty() {
-            return invalid(
-                "kafka.brokers is empty: give host:port[,host:port] or \"embedded\"".into(),
-            );
-        }
-        if self.kafka.dead_letter_max_bytes == 0 {
-            return invalid("kafka.dead_letter_max_bytes must be above 0".into());
-        }
-        for (key, topic) in [
-            ("kafka.group_topic", Some(&self.kafka.group_topic)),
-            ("kafka.c2c_topic", Some(&self.kafka.c2c_topic)),
-            ("kafka.raw_topic", self.kafka.raw_topic.as_ref()),
-            (
-                "kafka.dead_letter_topic",
-                self.kafka.dead_letter_topic.as_ref(),
-            ),
-        ] {
-            if let Some(t) = topic
-                && !valid_topic(t)
-            {
-                return invalid(format!(
-                    "{key} = {t:?} is not a valid Kafka topic name (1 to 249 of [a-zA-Z0-9._-])"
-                ));
-            }
-        }
-        self.kafka.check_properties()?;
-        if self.spool.max_bytes < self.spool.segment_bytes {
-            return invalid(format!(
-                "spool.max_bytes ({}) is below spool.segment_bytes ({}): raise max_bytes or lower segment_bytes",
-                self.spool.max_bytes, self.spool.segment_bytes
-            ));
-        }
-        if self.spool.segment_bytes < 4096 {
-            return invalid("spool.segment_bytes must be at least 4096".into());
-        }
-        if self.spool.fsync_interval.is_zero() {
-            return invalid("spool.fsync_interval must be above 0".into());
-        }
-        if let Some(upstream) = &self.upstream {
-            upstream.validate()?;
-        }
-        self.limits.validate().map_err(ConfigError::Invalid)?;
-        self.validate_read_state()
+        Ok(())
     }
 
     /// `server.tls_*` come as a pair, and the address ranges parse. The
@@ -736,8 +791,8 @@ impl Config {
         if rs.group_id.trim().is_empty() {
             return invalid("read_state.group_id is empty: name the consumer group".into());
         }
-        if rs.max_readers == 0 || rs.max_readers > 100_000 {
-            return invalid("read_state.max_readers must be 1 to 100000".into());
+        if rs.max_readers == 0 || rs.max_readers > MAX_READERS {
+            return invalid(format!("read_state.max_readers must be 1 to {MAX_READERS}"));
         }
         if rs.listen.parse::<SocketAddr>().is_err() {
             return invalid(format!(

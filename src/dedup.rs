@@ -144,8 +144,31 @@ fn lock(m: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// How much the intake remembers. Written in the file as
+/// `spool.dedup_window` and `spool.dedup_max_entries` (their documented
+/// names), but the intake's: the spool itself never drops a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupSettings {
+    pub window: Duration,
+    pub max_entries: usize,
+}
+
+impl From<&crate::config::SpoolSettings> for DedupSettings {
+    fn from(s: &crate::config::SpoolSettings) -> DedupSettings {
+        DedupSettings {
+            window: s.dedup_window,
+            max_entries: s.dedup_max_entries,
+        }
+    }
+}
+
 impl Dedup {
-    pub fn new(window: Duration, max_entries: usize) -> Dedup {
+    pub fn new(
+        DedupSettings {
+            window,
+            max_entries,
+        }: DedupSettings,
+    ) -> Dedup {
         Dedup {
             window,
             max_entries,
@@ -249,7 +272,10 @@ mod tests {
 
     #[test]
     fn a_repeat_within_the_window_is_dropped() {
-        let d = Dedup::new(Duration::from_secs(60), 100);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(60),
+            max_entries: 100,
+        });
         let t = Instant::now();
         assert_eq!(accept(&d, &[id(1), id(2)], t), vec![true, true]);
         assert_eq!(accept(&d, &[id(2), id(3)], t), vec![false, true]);
@@ -258,7 +284,10 @@ mod tests {
 
     #[test]
     fn ids_expire_after_the_window() {
-        let d = Dedup::new(Duration::from_secs(60), 100);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(60),
+            max_entries: 100,
+        });
         let t = Instant::now();
         accept(&d, &[id(1)], t);
         assert_eq!(
@@ -273,7 +302,10 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_count() {
-        let d = Dedup::new(Duration::from_secs(3600), 10);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(3600),
+            max_entries: 10,
+        });
         let t = Instant::now();
         for n in 0..100 {
             accept(&d, &[id(n)], t);
@@ -285,7 +317,10 @@ mod tests {
 
     #[test]
     fn a_released_claim_lets_the_ids_in_again() {
-        let d = Dedup::new(Duration::from_secs(60), 100);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(60),
+            max_entries: 100,
+        });
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         drop(claim);
@@ -295,7 +330,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_of_a_pending_id_waits_for_the_original() {
-        let d = Dedup::new(Duration::from_secs(60), 100);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(60),
+            max_entries: 100,
+        });
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         let (mut adm, second) = d.admit(&[id(1)], t);
@@ -316,7 +354,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_arriving_after_the_release_is_not_stuck() {
-        let d = Dedup::new(Duration::from_secs(60), 100);
+        let d = Dedup::new(DedupSettings {
+            window: Duration::from_secs(60),
+            max_entries: 100,
+        });
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         let (mut adm, _) = d.admit(&[id(1)], t);

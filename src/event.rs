@@ -1,4 +1,5 @@
-//! `read_receipt.v1`: the normalized event other teams consume (contract §5).
+//! `read_receipt.v1`: the normalized event other teams consume (README,
+//! "The event, `read_receipt.v1`").
 //!
 //! One event per message read: one per `GroupMsgReceiptList` item, one per
 //! `C2CMsgInfo` item, one per `C2C.CallbackAfterMsgReport`. Each event knows
@@ -22,15 +23,59 @@
 
 use std::io;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use crate::limits::{OUTPUT_BYTES_ALLOWANCE, OUTPUT_BYTES_PER_REQUEST_BYTE};
 use crate::record::{EventId, Record, TopicRole};
-use crate::tencent::payload::Callback;
+use crate::tencent::payload::{C2cReadReceipt, C2cReport, Callback, GroupReadReceipt};
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
 
 pub const SCHEMA: &str = "read_receipt.v1";
+
+/// An event's `kind`: one group message read, one one-to-one message read,
+/// or one reader's watermark in a one-to-one chat. Each kind comes from one
+/// callback command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    GroupMessage,
+    C2cMessage,
+    C2cWatermark,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::GroupMessage, Kind::C2cMessage, Kind::C2cWatermark];
+
+    /// The `kind` field's value (serde spells it the same; a test holds them
+    /// together).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Kind::GroupMessage => "group_message",
+            Kind::C2cMessage => "c2c_message",
+            Kind::C2cWatermark => "c2c_watermark",
+        }
+    }
+
+    /// The callback command whose events are of this kind.
+    pub const fn command(self) -> &'static str {
+        match self {
+            Kind::GroupMessage => GROUP_READ_RECEIPT,
+            Kind::C2cMessage => C2C_READ_RECEIPT,
+            Kind::C2cWatermark => C2C_REPORT,
+        }
+    }
+
+    /// The kind of the events a callback command makes, if it makes any.
+    pub fn of_command(command: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.command() == command)
+    }
+
+    /// Group events go to `kafka.group_topic`, the others to `kafka.c2c_topic`.
+    pub fn is_group(self) -> bool {
+        self == Kind::GroupMessage
+    }
+}
 
 /// What the HTTP request adds to the body: who sent it, when it arrived, and
 /// the query string's client details.
@@ -42,12 +87,13 @@ pub struct Envelope<'a> {
     pub platform: Option<&'a str>,
 }
 
-/// The event as it is serialized; field order is the contract's.
+/// The event as it is serialized; field order is the README's ("The event,
+/// `read_receipt.v1`").
 #[derive(Debug, Serialize)]
 struct Event<'a> {
     schema: &'static str,
     event_id: &'a str,
-    kind: &'static str,
+    kind: Kind,
     sdk_app_id: u64,
     callback_command: &'static str,
     conversation_type: &'static str,
@@ -115,6 +161,7 @@ pub fn canonical_platform(p: &str) -> &str {
 }
 
 /// Who the event is between, as the event id hashes it.
+#[derive(Clone, Copy)]
 enum Parties<'a> {
     Group(&'a str),
     /// The reader (operator or reporter) and the peer, each its own part:
@@ -202,186 +249,164 @@ pub fn normalize_within(
     budget: usize,
     out: &mut Vec<Record>,
 ) -> Result<(), OverBudget> {
-    let mut left = Budget {
+    let base = Base {
+        env,
+        platform: env.platform.map(canonical_platform),
+    };
+    let mut out = Out {
         budget,
         left: budget,
+        records: out,
     };
-    let left = &mut left;
-    let platform = env.platform.map(canonical_platform);
     match cb {
-        Callback::Group(g) => {
-            for item in &g.receipts {
-                let readers: Vec<&str> = item.members.iter().map(|m| m.account.as_ref()).collect();
-                let msg_ref = item.msg_seq.to_string();
-                let event_id = Identity {
-                    sdk_app_id: env.sdk_app_id,
-                    command: GROUP_READ_RECEIPT,
-                    parties: Parties::Group(&g.group_id),
-                    message_ref: &msg_ref,
-                    readers: &readers,
-                    event_time_ms: g.event_time_ms,
-                }
-                .event_id();
-                let event = Event {
-                    schema: SCHEMA,
-                    event_id: event_id.as_str(),
-                    kind: "group_message",
-                    sdk_app_id: env.sdk_app_id,
-                    callback_command: GROUP_READ_RECEIPT,
-                    conversation_type: "group",
-                    conversation_id: &g.group_id,
-                    group_id: Some(&g.group_id),
-                    group_type: g.group_type.as_deref(),
-                    msg_seq: Some(item.msg_seq),
-                    msg_key: None,
-                    msg_id: None,
-                    read_count: Some(item.read_num),
-                    unread_count: Some(item.unread_num),
-                    readers: &readers,
-                    peer: None,
-                    read_up_to_ms: None,
-                    unread_total: None,
-                    event_time_ms: g.event_time_ms,
-                    received_at_ms: env.received_at_ms,
-                    client_ip: env.client_ip,
-                    platform,
-                };
-                out.push(record(
-                    TopicRole::Group,
-                    g.group_id.as_bytes(),
-                    event_id,
-                    GROUP_READ_RECEIPT,
-                    env.sdk_app_id,
-                    &event,
-                    left,
-                )?);
-            }
-        }
-        Callback::C2cReceipt(c) => {
-            let conversation_id = c2c_conversation_id(&c.operator, &c.peer);
-            let readers = [c.operator.as_ref()];
-            for item in &c.messages {
-                let event_id = Identity {
-                    sdk_app_id: env.sdk_app_id,
-                    command: C2C_READ_RECEIPT,
-                    parties: Parties::C2c {
-                        reader: &c.operator,
-                        peer: &c.peer,
-                    },
-                    message_ref: &item.msg_key,
-                    readers: &readers,
-                    event_time_ms: c.event_time_ms,
-                }
-                .event_id();
-                let event = Event {
-                    schema: SCHEMA,
-                    event_id: event_id.as_str(),
-                    kind: "c2c_message",
-                    sdk_app_id: env.sdk_app_id,
-                    callback_command: C2C_READ_RECEIPT,
-                    conversation_type: "c2c",
-                    conversation_id: &conversation_id,
-                    group_id: None,
-                    group_type: None,
-                    msg_seq: None,
-                    msg_key: Some(&item.msg_key),
-                    msg_id: item.msg_id.as_deref(),
-                    read_count: None,
-                    unread_count: None,
-                    readers: &readers,
-                    peer: Some(&c.peer),
-                    read_up_to_ms: None,
-                    unread_total: None,
-                    event_time_ms: c.event_time_ms,
-                    received_at_ms: env.received_at_ms,
-                    client_ip: env.client_ip,
-                    platform,
-                };
-                out.push(record(
-                    TopicRole::C2c,
-                    conversation_id.as_bytes(),
-                    event_id,
-                    C2C_READ_RECEIPT,
-                    env.sdk_app_id,
-                    &event,
-                    left,
-                )?);
-            }
-        }
-        Callback::C2cReport(r) => {
-            let conversation_id = c2c_conversation_id(&r.reporter, &r.peer);
-            let readers = [r.reporter.as_ref()];
-            // The parser refuses seconds whose milliseconds overflow, so
-            // this is exact for every parsed body.
-            let read_up_to_ms = r.last_read_time_s.saturating_mul(1000);
-            let event_time_ms = r.event_time_ms.unwrap_or(read_up_to_ms);
-            let msg_ref = read_up_to_ms.to_string();
-            let event_id = Identity {
-                sdk_app_id: env.sdk_app_id,
-                command: C2C_REPORT,
-                parties: Parties::C2c {
-                    reader: &r.reporter,
-                    peer: &r.peer,
-                },
-                message_ref: &msg_ref,
-                readers: &readers,
-                event_time_ms,
-            }
-            .event_id();
-            let event = Event {
-                schema: SCHEMA,
-                event_id: event_id.as_str(),
-                kind: "c2c_watermark",
-                sdk_app_id: env.sdk_app_id,
-                callback_command: C2C_REPORT,
-                conversation_type: "c2c",
-                conversation_id: &conversation_id,
-                group_id: None,
-                group_type: None,
-                msg_seq: None,
-                msg_key: None,
-                msg_id: None,
-                read_count: None,
-                unread_count: None,
-                readers: &readers,
-                peer: Some(&r.peer),
-                read_up_to_ms: Some(read_up_to_ms),
-                unread_total: r.unread_msg_num,
-                event_time_ms,
-                received_at_ms: env.received_at_ms,
-                client_ip: env.client_ip,
-                platform,
-            };
-            out.push(record(
-                TopicRole::C2c,
-                conversation_id.as_bytes(),
-                event_id,
-                C2C_REPORT,
-                env.sdk_app_id,
-                &event,
-                left,
-            )?);
-        }
+        Callback::Group(g) => group_events(g, &base, &mut out),
+        Callback::C2cReceipt(c) => c2c_events(c, &base, &mut out),
+        Callback::C2cReport(r) => watermark_event(r, &base, &mut out),
+    }
+}
+
+/// One event per `GroupMsgReceiptList` item.
+fn group_events(g: &GroupReadReceipt<'_>, base: &Base<'_>, out: &mut Out<'_>) -> Fallible {
+    let kind = Kind::GroupMessage;
+    for item in &g.receipts {
+        let readers: Vec<&str> = item.members.iter().map(|m| m.account.as_ref()).collect();
+        let msg_ref = item.msg_seq.to_string();
+        let parties = Parties::Group(&g.group_id);
+        let id = base.event_id(kind, parties, &msg_ref, &readers, g.event_time_ms);
+        let event = Event {
+            group_id: Some(&g.group_id),
+            group_type: g.group_type.as_deref(),
+            msg_seq: Some(item.msg_seq),
+            read_count: Some(item.read_num),
+            unread_count: Some(item.unread_num),
+            ..base.event(kind, &id, &g.group_id, &readers, g.event_time_ms)
+        };
+        out.push(g.group_id.as_bytes(), id, &event)?;
     }
     Ok(())
 }
 
-/// The `kind` label of an event record, for metrics.
-pub fn kind_of(command: &str) -> &'static str {
-    match command {
-        GROUP_READ_RECEIPT => "group_message",
-        C2C_READ_RECEIPT => "c2c_message",
-        C2C_REPORT => "c2c_watermark",
-        _ => "raw",
+/// One event per `C2CMsgInfo` item: the operator read the peer's message.
+fn c2c_events(c: &C2cReadReceipt<'_>, base: &Base<'_>, out: &mut Out<'_>) -> Fallible {
+    let kind = Kind::C2cMessage;
+    let conversation_id = c2c_conversation_id(&c.operator, &c.peer);
+    let readers = [c.operator.as_ref()];
+    let parties = Parties::C2c {
+        reader: &c.operator,
+        peer: &c.peer,
+    };
+    for item in &c.messages {
+        let id = base.event_id(kind, parties, &item.msg_key, &readers, c.event_time_ms);
+        let event = Event {
+            msg_key: Some(&item.msg_key),
+            msg_id: item.msg_id.as_deref(),
+            peer: Some(&c.peer),
+            ..base.event(kind, &id, &conversation_id, &readers, c.event_time_ms)
+        };
+        out.push(conversation_id.as_bytes(), id, &event)?;
+    }
+    Ok(())
+}
+
+/// One event: the reporter has read everything up to `LastReadTime`.
+fn watermark_event(r: &C2cReport<'_>, base: &Base<'_>, out: &mut Out<'_>) -> Fallible {
+    let kind = Kind::C2cWatermark;
+    let conversation_id = c2c_conversation_id(&r.reporter, &r.peer);
+    let readers = [r.reporter.as_ref()];
+    // The parser refuses seconds whose milliseconds overflow, so this is
+    // exact for every parsed body.
+    let read_up_to_ms = r.last_read_time_s.saturating_mul(MS_PER_S);
+    let event_time_ms = r.event_time_ms.unwrap_or(read_up_to_ms);
+    let parties = Parties::C2c {
+        reader: &r.reporter,
+        peer: &r.peer,
+    };
+    let msg_ref = read_up_to_ms.to_string();
+    let id = base.event_id(kind, parties, &msg_ref, &readers, event_time_ms);
+    let event = Event {
+        peer: Some(&r.peer),
+        read_up_to_ms: Some(read_up_to_ms),
+        unread_total: r.unread_msg_num,
+        ..base.event(kind, &id, &conversation_id, &readers, event_time_ms)
+    };
+    out.push(conversation_id.as_bytes(), id, &event)
+}
+
+const MS_PER_S: u64 = 1000;
+
+type Fallible = Result<(), OverBudget>;
+
+/// What every event of one callback shares: the request's envelope.
+struct Base<'a> {
+    env: &'a Envelope<'a>,
+    platform: Option<&'a str>,
+}
+
+impl<'a> Base<'a> {
+    fn event_id(
+        &self,
+        kind: Kind,
+        parties: Parties<'_>,
+        message_ref: &str,
+        readers: &[&str],
+        event_time_ms: u64,
+    ) -> EventId {
+        Identity {
+            sdk_app_id: self.env.sdk_app_id,
+            command: kind.command(),
+            parties,
+            message_ref,
+            readers,
+            event_time_ms,
+        }
+        .event_id()
+    }
+
+    /// An event of `kind` with the fields every kind fills; the kind's own
+    /// fields are `None` until its builder sets them.
+    fn event<'e>(
+        &'e self,
+        kind: Kind,
+        id: &'e EventId,
+        conversation_id: &'e str,
+        readers: &'e [&'e str],
+        event_time_ms: u64,
+    ) -> Event<'e> {
+        Event {
+            schema: SCHEMA,
+            event_id: id.as_str(),
+            kind,
+            sdk_app_id: self.env.sdk_app_id,
+            callback_command: kind.command(),
+            conversation_type: if kind.is_group() { "group" } else { "c2c" },
+            conversation_id,
+            group_id: None,
+            group_type: None,
+            msg_seq: None,
+            msg_key: None,
+            msg_id: None,
+            read_count: None,
+            unread_count: None,
+            readers,
+            peer: None,
+            read_up_to_ms: None,
+            unread_total: None,
+            event_time_ms,
+            received_at_ms: self.env.received_at_ms,
+            client_ip: self.env.client_ip,
+            platform: self.platform,
+        }
     }
 }
 
 /// The spool's framing around each record (its record header).
 const SPOOL_FRAMING: usize = 24;
 
-struct Budget {
+/// Where a callback's records go, and how many spool bytes they have left.
+struct Out<'o> {
     budget: usize,
     left: usize,
+    records: &'o mut Vec<Record>,
 }
 
 /// Counts the bytes serde_json writes, to size a record before building it.
@@ -397,36 +422,35 @@ impl io::Write for Counter {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn record(
-    topic: TopicRole,
-    key: &[u8],
-    event_id: EventId,
-    command: &'static str,
-    sdk_app_id: u64,
-    event: &Event<'_>,
-    budget: &mut Budget,
-) -> Result<Record, OverBudget> {
-    // Serializing a struct of strings and integers cannot fail.
-    let mut counter = Counter(0);
-    let _ = serde_json::to_writer(&mut counter, event);
-    let mut record = Record {
-        topic,
-        key: Vec::new(),
-        value: Vec::new(),
-        event_id: Some(event_id),
-        command: command.into(),
-        sdk_app_id,
-    };
-    let size = record.encoded_len() + key.len() + counter.0 + SPOOL_FRAMING;
-    budget.left = budget.left.checked_sub(size).ok_or(OverBudget {
-        budget: budget.budget,
-    })?;
-    // Measured first, so the value is written into an exact allocation.
-    record.value.reserve_exact(counter.0);
-    let _ = serde_json::to_writer(&mut record.value, event);
-    record.key = key.to_vec();
-    Ok(record)
+impl Out<'_> {
+    /// Appends the record of `event`, keyed by `key`, if it fits the budget.
+    fn push(&mut self, key: &[u8], event_id: EventId, event: &Event<'_>) -> Fallible {
+        // Serializing a struct of strings and integers cannot fail.
+        let mut counter = Counter(0);
+        let _ = serde_json::to_writer(&mut counter, event);
+        let mut record = Record {
+            topic: if event.kind.is_group() {
+                TopicRole::Group
+            } else {
+                TopicRole::C2c
+            },
+            key: Vec::new(),
+            value: Vec::new(),
+            event_id: Some(event_id),
+            command: event.callback_command.into(),
+            sdk_app_id: event.sdk_app_id,
+        };
+        let size = record.encoded_len() + key.len() + counter.0 + SPOOL_FRAMING;
+        self.left = self.left.checked_sub(size).ok_or(OverBudget {
+            budget: self.budget,
+        })?;
+        // Measured first, so the value is written into an exact allocation.
+        record.value.reserve_exact(counter.0);
+        let _ = serde_json::to_writer(&mut record.value, event);
+        record.key = key.to_vec();
+        self.records.push(record);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -499,7 +523,7 @@ mod tests {
             "platform": "iOS"
         });
         assert_eq!(v, &expected);
-        // Field order is the contract's.
+        // Field order is the README's.
         let text = String::from_utf8(r.value.clone()).unwrap();
         assert!(text.starts_with("{\"schema\":\"read_receipt.v1\",\"event_id\":"));
         expected["msg_seq"] = json!(2);
@@ -638,6 +662,15 @@ mod tests {
         assert_eq!(ab[0].0.key, ba[0].0.key);
         // Different readers: different events.
         assert_ne!(ab[0].1["event_id"], ba[0].1["event_id"]);
+    }
+
+    #[test]
+    fn each_kind_is_spelled_the_same_by_serde_and_as_str() {
+        for kind in Kind::ALL {
+            assert_eq!(serde_json::to_value(kind).unwrap(), kind.as_str());
+            assert_eq!(Kind::of_command(kind.command()), Some(kind));
+        }
+        assert_eq!(Kind::of_command("Group.CallbackAfterSendMsg"), None);
     }
 
     #[test]

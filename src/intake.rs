@@ -1,7 +1,7 @@
 //! One callback, from query string to answer: who sent it, is it signed, what
 //! does it say, which records does it make, and are they safely in the spool.
 //!
-//! The order of the checks is the contract's: the app first (403), then its
+//! The order of the checks is the README's ("HTTP"): the app first (403), then its
 //! signature (401), then the body (400). Nothing is written anywhere until
 //! every check has passed, so a rejected callback produces no Kafka record.
 //! The answer is OK only once the records are in the spool: from then on
@@ -9,16 +9,18 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::clock;
 use crate::config::{App, Config};
-use crate::dedup::{Admission, Dedup};
+use crate::dedup::{Admission, Dedup, DedupSettings};
 use crate::event::{self, Envelope};
+use crate::labels::{Command, Outcome, RecordKind};
 use crate::limits::{Limit, Limits, clip};
 use crate::logging::Untrusted;
-use crate::metrics::{Metrics, command_label};
+use crate::metrics::Metrics;
 use crate::record::{Record, TopicRole};
 use crate::reload::{Live, Swap};
 use crate::spool::{Spool, SpoolError};
@@ -45,13 +47,13 @@ pub enum Accepted {
 }
 
 impl Accepted {
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> Outcome {
         match self {
-            Accepted::Events => "accepted",
-            Accepted::Duplicate => "duplicate",
-            Accepted::Forwarded => "forwarded",
-            Accepted::Ignored => "ignored",
-            Accepted::Proxied(_) => "proxied",
+            Accepted::Events => Outcome::Accepted,
+            Accepted::Duplicate => Outcome::Duplicate,
+            Accepted::Forwarded => Outcome::Forwarded,
+            Accepted::Ignored => Outcome::Ignored,
+            Accepted::Proxied(_) => Outcome::Proxied,
         }
     }
 }
@@ -91,7 +93,7 @@ impl Intake {
             raw_enabled: config.kafka.raw_topic.is_some(),
             limits: config.limits,
             spool,
-            dedup: Dedup::new(config.spool.dedup_window, config.spool.dedup_max_entries),
+            dedup: Dedup::new(DedupSettings::from(&config.spool)),
             rejection_log: LogThrottle::new(config.log.rejections_per_second),
             metrics,
             draining: AtomicBool::new(false),
@@ -144,10 +146,6 @@ impl Intake {
 
     pub fn spool(&self) -> &Spool {
         &self.spool
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Shutting down: /readyz turns 503 so that load balancers stop
@@ -238,20 +236,15 @@ impl Intake {
         &self,
         query: &CallbackQuery<'_>,
         rejection: Option<&Rejection>,
-        outcome: &str,
+        outcome: Outcome,
         started: Instant,
     ) {
         if let Some(r) = rejection {
             self.log_rejection(query, r);
         }
-        let command = query.callback_command.as_deref().unwrap_or("");
+        let command = Command::of(query.callback_command.as_deref().unwrap_or(""));
         self.metrics
-            .callbacks
-            .with_label_values(&[command_label(command), outcome])
-            .inc();
-        self.metrics
-            .callback_duration
-            .observe(started.elapsed().as_secs_f64());
+            .callback_answered(command, outcome, started.elapsed().as_secs_f64());
     }
 
     async fn check_and_spool(
@@ -273,7 +266,7 @@ impl Intake {
             }
         };
         self.check_query_limits(query)?;
-        let received_at_ms = now_ms();
+        let received_at_ms = clock::now_ms();
         let mut records = Vec::new();
         match payload::parse_within(command, &body, &self.limits) {
             Some(Ok(callback)) => {
@@ -321,7 +314,7 @@ impl Intake {
                         .await;
                 }
                 self.spool_records(&records).await?;
-                self.metrics.events.with_label_values(&["raw"]).inc();
+                self.metrics.spooled(RecordKind::Raw, 1);
                 return Ok(Accepted::Forwarded);
             }
         }
@@ -341,6 +334,8 @@ impl Intake {
         command: &str,
         mut records: Vec<Record>,
     ) -> Result<Accepted, Rejection> {
+        // Every read-receipt command has its kind; `raw` is never reached.
+        let kind = event::Kind::of_command(command).map_or(RecordKind::Raw, RecordKind::from);
         let mut spooled = 0usize;
         let mut dropped = 0usize;
         loop {
@@ -374,10 +369,7 @@ impl Intake {
                 self.spool_records(&own).await?;
                 claim.commit();
                 spooled += own.len();
-                self.metrics
-                    .events
-                    .with_label_values(&[event::kind_of(command)])
-                    .inc_by(own.len() as u64);
+                self.metrics.spooled(kind, own.len() as u64);
             } else {
                 drop(claim);
             }
@@ -389,7 +381,7 @@ impl Intake {
             }
             records = waiting;
         }
-        self.metrics.duplicates_dropped.inc_by(dropped as u64);
+        self.metrics.duplicate_events.inc_by(dropped as u64);
         Ok(if spooled == 0 {
             Accepted::Duplicate
         } else {
@@ -414,12 +406,11 @@ impl Intake {
                 return;
             }
             match self.spool_records(raw).await {
-                Ok(()) => self.metrics.events.with_label_values(&["raw"]).inc(),
+                Ok(()) => self.metrics.spooled(RecordKind::Raw, 1),
                 Err(r) => {
-                    if self.rejection_log.admit().is_some() {
+                    let suppressed = &self.metrics.log_lines_suppressed;
+                    if self.rejection_log.admit_or_count(suppressed).is_some() {
                         tracing::warn!(reason = %r.info, "proxied callback not copied to the raw topic");
-                    } else {
-                        self.metrics.log_lines_suppressed.inc();
                     }
                 }
             }
@@ -499,10 +490,7 @@ impl Intake {
                 )
             })?;
         if let Some(token) = &app.token {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0);
+            let now = clock::now_s() as i64;
             let matched = auth::verify_rotating(
                 token,
                 app.previous_token.as_deref(),
@@ -546,7 +534,8 @@ impl Intake {
     }
 
     fn log_rejection(&self, query: &CallbackQuery<'_>, r: &Rejection) {
-        if let Some(suppressed) = self.rejection_log.admit() {
+        let left_out = &self.metrics.log_lines_suppressed;
+        if let Some(suppressed) = self.rejection_log.admit_or_count(left_out) {
             // The sender chose these (the reason may quote the body): escaped,
             // no field can forge a line or reach a terminal; the query fields
             // are clipped, their length is the sender's too.
@@ -558,17 +547,8 @@ impl Intake {
                 suppressed_before = suppressed,
                 "callback rejected"
             );
-        } else {
-            self.metrics.log_lines_suppressed.inc();
         }
     }
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

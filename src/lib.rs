@@ -1,5 +1,5 @@
 //! timbridge: Tencent Cloud Chat read-receipt callbacks in, `read_receipt.v1`
-//! records on Kafka out, and nothing acknowledged ever lost in between.
+//! events on Kafka out, and nothing acknowledged ever lost in between.
 //!
 //! # The data flow
 //!
@@ -31,11 +31,19 @@
 //! The upstream is never on the read-receipt path: a slow or dead app costs
 //! other commands a 502/504 and read receipts nothing.
 //!
-//! `metrics` is written by every stage and read by `/metrics`; `/readyz`
-//! asks the spool (room left?) and the intake (draining?). Whether Kafka is
-//! reachable is reported but never makes the gateway unready. With
-//! `server.admin_listen` those routes and `/healthz` get a listener of their
-//! own, so that clients hogging the callback listener cannot fail the probes.
+//! An *event* is a normalized `read_receipt.v1` value ([`event`]); a
+//! *record* is what carries one (or another command's raw body) through the
+//! spool and onto Kafka ([`record`]).
+//!
+//! `metrics` is written by every stage and read by `/metrics`; every series
+//! is declared once there, and every label value once in [`labels`]. The
+//! wall clock is read through [`clock`] alone. `/readyz` asks the spool
+//! (room left?) and the intake (draining?): [`server::Handles`] is what the
+//! listeners are given, so the server never reaches through one stage to
+//! another. Whether Kafka is reachable is reported but never makes the
+//! gateway unready. With `server.admin_listen` those routes and `/healthz`
+//! get a listener of their own, so that clients hogging the callback
+//! listener cannot fail the probes.
 //!
 //! Who may post (`source`: `server.allow_from`) is checked before the app;
 //! with `server.tls_cert_file` the callback listener speaks TLS only
@@ -48,6 +56,7 @@
 //! downstream of Kafka: a consumer group that folds the events into each
 //! message's read state, kept in a compacted topic.
 
+pub mod clock;
 pub mod config;
 pub mod dedup;
 pub mod effective;
@@ -58,6 +67,7 @@ pub mod fdlimit;
 pub mod fuzzing;
 pub mod intake;
 pub mod kafka_log;
+pub mod labels;
 pub mod limits;
 pub mod logging;
 pub mod materialize;
@@ -84,15 +94,22 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{Config, FsyncPolicy};
+use crate::config::Config;
 use crate::embedded::EmbeddedKafka;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
-use crate::spool::{FsyncMode, Spool, SpoolConfig};
+use crate::spool::{Spool, SpoolConfig};
 
 /// The dead-letter file, inside the spool directory.
 pub const DEAD_LETTER_FILE: &str = "dead-letter.jsonl";
+
+/// How often shutdown looks whether Kafka has taken everything spooled.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
+
+/// The publisher gets at least this long to stop, even past the shutdown
+/// deadline: enough to flush what librdkafka already holds.
+const PUBLISHER_STOP_MIN: Duration = Duration::from_millis(100);
 
 /// A running gateway: listener, spool and publisher.
 pub struct Gateway {
@@ -100,6 +117,7 @@ pub struct Gateway {
     admin_addr: Option<SocketAddr>,
     bootstrap: String,
     intake: Arc<Intake>,
+    metrics: Arc<Metrics>,
     spool: Spool,
     publisher: Publisher,
     server: tokio::task::JoinHandle<()>,
@@ -122,62 +140,22 @@ impl Gateway {
             .map(tls::CertStore::new);
         // Before any file or socket is opened: EMFILE would fail the probes.
         fdlimit::raise_and_check(&config);
-        let embedded = if config.kafka.is_embedded() {
-            let mut topics = vec![
-                config.kafka.group_topic.clone(),
-                config.kafka.c2c_topic.clone(),
-            ];
-            topics.extend(config.kafka.raw_topic.clone());
-            topics.extend(config.kafka.dead_letter_topic.clone());
-            let kafka = EmbeddedKafka::start(&topics)?;
-            tracing::warn!(
-                bootstrap = kafka.bootstrap(),
-                "EMBEDDED KAFKA: an in-memory mock broker for trying timbridge out; \
-                 it forgets everything at exit. NOT FOR PRODUCTION: set kafka.brokers to your cluster."
-            );
-            // A line of its own that ends with the command, so that it can
-            // be copied as it is (fields would follow the message).
-            tracing::info!(
-                "read the records with: kcat -b {} -C -t {} -o beginning -e",
-                kafka.bootstrap(),
-                config.kafka.group_topic
-            );
-            Some(kafka)
-        } else {
-            None
-        };
+        let embedded = start_embedded(&config)?;
         let bootstrap = match &embedded {
             Some(k) => k.bootstrap().to_owned(),
             None => config.kafka.brokers.clone(),
         };
-
-        // Missing topics are named now rather than found in the dead-letter
-        // file later. Only a required check holds the start up.
         if embedded.is_none() {
-            if config.kafka.require_topics {
-                topics::check(&config.kafka, &bootstrap, true).await?;
-            } else {
-                let (kafka, brokers) = (config.kafka.clone(), bootstrap.clone());
-                tokio::spawn(async move { topics::check(&kafka, &brokers, false).await });
-            }
+            check_topics(&config, &bootstrap).await?;
         }
 
-        let (spool, reader, report) = Spool::open(SpoolConfig {
-            dir: config.spool.dir.clone(),
-            max_bytes: config.spool.max_bytes,
-            fsync: match config.spool.fsync {
-                FsyncPolicy::Always => FsyncMode::Always,
-                FsyncPolicy::Interval => FsyncMode::Interval(config.spool.fsync_interval),
-                FsyncPolicy::Never => FsyncMode::Never,
-            },
-            segment_bytes: config.spool.segment_bytes,
-        })
-        .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
+        let (spool, reader, report) = Spool::open(SpoolConfig::from(&config.spool))
+            .with_context(|| format!("cannot open the spool in {}", config.spool.dir.display()))?;
         log_recovery(&config.spool.dir, &report);
 
         let metrics = Arc::new(Metrics::new());
         metrics.register_spool(spool.clone(), config.spool.max_bytes);
-        let (kafka_up_tx, kafka_up_rx) = watch::channel(false);
+        let (kafka_up_tx, kafka_up) = watch::channel(false);
         let publisher = Publisher::start(
             &config.kafka,
             &bootstrap,
@@ -199,8 +177,12 @@ impl Gateway {
         let mut intake = Intake::new(&config, apps, spool.clone(), metrics.clone());
         if let Some(upstream) = &config.upstream {
             intake = intake.with_upstream(
-                upstream::Upstream::new(upstream, metrics, config.log.rejections_per_second)
-                    .context("cannot set up [upstream]")?,
+                upstream::Upstream::new(
+                    upstream,
+                    metrics.clone(),
+                    config.log.rejections_per_second,
+                )
+                .context("cannot set up [upstream]")?,
             );
         }
         if let Some(certs) = &certs {
@@ -208,87 +190,37 @@ impl Gateway {
         }
         let intake = Arc::new(intake);
         let https = certs.is_some();
-        let reloader = Arc::new(reload::Reloader::new(config.clone(), intake.clone(), certs));
-        let listen = config.listen_addr();
-        let listener = TcpListener::bind(listen).await.with_context(|| {
-            format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
-        })?;
-        let addr = listener.local_addr()?;
-        let admin = match config.admin_listen_addr() {
-            Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
-                format!(
-                    "cannot listen on {a}: is another process using it? set server.admin_listen"
-                )
-            })?),
-            None => None,
+        let reloader = Arc::new(reload::Reloader::new(
+            config.clone(),
+            intake.clone(),
+            certs,
+            &metrics,
+        ));
+        let handles = server::Handles {
+            intake: intake.clone(),
+            metrics: metrics.clone(),
+            spool: spool.clone(),
+            body_memory: server::BodyBudget::new(&config.server, &metrics),
+            kafka_up,
         };
-        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let (stop_server, stop_rx) = watch::channel(false);
-        let body_memory = server::BodyBudget::new(&config.server, intake.metrics());
-        let callback_role = if admin.is_some() {
-            server::Role::Callbacks
-        } else {
-            server::Role::Everything
-        };
-        let callbacks = tokio::spawn({
-            let intake = intake.clone();
-            let server_config = config.server.clone();
-            let (body_memory, kafka_up, stop) =
-                (body_memory.clone(), kafka_up_rx.clone(), stop_rx.clone());
-            async move {
-                server::serve(
-                    listener,
-                    callback_role,
-                    &server_config,
-                    intake,
-                    body_memory,
-                    kafka_up,
-                    stop,
-                )
-                .await
-            }
-        });
-        let admin_server = admin.map(|listener| {
-            let intake = intake.clone();
-            let server_config = config.server.clone();
-            tokio::spawn(async move {
-                server::serve(
-                    listener,
-                    server::Role::Admin,
-                    &server_config,
-                    intake,
-                    body_memory,
-                    kafka_up_rx,
-                    stop_rx,
-                )
-                .await
-            })
-        });
-        // One handle for both listeners: shutdown waits for each to drain.
-        let server = tokio::spawn(async move {
-            let _ = callbacks.await;
-            if let Some(admin) = admin_server {
-                let _ = admin.await;
-            }
-        });
-        if let Some(admin) = admin_addr {
-            tracing::info!(%admin, "admin listener: /metrics, /healthz and /readyz");
-        }
+        let listening = Listening::start(&config, handles, stop_rx).await?;
         tracing::info!(
-            %addr,
+            addr = %listening.addr,
             callback_path = %config.server.callback_path,
             https,
             brokers = %bootstrap,
             "timbridge listening"
         );
         Ok(Gateway {
-            addr,
-            admin_addr,
+            addr: listening.addr,
+            admin_addr: listening.admin_addr,
             bootstrap,
             intake,
+            metrics,
             spool,
             publisher,
-            server,
+            server: listening.server,
             stop_server,
             shutdown_timeout: config.server.shutdown_timeout,
             drain_delay: config.server.drain_delay,
@@ -324,7 +256,7 @@ impl Gateway {
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
-        self.intake.metrics()
+        &self.metrics
     }
 
     /// The orderly stop: unready and 503 for new callbacks, in-flight
@@ -350,12 +282,10 @@ impl Gateway {
         }
         // Give Kafka the rest of the time to take what is spooled.
         while self.spool.stats().pending_events > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(SHUTDOWN_POLL).await;
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        self.publisher
-            .stop(left.max(Duration::from_millis(100)))
-            .await;
+        self.publisher.stop(left.max(PUBLISHER_STOP_MIN)).await;
         let pending = self.spool.stats().pending_events;
         self.spool.close().await.context("cannot close the spool")?;
         if pending > 0 {
@@ -368,6 +298,105 @@ impl Gateway {
         }
         drop(self.embedded);
         Ok(())
+    }
+}
+
+/// With `brokers = "embedded"`: the in-process mock broker, its topics
+/// created, and loud warnings that it is not for production.
+fn start_embedded(config: &Config) -> anyhow::Result<Option<EmbeddedKafka>> {
+    if !config.kafka.is_embedded() {
+        return Ok(None);
+    }
+    let mut topics = vec![
+        config.kafka.group_topic.clone(),
+        config.kafka.c2c_topic.clone(),
+    ];
+    topics.extend(config.kafka.raw_topic.clone());
+    topics.extend(config.kafka.dead_letter_topic.clone());
+    let kafka = EmbeddedKafka::start(&topics)?;
+    tracing::warn!(
+        bootstrap = kafka.bootstrap(),
+        "EMBEDDED KAFKA: an in-memory mock broker for trying timbridge out; \
+         it forgets everything at exit. NOT FOR PRODUCTION: set kafka.brokers to your cluster."
+    );
+    // A line of its own that ends with the command, so that it can be
+    // copied as it is (fields would follow the message).
+    tracing::info!(
+        "read the records with: kcat -b {} -C -t {} -o beginning -e",
+        kafka.bootstrap(),
+        config.kafka.group_topic
+    );
+    Ok(Some(kafka))
+}
+
+/// Missing topics are named now rather than found in the dead-letter file
+/// later. Only a required check holds the start up.
+async fn check_topics(config: &Config, bootstrap: &str) -> anyhow::Result<()> {
+    if config.kafka.require_topics {
+        topics::check(&config.kafka, bootstrap, true).await?;
+    } else {
+        let (kafka, brokers) = (config.kafka.clone(), bootstrap.to_owned());
+        tokio::spawn(async move { topics::check(&kafka, &brokers, false).await });
+    }
+    Ok(())
+}
+
+/// The listeners, bound and served: the callback one, and the admin one
+/// with `server.admin_listen`.
+struct Listening {
+    addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    /// One handle for both listeners: shutdown waits for each to drain.
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Listening {
+    async fn start(
+        config: &Config,
+        handles: server::Handles,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<Listening> {
+        let listen = config.listen_addr();
+        let listener = TcpListener::bind(listen).await.with_context(|| {
+            format!("cannot listen on {listen}: is another process using it? set server.listen or --listen")
+        })?;
+        let addr = listener.local_addr()?;
+        let admin = match config.admin_listen_addr() {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+                format!(
+                    "cannot listen on {a}: is another process using it? set server.admin_listen"
+                )
+            })?),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
+        let callback_role = if admin.is_some() {
+            server::Role::Callbacks
+        } else {
+            server::Role::Everything
+        };
+        let serve = |listener, role, handles, stop| {
+            let server_config = config.server.clone();
+            tokio::spawn(async move {
+                server::serve(listener, role, &server_config, handles, stop).await
+            })
+        };
+        let callbacks = serve(listener, callback_role, handles.clone(), stop.clone());
+        let admin_server = admin.map(|l| serve(l, server::Role::Admin, handles, stop));
+        let server = tokio::spawn(async move {
+            let _ = callbacks.await;
+            if let Some(admin) = admin_server {
+                let _ = admin.await;
+            }
+        });
+        if let Some(admin) = admin_addr {
+            tracing::info!(%admin, "admin listener: /metrics, /healthz and /readyz");
+        }
+        Ok(Listening {
+            addr,
+            admin_addr,
+            server,
+        })
     }
 }
 

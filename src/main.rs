@@ -51,30 +51,8 @@ enum Command {
     /// Exits 0 when the answer is 200, 1 when it is another status, and 2
     /// when there is no answer (unreadable file, bad URL, no connection).
     Send {
-        /// The callback URL, e.g. http://127.0.0.1:8080/callback (https:// works too).
-        #[arg(long)]
-        url: String,
-        /// The SdkAppid to send in the query string.
-        #[arg(long)]
-        sdkappid: u64,
-        /// Sign the request with this token (Sign + RequestTime). Prefer
-        /// TIMBRIDGE_TOKEN or --token-env: an argument is visible in `ps`.
-        #[arg(long, env = "TIMBRIDGE_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// Sign with the token held by this environment variable.
-        #[arg(long, value_name = "VAR", conflicts_with = "token")]
-        token_env: Option<String>,
-        /// The CallbackCommand; defaults to the body's own.
-        #[arg(long)]
-        command: Option<String>,
-        /// Sent as ClientIP in the query string, as Tencent does (the event's client_ip).
-        #[arg(long, value_name = "IP")]
-        client_ip: Option<String>,
-        /// Sent as OptPlatform in the query string, e.g. iOS, Android, Web (the event's platform).
-        #[arg(long)]
-        platform: Option<String>,
-        /// The JSON body to post.
-        file: PathBuf,
+        #[command(flatten)]
+        args: SendCli,
     },
     /// Print a shell completion script, e.g.
     /// `timbridge completions bash > /etc/bash_completion.d/timbridge`.
@@ -194,6 +172,35 @@ fn main() -> ExitCode {
     }
 }
 
+/// The arguments of `timbridge send`.
+#[derive(Debug, clap::Args)]
+struct SendCli {
+    /// The callback URL, e.g. http://127.0.0.1:8080/callback (https:// works too).
+    #[arg(long)]
+    url: String,
+    /// The SdkAppid to send in the query string.
+    #[arg(long)]
+    sdkappid: u64,
+    /// Sign the request with this token (Sign + RequestTime). Prefer
+    /// TIMBRIDGE_TOKEN or --token-env: an argument is visible in `ps`.
+    #[arg(long, env = "TIMBRIDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Sign with the token held by this environment variable.
+    #[arg(long, value_name = "VAR", conflicts_with = "token")]
+    token_env: Option<String>,
+    /// The CallbackCommand; defaults to the body's own.
+    #[arg(long)]
+    command: Option<String>,
+    /// Sent as ClientIP in the query string, as Tencent does (the event's client_ip).
+    #[arg(long, value_name = "IP")]
+    client_ip: Option<String>,
+    /// Sent as OptPlatform in the query string, e.g. iOS, Android, Web (the event's platform).
+    #[arg(long)]
+    platform: Option<String>,
+    /// The JSON body to post.
+    file: PathBuf,
+}
+
 /// The error and its causes, each said once: a message that already
 /// quotes its cause (the config file's "No such file or directory") is not
 /// followed by the same text again.
@@ -250,49 +257,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Send {
-            url,
-            sdkappid,
-            token,
-            token_env,
-            command,
-            client_ip,
-            platform,
-            file,
-        } => {
-            let body = std::fs::read(&file)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-            let token = match token_env {
-                Some(var) => Some(
-                    std::env::var(&var)
-                        .ok()
-                        .filter(|t| !t.is_empty())
-                        .ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "--token-env names {var}, which is not set or empty: export it"
-                            )
-                        })?,
-                ),
-                None => token,
-            };
-            let out = send::send(send::SendArgs {
-                url: &url,
-                sdk_app_id: sdkappid,
-                token: token.as_deref(),
-                command: command.as_deref(),
-                client_ip: client_ip.as_deref(),
-                platform: platform.as_deref(),
-                body,
-            })
-            .await?;
-            println!("{}", out.status);
-            println!("{}", String::from_utf8_lossy(&out.body));
-            Ok(if out.status == hyper::StatusCode::OK {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Send { args } => send_callback(args).await,
         Command::Materialize { config } => {
             let cfg = Config::load(&config)?;
             logging::init(&cfg.log)?;
@@ -307,6 +272,50 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `timbridge send`: exit 0 on a 200, 1 on another status.
+async fn send_callback(args: SendCli) -> anyhow::Result<ExitCode> {
+    let SendCli {
+        url,
+        sdkappid,
+        token,
+        token_env,
+        command,
+        client_ip,
+        platform,
+        file,
+    } = args;
+    let body =
+        std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
+    let token = match token_env {
+        Some(var) => Some(
+            std::env::var(&var)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--token-env names {var}, which is not set or empty: export it")
+                })?,
+        ),
+        None => token,
+    };
+    let out = send::send(send::SendArgs {
+        url: &url,
+        sdk_app_id: sdkappid,
+        token: token.as_deref(),
+        command: command.as_deref(),
+        client_ip: client_ip.as_deref(),
+        platform: platform.as_deref(),
+        body,
+    })
+    .await?;
+    println!("{}", out.status);
+    println!("{}", String::from_utf8_lossy(&out.body));
+    Ok(if out.status == hyper::StatusCode::OK {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn serve(

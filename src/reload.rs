@@ -124,7 +124,12 @@ struct Prepared {
 
 impl Reloader {
     /// For the gateway started on `config`, with `certs` when it serves TLS.
-    pub fn new(config: Config, intake: Arc<Intake>, certs: Option<Arc<CertStore>>) -> Reloader {
+    pub fn new(
+        config: Config,
+        intake: Arc<Intake>,
+        certs: Option<Arc<CertStore>>,
+        metrics: &Metrics,
+    ) -> Reloader {
         let reloads = IntCounterVec::new(
             Opts::new(
                 "timbridge_config_reloads_total",
@@ -142,8 +147,8 @@ impl Reloader {
             reloads.with_label_values(&[result]);
         }
         last_ok.set(1);
-        register(intake.metrics(), reloads.clone());
-        register(intake.metrics(), last_ok.clone());
+        register(metrics, reloads.clone());
+        register(metrics, last_ok.clone());
         Reloader {
             intake,
             certs,

@@ -6,8 +6,6 @@
 //! compiled in (webpki-roots), so the same command works against a gateway
 //! behind a TLS-terminating load balancer, as Tencent reaches it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -87,10 +85,7 @@ pub async fn send(args: SendArgs<'_>) -> anyhow::Result<SendOutcome> {
     };
     let host = uri.host().context("the URL has no host")?;
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::clock::now_s();
     let mut query = tencent_query(args.sdk_app_id, &command, args.token, now);
     {
         let mut extra = form_urlencoded::Serializer::new(String::new());

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,8 +52,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::ServerConfig;
 use crate::intake::Intake;
+use crate::labels::{Listener, TimeoutStage};
 use crate::metrics::Metrics;
 use crate::request_line::FirstLineLimit;
+use crate::spool::Spool;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 use crate::tencent::payload;
 use crate::tencent::query::CallbackQuery;
@@ -98,22 +100,20 @@ pub enum Role {
 
 impl Role {
     /// The `listener` label of the connection metrics.
-    fn label(self) -> &'static str {
+    fn listener(self) -> Listener {
         match self {
-            Role::Everything | Role::Callbacks => "callback",
-            Role::Admin => "admin",
+            Role::Everything | Role::Callbacks => Listener::Callback,
+            Role::Admin => Listener::Admin,
         }
     }
 }
 
 struct Routes {
-    intake: Arc<Intake>,
     role: Role,
     callback_path: String,
     max_body_bytes: usize,
     body_read_timeout: Duration,
-    body_memory: Arc<BodyBudget>,
-    kafka_up: KafkaStatus,
+    handles: Handles,
 }
 
 type Answer = Response<Full<Bytes>>;
@@ -207,26 +207,34 @@ impl Drop for Reservation<'_> {
     }
 }
 
+/// What a listener is handed by `Gateway::start`: the intake for callbacks,
+/// and for the operator routes the metrics and what `/readyz` asks (the
+/// spool: room left? the intake: draining?).
+#[derive(Clone)]
+pub struct Handles {
+    pub intake: Arc<Intake>,
+    pub metrics: Arc<Metrics>,
+    pub spool: Spool,
+    pub body_memory: Arc<BodyBudget>,
+    pub kafka_up: KafkaStatus,
+}
+
 /// Serves until `shutdown` fires, then drains connections for at most
 /// `drain_timeout`.
 pub async fn serve(
     listener: TcpListener,
     role: Role,
     config: &ServerConfig,
-    intake: Arc<Intake>,
-    body_memory: Arc<BodyBudget>,
-    kafka_up: KafkaStatus,
+    handles: Handles,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let metrics = intake.metrics().clone();
+    let gate = Gate::new(role, config, &handles.metrics);
     let routes = Arc::new(Routes {
-        intake,
         role,
         callback_path: config.callback_path.clone(),
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
-        body_memory,
-        kafka_up,
+        handles,
     });
     let mut builder = http1::Builder::new();
     builder
@@ -235,28 +243,10 @@ pub async fn serve(
         .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_CONNECTION_BUFFER_BYTES)
         .keep_alive(true);
-    let budget = match role {
-        Role::Admin => ADMIN_MAX_CONNECTIONS,
-        Role::Everything | Role::Callbacks => config.max_connections,
-    };
-    let connections = Arc::new(Semaphore::new(budget));
-    // Refusals are answered off the accept loop; bound how many at once so
-    // that a connection flood cannot turn them into a task flood.
-    let refusals = Arc::new(Semaphore::new(REFUSALS_AT_ONCE));
-    let label = role.label();
-    // The admin listener's few clients are the operator's own: no per-address cap.
-    let per_ip = Arc::new(PerIp {
-        max: match role {
-            Role::Admin => 0,
-            Role::Everything | Role::Callbacks => config.max_connections_per_ip,
-        },
-        open: Mutex::new(HashMap::new()),
-    });
-    let open = metrics.connections_open.with_label_values(&[label]);
     // Callbacks only: the admin listener stays plain HTTP for probes.
     let tls = match role {
         Role::Admin => None,
-        Role::Everything | Role::Callbacks => routes.intake.tls().cloned(),
+        Role::Everything | Role::Callbacks => routes.handles.intake.tls().cloned(),
     };
     let graceful = GracefulShutdown::new();
     loop {
@@ -264,45 +254,21 @@ pub async fn serve(
         // `max_connections` clients that never finish would stop the accept
         // loop, and every new client would hang in the kernel's queue with
         // no answer at all.
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = shutdown.changed() => break,
         };
-        let admitted = match connections.clone().try_acquire_owned() {
-            Err(_) => Err(format!(
-                "the gateway is serving its maximum of {budget} connections; retry shortly"
-            )),
-            Ok(permit) => match per_ip.enter(peer.ip()) {
-                Some(ip_slot) => Ok((permit, ip_slot)),
-                None => Err(format!(
-                    "this address (an IPv6 one: its /64) already has {} connections open (server.max_connections_per_ip); retry shortly",
-                    per_ip.max
-                )),
-            },
-        };
-        let (permit, ip_slot) = match admitted {
-            Ok(slots) => slots,
-            Err(why) => {
-                metrics
-                    .connections_refused
-                    .with_label_values(&[label])
-                    .inc();
-                if let Ok(slot) = refusals.clone().try_acquire_owned() {
-                    tokio::spawn(async move {
-                        refuse(stream, why).await;
-                        drop(slot);
-                    });
-                }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Some((stream, held)) = gate.admit(stream, peer) else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let routes = routes.clone();
@@ -317,14 +283,7 @@ pub async fn serve(
         // Watched from here on: shutdown waits for a handshake under way too.
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         let handshake_within = config.header_read_timeout;
-        let metrics = metrics.clone();
-        // Everything the connection holds is given back by drop, so a
-        // panicking connection task cannot leak its slot or the gauge.
-        let held = Held {
-            _open: OpenGauge::enter(open.clone()),
-            _ip_slot: ip_slot,
-            _permit: permit,
-        };
+        let (metrics, label) = (gate.metrics.clone(), gate.label);
         tokio::spawn(async move {
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
@@ -334,7 +293,7 @@ pub async fn serve(
                     if e.kind() == io::ErrorKind::TimedOut {
                         metrics
                             .connections_timed_out
-                            .with_label_values(&[label, "head"])
+                            .with_label_values(&[label, TimeoutStage::Head.as_str()])
                             .inc();
                     }
                     tracing::debug!(error = %e, %peer, listener = label, "TLS handshake failed");
@@ -347,19 +306,7 @@ pub async fn serve(
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
-                let stage = if timed_out.load(Ordering::Relaxed) {
-                    Some("answer")
-                } else if e.is_timeout() {
-                    Some("head")
-                } else {
-                    None
-                };
-                if let Some(stage) = stage {
-                    metrics
-                        .connections_timed_out
-                        .with_label_values(&[label, stage])
-                        .inc();
-                }
+                count_timeout(&metrics, label, &e, timed_out.load(Ordering::Relaxed));
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
             if long_url.load(Ordering::Relaxed) {
@@ -370,6 +317,110 @@ pub async fn serve(
     }
     drop(listener);
     let _ = graceful.shutdown().await;
+}
+
+/// How long the accept loop pauses after a failed accept (EMFILE and the
+/// like), so that it does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A connection that ended in a timeout, counted by the stage it was in:
+/// the client did not take its answer, or did not send its request head.
+fn count_timeout(metrics: &Metrics, label: &str, e: &hyper::Error, answer_timed_out: bool) {
+    let stage = if answer_timed_out {
+        TimeoutStage::Answer
+    } else if e.is_timeout() {
+        TimeoutStage::Head
+    } else {
+        return;
+    };
+    metrics
+        .connections_timed_out
+        .with_label_values(&[label, stage.as_str()])
+        .inc();
+}
+
+/// Who gets a connection slot: the listener's budget of connections, and
+/// per client address when `server.max_connections_per_ip` is set.
+struct Gate {
+    label: &'static str,
+    budget: usize,
+    connections: Arc<Semaphore>,
+    /// Refusals are answered off the accept loop; this bounds how many at
+    /// once, so that a connection flood cannot turn them into a task flood.
+    refusals: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+    open: prometheus::IntGauge,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    fn new(role: Role, config: &ServerConfig, metrics: &Arc<Metrics>) -> Gate {
+        let budget = match role {
+            Role::Admin => ADMIN_MAX_CONNECTIONS,
+            Role::Everything | Role::Callbacks => config.max_connections,
+        };
+        let label = role.listener().as_str();
+        Gate {
+            label,
+            budget,
+            connections: Arc::new(Semaphore::new(budget)),
+            refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
+            // The admin listener's few clients are the operator's own: no
+            // per-address cap.
+            per_ip: Arc::new(PerIp {
+                max: match role {
+                    Role::Admin => 0,
+                    Role::Everything | Role::Callbacks => config.max_connections_per_ip,
+                },
+                open: Mutex::new(HashMap::new()),
+            }),
+            open: metrics.connections_open.with_label_values(&[label]),
+            metrics: metrics.clone(),
+        }
+    }
+
+    /// The connection with its slots, or `None` when it was refused (a 503
+    /// is sent to it off the accept loop, when there is room for that).
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) -> Option<(TcpStream, Held)> {
+        let admitted = match self.connections.clone().try_acquire_owned() {
+            Err(_) => Err(format!(
+                "the gateway is serving its maximum of {} connections; retry shortly",
+                self.budget
+            )),
+            Ok(permit) => match self.per_ip.enter(peer.ip()) {
+                Some(ip_slot) => Ok((permit, ip_slot)),
+                None => Err(format!(
+                    "this address (an IPv6 one: its /64) already has {} connections open (server.max_connections_per_ip); retry shortly",
+                    self.per_ip.max
+                )),
+            },
+        };
+        match admitted {
+            // Everything the connection holds is given back by drop, so a
+            // panicking connection task cannot leak its slot or the gauge.
+            Ok((permit, ip_slot)) => Some((
+                stream,
+                Held {
+                    _open: OpenGauge::enter(self.open.clone()),
+                    _ip_slot: ip_slot,
+                    _permit: permit,
+                },
+            )),
+            Err(why) => {
+                self.metrics
+                    .connections_refused
+                    .with_label_values(&[self.label])
+                    .inc();
+                if let Ok(slot) = self.refusals.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        refuse(stream, why).await;
+                        drop(slot);
+                    });
+                }
+                None
+            }
+        }
+    }
 }
 
 /// What one connection holds, released when its task ends (or unwinds).
@@ -612,11 +663,11 @@ impl Routes {
         let admin = self.role != Role::Callbacks;
         match (req.method(), path) {
             (&Method::POST, p) if callbacks && p == self.callback_path => {
-                let _counted = InFlight::enter(&self.intake.metrics().callbacks_in_flight);
+                let _counted = InFlight::enter(&self.handles.metrics.callbacks_in_flight);
                 self.callback(req).await
             }
             (&Method::GET, "/metrics") if admin => {
-                let body = self.intake.metrics().render();
+                let body = self.handles.metrics.render();
                 text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
@@ -641,20 +692,13 @@ impl Routes {
         let started = Instant::now();
         // A request that began before shutdown is finished, even if its body
         // arrives after the signal.
-        let refuse = self.intake.is_refusing();
+        let refuse = self.handles.intake.is_refusing();
         let (mut head, body) = req.into_parts();
         let query = head.uri.query().unwrap_or("");
         // Who may post at all comes before which app it claims to be.
         if let Err(r) = self.check_source(&head) {
-            self.intake.reject_unread(query, &r, started);
-            return rejected(&r, true);
+            return self.reject_unread(query, r, started, true);
         }
-        let too_large = || {
-            Rejection::new(
-                RejectKind::TooLarge,
-                format!("body is over {} bytes", self.max_body_bytes),
-            )
-        };
         // Refuse on the declared length before reading a byte of it.
         let declared = head
             .headers
@@ -662,63 +706,28 @@ impl Routes {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-            let r = too_large();
-            self.intake.reject_unread(query, &r, started);
-            return rejected(&r, true);
+            return self.reject_unread(query, self.too_large(), started, true);
         }
         // Room in the body-memory budget is reserved as the body arrives
         // (not on the declared length: idle clients would hold it for free)
         // and held until the intake is done with the body.
-        let mut reserved = Reservation::new(&self.body_memory);
-        let read = read_body(
-            body,
-            declared.map_or(self.max_body_bytes, |n| n as usize),
-            self.max_body_bytes,
-            &mut reserved,
-        );
-        let body = match tokio::time::timeout(self.body_read_timeout, read).await {
-            Ok(Ok(body)) => body,
-            Ok(Err(BodyError::TooLarge)) => {
-                let r = too_large();
-                self.intake.reject_unread(query, &r, started);
-                return rejected(&r, true);
-            }
-            Ok(Err(BodyError::OverBudget)) => return self.over_budget(query, started),
-            Ok(Err(BodyError::Read)) => {
-                let r = Rejection::new(RejectKind::Invalid, "body could not be read");
-                self.intake.reject_unread(query, &r, started);
-                return rejected(&r, true);
-            }
-            Err(_) => {
-                let r = Rejection::new(
-                    RejectKind::Timeout,
-                    format!("body not received within {:?}", self.body_read_timeout),
-                );
-                self.intake.reject_unread(query, &r, started);
-                return rejected(&r, true);
-            }
+        let mut reserved = Reservation::new(&self.handles.body_memory);
+        let body = match self.read(body, declared, &mut reserved).await {
+            Ok(body) => body,
+            Err(r) => return self.reject_unread(query, r, started, true),
         };
         // A body on its way to the app may wait up to `upstream.timeout` for
         // it: it moves to the proxy's own byte budget, so a slow app cannot
         // hold the body memory read receipts need. Past that budget, 503.
-        let mut proxied = None;
-        if let Some(upstream) = self.intake.upstream() {
-            let command = CallbackQuery::parse(query).callback_command;
-            if !command.as_deref().is_some_and(payload::is_read_receipt) {
-                match upstream.hold_proxied_body(body.len()) {
-                    Some(held) => {
-                        proxied = Some(held);
-                        reserved = Reservation::new(&self.body_memory);
-                    }
-                    None => {
-                        let r = upstream.proxied_bodies_full();
-                        self.intake.reject_unread(query, &r, started);
-                        return rejected(&r, false);
-                    }
-                }
+        let proxied = match self.hold_for_upstream(query, body.len()) {
+            Ok(Some(held)) => {
+                reserved = Reservation::new(&self.handles.body_memory);
+                Some(held)
             }
-        }
-        let origin = match self.intake.upstream() {
+            Ok(None) => None,
+            Err(r) => return self.reject_unread(query, r, started, false),
+        };
+        let origin = match self.handles.intake.upstream() {
             Some(_) => Origin {
                 peer: head.extensions.get::<Peer>().map(|p| p.0),
                 headers: std::mem::take(&mut head.headers),
@@ -726,6 +735,7 @@ impl Routes {
             None => Origin::default(),
         };
         let answer = match self
+            .handles
             .intake
             .handle_from(query, body, started, refuse, origin)
             .await
@@ -747,7 +757,7 @@ impl Routes {
     /// 403 when the client (the peer, or behind trusted proxies the
     /// address they forwarded) is outside `server.allow_from`.
     fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
-        let live = self.intake.live();
+        let live = self.handles.intake.live();
         if live.sources.allows_any() {
             return Ok(());
         }
@@ -770,21 +780,80 @@ impl Routes {
         })
     }
 
-    /// 503: the bodies being read already fill the budget.
-    fn over_budget(&self, query: &str, started: Instant) -> Answer {
-        self.intake.metrics().body_memory_exhausted.inc();
-        let r = Rejection::new(
-            RejectKind::Overloaded,
-            "too many request bodies in memory at once; retry shortly",
+    fn too_large(&self) -> Rejection {
+        Rejection::new(
+            RejectKind::TooLarge,
+            format!("body is over {} bytes", self.max_body_bytes),
+        )
+    }
+
+    /// Reads the body within `body_read_timeout`, reserving its bytes as
+    /// they arrive.
+    async fn read(
+        &self,
+        body: Incoming,
+        declared: Option<u64>,
+        reserved: &mut Reservation<'_>,
+    ) -> Result<Bytes, Rejection> {
+        let read = read_body(
+            body,
+            declared.map_or(self.max_body_bytes, |n| n as usize),
+            self.max_body_bytes,
+            reserved,
         );
-        self.intake.reject_unread(query, &r, started);
-        rejected(&r, true)
+        match tokio::time::timeout(self.body_read_timeout, read).await {
+            Ok(Ok(body)) => Ok(body),
+            Ok(Err(BodyError::TooLarge)) => Err(self.too_large()),
+            // 503: the bodies being read already fill the budget.
+            Ok(Err(BodyError::OverBudget)) => {
+                self.handles.metrics.body_memory_exhausted.inc();
+                Err(Rejection::new(
+                    RejectKind::Overloaded,
+                    "too many request bodies in memory at once; retry shortly",
+                ))
+            }
+            Ok(Err(BodyError::Read)) => Err(Rejection::new(
+                RejectKind::Invalid,
+                "body could not be read",
+            )),
+            Err(_) => Err(Rejection::new(
+                RejectKind::Timeout,
+                format!("body not received within {:?}", self.body_read_timeout),
+            )),
+        }
+    }
+
+    /// Room in the upstream's own budget for a body that goes to the app
+    /// (`None`: it does not, read receipts stay in the body-memory budget).
+    fn hold_for_upstream(
+        &self,
+        query: &str,
+        len: usize,
+    ) -> Result<Option<OwnedSemaphorePermit>, Rejection> {
+        let Some(upstream) = self.handles.intake.upstream() else {
+            return Ok(None);
+        };
+        let command = CallbackQuery::parse(query).callback_command;
+        if command.as_deref().is_some_and(payload::is_read_receipt) {
+            return Ok(None);
+        }
+        match upstream.hold_proxied_body(len) {
+            Some(held) => Ok(Some(held)),
+            None => Err(upstream.proxied_bodies_full()),
+        }
+    }
+
+    /// A callback answered before the intake saw its body: counted and
+    /// logged as the intake would, `close` asks the client to go away.
+    fn reject_unread(&self, query: &str, r: Rejection, started: Instant, close: bool) -> Answer {
+        self.handles.intake.reject_unread(query, &r, started);
+        rejected(&r, close)
     }
 
     fn readyz(&self) -> Answer {
-        let spool_full = self.intake.spool().is_full();
-        let draining = self.intake.is_draining();
-        let kafka_up = *self.kafka_up.borrow();
+        let spool_full = self.handles.spool.is_full();
+        let draining = self.handles.intake.is_draining();
+        let kafka_up = *self.handles.kafka_up.borrow();
         let ready = !spool_full && !draining;
         let reason = if draining {
             "shutting down"
@@ -800,8 +869,8 @@ impl Routes {
             "draining": draining,
             "kafka_reachable": kafka_up,
             // Never a reason to be unready: read receipts work without it.
-            "upstream_configured": self.intake.upstream().is_some(),
-            "upstream_reachable": self.intake.upstream().and_then(|u| u.reachable()),
+            "upstream_configured": self.handles.intake.upstream().is_some(),
+            "upstream_reachable": self.handles.intake.upstream().and_then(|u| u.reachable()),
         }))
         .unwrap_or_default();
         let status = if ready {

@@ -41,6 +41,16 @@ impl LogThrottle {
         self.admit_at(Instant::now())
     }
 
+    /// [`LogThrottle::admit`], counting each line left out in `suppressed`
+    /// (`timbridge_log_lines_suppressed_total`).
+    pub fn admit_or_count(&self, suppressed: &prometheus::IntCounter) -> Option<u64> {
+        let admitted = self.admit();
+        if admitted.is_none() {
+            suppressed.inc();
+        }
+        admitted
+    }
+
     fn admit_at(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if now.duration_since(s.window_start) >= Duration::from_secs(1) {

@@ -38,6 +38,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::config::UpstreamConfig;
+use crate::labels::{UpstreamDrop, UpstreamOutcome};
 use crate::metrics::Metrics;
 use crate::tencent::answer::{RejectKind, Rejection};
 use crate::throttle::LogThrottle;
@@ -137,6 +138,12 @@ struct Forward {
 const FORWARD_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::USER_AGENT];
 
 /// Why an exchange with the upstream failed.
+/// The first pause before a forwarded read receipt is sent again.
+const FORWARD_BACKOFF_FIRST: Duration = Duration::from_millis(100);
+
+/// The longest pause between two attempts at a forwarded read receipt.
+const FORWARD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 enum Failure {
     Unreachable(String),
@@ -145,11 +152,11 @@ enum Failure {
 }
 
 impl Failure {
-    fn outcome(&self) -> &'static str {
+    fn outcome(&self) -> UpstreamOutcome {
         match self {
-            Failure::Unreachable(_) => "unreachable",
-            Failure::Timeout => "timeout",
-            Failure::BadAnswer(_) => "bad_answer",
+            Failure::Unreachable(_) => UpstreamOutcome::Unreachable,
+            Failure::Timeout => UpstreamOutcome::Timeout,
+            Failure::BadAnswer(_) => UpstreamOutcome::BadAnswer,
         }
     }
 
@@ -247,11 +254,7 @@ impl Upstream {
         origin: &Origin,
     ) -> Result<UpstreamAnswer, Rejection> {
         let Ok(_permit) = self.inner.in_flight.clone().try_acquire_owned() else {
-            self.inner
-                .metrics
-                .upstream_requests
-                .with_label_values(&["busy"])
-                .inc();
+            self.inner.metrics.upstream_request(UpstreamOutcome::Busy);
             return Err(Rejection::new(
                 RejectKind::UpstreamBusy,
                 format!(
@@ -276,11 +279,7 @@ impl Upstream {
         let n = u32::try_from(len).ok()?;
         let held = self.proxied_bytes.clone().try_acquire_many_owned(n).ok();
         if held.is_none() {
-            self.inner
-                .metrics
-                .upstream_requests
-                .with_label_values(&["busy"])
-                .inc();
+            self.inner.metrics.upstream_request(UpstreamOutcome::Busy);
         }
         held
     }
@@ -323,7 +322,7 @@ impl Upstream {
             .and_then(|n| self.forward_bytes.clone().try_acquire_many_owned(n).ok())
             .ok_or(())
         else {
-            self.inner.dropped("queue_full");
+            self.inner.dropped(UpstreamDrop::QueueFull);
             return;
         };
         let item = Forward {
@@ -337,7 +336,7 @@ impl Upstream {
             _held: held,
         };
         if tx.try_send(item).is_err() {
-            self.inner.dropped("queue_full");
+            self.inner.dropped(UpstreamDrop::QueueFull);
         }
     }
 
@@ -366,31 +365,26 @@ impl Inner {
             .await
             .unwrap_or(Err(Failure::Timeout));
         self.metrics
-            .upstream_duration
+            .upstream_duration_seconds
             .observe(started.elapsed().as_secs_f64());
-        let outcome = match &result {
-            Ok(_) => "answered",
+        self.metrics.upstream_request(match &result {
+            Ok(_) => UpstreamOutcome::Answered,
             Err(f) => f.outcome(),
-        };
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[outcome])
-            .inc();
+        });
         let state = match &result {
             Ok(_) | Err(Failure::BadAnswer(_)) => STATE_ANSWERING,
             Err(_) => STATE_FAILING,
         };
         self.state.store(state, Ordering::Relaxed);
         if let Err(f) = &result {
-            if let Some(suppressed) = self.log.admit() {
+            let left_out = &self.metrics.log_lines_suppressed;
+            if let Some(suppressed) = self.log.admit_or_count(left_out) {
                 tracing::warn!(
                     upstream = %self.display,
                     reason = %f.describe(self.timeout),
                     suppressed_before = suppressed,
                     "upstream request failed"
                 );
-            } else {
-                self.metrics.log_lines_suppressed.inc();
             }
         }
         result
@@ -441,32 +435,32 @@ impl Inner {
         })
     }
 
-    fn dropped(&self, reason: &'static str) {
+    fn dropped(&self, reason: UpstreamDrop) {
         self.metrics
             .upstream_forward_dropped
-            .with_label_values(&[reason])
+            .with_label_values(&[reason.as_str()])
             .inc();
-        if let Some(suppressed) = self.log.admit() {
+        let left_out = &self.metrics.log_lines_suppressed;
+        if let Some(suppressed) = self.log.admit_or_count(left_out) {
             tracing::warn!(
                 upstream = %self.display,
-                reason,
+                reason = reason.as_str(),
                 suppressed_before = suppressed,
                 "read receipt not forwarded to the upstream (it is in Kafka all the same)"
             );
-        } else {
-            self.metrics.log_lines_suppressed.inc();
         }
     }
 
     /// Delivers one read receipt, retrying failures and 5xx answers with
-    /// backoff until it expires.
+    /// backoff (from [`FORWARD_BACKOFF_FIRST`], doubling up to
+    /// [`FORWARD_BACKOFF_MAX`]) until it expires.
     async fn deliver(&self, item: Forward) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FORWARD_BACKOFF_FIRST;
         loop {
             // Also before the first send: one that waited in the queue past
             // its expiry carries a Sign the app would refuse as stale.
             if Instant::now() >= item.expires {
-                self.dropped("expired");
+                self.dropped(UpstreamDrop::Expired);
                 return;
             }
             match self
@@ -477,11 +471,11 @@ impl Inner {
                 _ => {}
             }
             if Instant::now() + backoff >= item.expires {
-                self.dropped("expired");
+                self.dropped(UpstreamDrop::Expired);
                 return;
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(FORWARD_BACKOFF_MAX);
         }
     }
 }
@@ -699,14 +693,20 @@ mod tests {
             _held: held,
         };
         up.inner.deliver(stale).await;
-        let sent: u64 = ["answered", "unreachable", "timeout", "bad_answer"]
+        let sent: u64 = UpstreamOutcome::ALL
             .iter()
-            .map(|o| metrics.upstream_requests.with_label_values(&[o]).get())
+            .filter(|o| **o != UpstreamOutcome::Busy)
+            .map(|o| {
+                metrics
+                    .upstream_requests
+                    .with_label_values(&[o.as_str()])
+                    .get()
+            })
             .sum();
         assert_eq!(sent, 0, "a stale Sign went to the app");
         let expired = metrics
             .upstream_forward_dropped
-            .with_label_values(&["expired"]);
+            .with_label_values(&[UpstreamDrop::Expired.as_str()]);
         assert_eq!(expired.get(), 1);
     }
 

@@ -30,7 +30,7 @@ async fn accounts_with_colons_make_two_conversations_with_two_events() {
         let a = post(gw.local_addr(), &path, receipt("a:b:a", peer).as_bytes()).await;
         assert_ok(&a);
     }
-    assert_eq!(gw.metrics().duplicates_dropped.get(), 0);
+    assert_eq!(gw.metrics().duplicate_events.get(), 0);
     let recs = read_topic(&s.bootstrap, C2C_TOPIC, 2, Duration::from_secs(20));
     assert_eq!(recs.len(), 2);
     let schema = schema();

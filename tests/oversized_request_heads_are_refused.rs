@@ -86,12 +86,12 @@ async fn a_64_kib_callback_command_is_answered_414() {
 
     assert_ok(&post(addr, &group_callback(), group_body("after", 1).as_bytes()).await);
     assert_groups_arrive(&s.bootstrap, &["after".to_owned()]);
-    let handled: u64 = timbridge::metrics::OUTCOME_LABELS
+    let handled: u64 = timbridge::labels::Outcome::ALL
         .iter()
         .map(|o| {
             gw.metrics()
                 .callbacks
-                .with_label_values(&["other", o])
+                .with_label_values(&["other", o.as_str()])
                 .get()
         })
         .sum();

@@ -13,31 +13,8 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 
 /// What a state describes: one group message, one one-to-one message, or
-/// one reader's watermark in a one-to-one chat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    GroupMessage,
-    C2cMessage,
-    C2cWatermark,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::GroupMessage, Kind::C2cMessage, Kind::C2cWatermark];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::GroupMessage => "group_message",
-            Kind::C2cMessage => "c2c_message",
-            Kind::C2cWatermark => "c2c_watermark",
-        }
-    }
-
-    /// Group events come from `kafka.group_topic`, the others from `kafka.c2c_topic`.
-    pub fn is_group(self) -> bool {
-        self == Kind::GroupMessage
-    }
-}
+/// one reader's watermark in a one-to-one chat; the events' own `kind`.
+pub use crate::event::Kind;
 
 /// The fields of a `read_receipt.v1` event the fold reads; the rest of the
 /// event is ignored.

@@ -75,12 +75,7 @@ pub fn decode(bytes: &[u8]) -> Option<ReadState> {
 }
 
 /// Milliseconds since the Unix epoch, for `updated_at_ms`.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::clock::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -33,7 +33,7 @@ use base64::Engine;
 use tokio::sync::mpsc;
 
 use super::InFlight;
-use crate::intake::now_ms;
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::record::RecordRef;
 use crate::spool::Spool;

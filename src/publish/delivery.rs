@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 
 use super::classify::{Action, classify};
 use super::{InFlight, Shared};
-use crate::intake::now_ms;
+use crate::clock::now_ms;
 
 /// One producer's life: a fatal error ends it, and the pump builds the
 /// next one with a fresh `Generation`.
@@ -67,7 +67,9 @@ impl ClientContext for DeliveryContext {
             .any(|b| b.nodeid >= 0 && b.state == "UP");
         self.set_kafka_up(up);
         let metrics = &self.shared.metrics;
-        metrics.kafka_queue_messages.set(stats.msg_cnt as i64);
+        metrics
+            .kafka_producer_queue_messages
+            .set(stats.msg_cnt as i64);
         let worst_rtt_us = stats
             .brokers
             .values()
@@ -75,7 +77,7 @@ impl ClientContext for DeliveryContext {
             .max()
             .unwrap_or(0);
         metrics
-            .kafka_broker_rtt
+            .kafka_broker_rtt_seconds
             .set(worst_rtt_us as f64 / 1_000_000.0);
     }
 
@@ -149,11 +151,7 @@ impl ProducerContext for DeliveryContext {
             }
             Err((err, msg)) => {
                 let action = classify(err);
-                shared
-                    .metrics
-                    .kafka_errors
-                    .with_label_values(&[action.reason()])
-                    .inc();
+                shared.metrics.kafka_error(action.reason());
                 if action == Action::Rebuild {
                     self.mark_fatal();
                 }

@@ -1,5 +1,5 @@
 //! The Kafka headers of a record: what a consumer can route or deduplicate
-//! on without parsing the value (see the contract's record section).
+//! on without parsing the value (see the README's "Kafka records").
 
 use rdkafka::message::{Header, OwnedHeaders};
 

@@ -395,47 +395,67 @@ impl Pump {
             }
             _ = self.stop.changed() => return false,
         }
-        let mut base = BaseRecord::with_opaque_to(topic, Box::new(item))
+        let base = BaseRecord::with_opaque_to(topic, Box::new(item))
             .key(record.key)
             .payload(record.value)
             .headers(headers(&record));
-        loop {
-            let (e, back) = match self.live.producer.send(base) {
-                Ok(()) => return true,
-                Err(failed) => failed,
-            };
-            let action = classify(&e);
-            if action == Action::Wait {
-                // librdkafka's own queue is full (it bounds bytes too):
-                // give its thread a moment to drain.
-                let held = back.delivery_opaque.permits();
-                base = back;
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(5)) => continue,
-                    _ = self.stop.changed() => {
-                        generation.permits.add_permits(held);
-                        return false;
-                    }
+        produce(
+            &self.live.producer,
+            &generation,
+            &self.shared,
+            &mut self.stop,
+            base,
+        )
+        .await
+    }
+}
+
+/// How long to wait for librdkafka's thread to drain its full queue before
+/// handing a record over again.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+/// Hands `base` to librdkafka, waiting while its own queue is full. A record
+/// it refuses is counted and then retried, dead-lettered or (a dead-letter
+/// copy) left in the dead-letter file. False when told to stop meanwhile.
+async fn produce(
+    producer: &BaseProducer<DeliveryContext>,
+    generation: &Generation,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+    mut base: BaseRecord<'_, [u8], [u8], Box<InFlight>>,
+) -> bool {
+    loop {
+        let (e, back) = match producer.send(base) {
+            Ok(()) => return true,
+            Err(failed) => failed,
+        };
+        let action = classify(&e);
+        if action == Action::Wait {
+            // librdkafka's own queue is full (it bounds bytes too): give
+            // its thread a moment to drain.
+            let held = back.delivery_opaque.permits();
+            base = back;
+            tokio::select! {
+                _ = tokio::time::sleep(QUEUE_FULL_PAUSE) => continue,
+                _ = stop.changed() => {
+                    generation.permits.add_permits(held);
+                    return false;
                 }
             }
-            let item = *back.delivery_opaque;
-            generation.permits.add_permits(item.permits());
-            self.shared
-                .metrics
-                .kafka_errors
-                .with_label_values(&[action.reason()])
-                .inc();
-            if action == Action::Rebuild {
-                self.live.producer.context().mark_fatal();
-            }
-            if item.dead_letter_copy {
-                tracing::warn!(error = %e, "could not write a dead letter to Kafka; it is in the dead-letter file");
-            } else if let Action::DeadLetter(_) = action {
-                self.shared.dead_letters.bury(item, e.to_string());
-            } else {
-                let _ = self.shared.retry.send(item);
-            }
-            return true;
         }
+        let item = *back.delivery_opaque;
+        generation.permits.add_permits(item.permits());
+        shared.metrics.kafka_error(action.reason());
+        if action == Action::Rebuild {
+            producer.context().mark_fatal();
+        }
+        if item.dead_letter_copy {
+            tracing::warn!(error = %e, "could not write a dead letter to Kafka; it is in the dead-letter file");
+        } else if let Action::DeadLetter(_) = action {
+            shared.dead_letters.bury(item, e.to_string());
+        } else {
+            let _ = shared.retry.send(item);
+        }
+        return true;
     }
 }

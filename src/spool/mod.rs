@@ -110,7 +110,9 @@ pub struct SpoolConfig {
 }
 
 impl SpoolConfig {
-    fn validate(&self) -> Result<(), SpoolError> {
+    /// The spool's own invariants; [`Spool::open`] checks them, and so does
+    /// the configuration's validation, with the same messages.
+    pub fn validate(&self) -> Result<(), SpoolError> {
         if self.max_bytes <= HEADER_LEN {
             return Err(SpoolError::Config(format!(
                 "spool.max_bytes must be larger than {HEADER_LEN} bytes"
@@ -123,7 +125,7 @@ impl SpoolConfig {
         }
         if self.fsync == FsyncMode::Interval(Duration::ZERO) {
             return Err(SpoolError::Config(
-                "the fsync interval must be positive (use `always` to sync every write)".into(),
+                "spool.fsync_interval must be above 0".into(),
             ));
         }
         Ok(())

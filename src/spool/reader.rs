@@ -232,16 +232,40 @@ fn read_window(
     max_records: usize,
     max_bytes: usize,
 ) -> Result<Vec<SpooledRecord>, ReadFailure> {
+    let p = position(dir, pos, plan)?;
+    skip_delivered(p, plan)?;
+    let buf = read_buffer(p, plan, max_records, max_bytes)?;
+    Ok(split_records(p, plan, &buf, max_records, max_bytes))
+}
+
+/// A failure at `at_id` whose extent is unknown.
+fn failure(at_id: u64, reason: String) -> ReadFailure {
+    ReadFailure {
+        at_id,
+        until_id: None,
+        reason,
+    }
+}
+
+/// The read position for `plan`: the one left by the last read when it is
+/// in this segment between the plan's hint and its start, else the segment
+/// opened afresh at the hint (or its first record).
+fn position<'p>(
+    dir: &Path,
+    pos: &'p mut Option<ReadPos>,
+    plan: &ReadPlan,
+) -> Result<&'p mut ReadPos, ReadFailure> {
     let hint_id = plan.hint.map_or(plan.first_id, |h| plan.first_id + h.idx);
     let usable = pos
         .as_ref()
         .is_some_and(|p| p.first_id == plan.first_id && p.id <= plan.start_id && p.id >= hint_id);
     if !usable {
         let path = segment_path(dir, plan.first_id);
-        let file = File::open(&path).map_err(|e| ReadFailure {
-            at_id: plan.start_id,
-            until_id: None,
-            reason: format!("cannot open {}: {e}", path.display()),
+        let file = File::open(&path).map_err(|e| {
+            failure(
+                plan.start_id,
+                format!("cannot open {}: {e}", path.display()),
+            )
         })?;
         let (offset, id) = plan
             .hint
@@ -253,57 +277,63 @@ fn read_window(
             id,
         });
     }
-    let Some(p) = pos.as_mut() else {
-        return Err(ReadFailure {
-            at_id: plan.start_id,
-            until_id: None,
-            reason: "no read position".into(),
-        });
-    };
-    let fail = |at_id: u64, reason: String| ReadFailure {
-        at_id,
-        until_id: None,
-        reason,
-    };
+    pos.as_mut()
+        .ok_or_else(|| failure(plan.start_id, "no read position".into()))
+}
 
-    // Skip delivered records by their headers alone.
+/// Skips delivered records by their headers alone, up to `plan.start_id`.
+fn skip_delivered(p: &mut ReadPos, plan: &ReadPlan) -> Result<(), ReadFailure> {
     while p.id < plan.start_id {
         let mut head = [0u8; RECORD_HEADER_LEN];
         if p.offset + RECORD_HEADER_LEN as u64 > plan.data_len {
-            return Err(fail(p.id, "record header beyond the written data".into()));
+            return Err(failure(
+                p.id,
+                "record header beyond the written data".into(),
+            ));
         }
         p.file
             .read_exact_at(&mut head, p.offset)
-            .map_err(|e| fail(p.id, format!("read error: {e}")))?;
+            .map_err(|e| failure(p.id, format!("read error: {e}")))?;
         let h = RecordHeader::parse(&head);
-        h.validate(p.id).map_err(|d| fail(p.id, d.to_string()))?;
+        h.validate(p.id).map_err(|d| failure(p.id, d.to_string()))?;
         if p.offset + h.total_len() > plan.data_len {
-            return Err(fail(p.id, "record beyond the written data".into()));
+            return Err(failure(p.id, "record beyond the written data".into()));
         }
         p.offset += h.total_len();
         p.id += 1;
     }
+    Ok(())
+}
 
+/// Reads one window from `p`, holding at least its first record whole. A
+/// first record with a bad checksum is stepped over (its length and id check
+/// out, so the next record starts right after it) and reported alone.
+fn read_buffer(
+    p: &mut ReadPos,
+    plan: &ReadPlan,
+    max_records: usize,
+    max_bytes: usize,
+) -> Result<Bytes, ReadFailure> {
     let avail = plan.data_len.saturating_sub(p.offset);
     let window = (max_bytes as u64)
         .saturating_add(max_records as u64 * RECORD_HEADER_LEN as u64)
         .clamp(MIN_WINDOW, MAX_WINDOW);
     let mut want = avail.min(window);
-    let buf = loop {
+    loop {
         let mut b = BytesMut::zeroed(usize::try_from(want).unwrap_or(usize::MAX));
         p.file
             .read_exact_at(&mut b, p.offset)
-            .map_err(|e| fail(p.id, format!("read error: {e}")))?;
+            .map_err(|e| failure(p.id, format!("read error: {e}")))?;
         match parse_record(&b, p.id) {
-            Parsed::Record { .. } => break b.freeze(),
+            Parsed::Record { .. } => return Ok(b.freeze()),
             // A record larger than the window: read exactly that record.
             Parsed::NeedMore(n) if n as u64 > want && n as u64 <= avail => want = n as u64,
-            Parsed::NeedMore(_) => return Err(fail(p.id, "record beyond the written data".into())),
+            Parsed::NeedMore(_) => {
+                return Err(failure(p.id, "record beyond the written data".into()));
+            }
             Parsed::Damaged(Damage::BadCrc) => {
-                // Length and id check out, so only this payload is bad and
-                // the next record starts right after it.
                 let Some(head) = b.first_chunk::<RECORD_HEADER_LEN>() else {
-                    return Err(fail(p.id, Damage::BadCrc.to_string()));
+                    return Err(failure(p.id, Damage::BadCrc.to_string()));
                 };
                 let at_id = p.id;
                 p.offset += RecordHeader::parse(head).total_len();
@@ -314,10 +344,20 @@ fn read_window(
                     reason: Damage::BadCrc.to_string(),
                 });
             }
-            Parsed::Damaged(d) => return Err(fail(p.id, d.to_string())),
+            Parsed::Damaged(d) => return Err(failure(p.id, d.to_string())),
         }
-    };
+    }
+}
 
+/// The whole records at the start of `buf`, up to `max_records` and (past
+/// the first) `max_bytes` of payload, advancing `p` past them.
+fn split_records(
+    p: &mut ReadPos,
+    plan: &ReadPlan,
+    buf: &Bytes,
+    max_records: usize,
+    max_bytes: usize,
+) -> Vec<SpooledRecord> {
     let mut out = Vec::new();
     let mut bytes = 0usize;
     let mut at = 0usize;
@@ -341,5 +381,5 @@ fn read_window(
         p.offset += total as u64;
         p.id += 1;
     }
-    Ok(out)
+    out
 }

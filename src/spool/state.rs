@@ -10,7 +10,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::SpoolCounters;
 use super::segment::{acks_path, segment_path};
@@ -62,14 +62,7 @@ impl AckPace {
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it,
-/// which only skews ages, never correctness).
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// A point in a segment: record index, its append time, its file offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -301,6 +301,32 @@ impl Writer {
         };
         let (seg_first, base_len) = (active.first_id, active.len);
         let ts = now_ms();
+        let (id, full_hit) = self.encode_group(seg_first, base_len, ts);
+        if self.accepted.is_empty() {
+            return;
+        }
+        let n = id - self.next_id;
+        // Ids are spent whether or not the write succeeds (see module doc).
+        self.next_id = id;
+        if let Err(e) = self.write_group() {
+            self.abandon_write();
+            self.fail_accepted(&e);
+            return;
+        }
+        self.publish_group(seg_first, base_len, n, ts, full_hit);
+        for reply in self.accepted.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
+        if self.buf.capacity() > BUF_KEEP {
+            self.buf.clear();
+            self.buf.shrink_to(BUF_KEEP);
+        }
+    }
+
+    /// Encodes the queued requests into `buf`, from id `next_id` on, while
+    /// the spool has room; a request that does not fit is answered Full.
+    /// Returns the id after the last record, and whether one was refused.
+    fn encode_group(&mut self, seg_first: u64, base_len: u64, ts: u64) -> (u64, bool) {
         let used = self.shared.lock_state().bytes;
         self.buf.clear();
         self.samples.clear();
@@ -328,17 +354,12 @@ impl Writer {
             }
             self.accepted.push(req.reply);
         }
-        if self.accepted.is_empty() {
-            return;
-        }
-        let n = id - self.next_id;
-        // Ids are spent whether or not the write succeeds (see module doc).
-        self.next_id = id;
-        if let Err(e) = self.write_group() {
-            self.abandon_write();
-            self.fail_accepted(&e);
-            return;
-        }
+        (id, full_hit)
+    }
+
+    /// After the group's write: its `n` records become visible to the
+    /// reader (segment length, samples, bytes) and are counted.
+    fn publish_group(&mut self, seg_first: u64, base_len: u64, n: u64, ts: u64, full_hit: bool) {
         let new_len = base_len + self.buf.len() as u64;
         if let Some(a) = self.active.as_mut() {
             a.len = new_len;
@@ -362,13 +383,6 @@ impl Writer {
         Counters::add(&c.write_groups, 1);
         Counters::add(&c.appends, self.accepted.len() as u64);
         Counters::add(&c.records_appended, n);
-        for reply in self.accepted.drain(..) {
-            let _ = reply.send(Ok(()));
-        }
-        if self.buf.capacity() > BUF_KEEP {
-            self.buf.clear();
-            self.buf.shrink_to(BUF_KEEP);
-        }
     }
 
     /// One positioned write of the whole group, then the sync its mode asks

@@ -1,5 +1,5 @@
 //! The answer Tencent expects: `{"ActionStatus","ErrorCode","ErrorInfo"}`,
-//! all three mandatory, with the HTTP status from the contract's table.
+//! all three mandatory, with the HTTP status from the README's table ("HTTP").
 //!
 //! Tencent counts a delivery as failed when the status is not 200 or the body
 //! is not JSON, and ignores the codes of "after" callbacks; the statuses and
@@ -7,7 +7,9 @@
 
 use hyper::StatusCode;
 
-/// Why a callback was not accepted. Each maps to one row of the contract's
+use crate::labels::Outcome;
+
+/// Why a callback was not accepted. Each maps to one row of the README's
 /// answer table and to one `outcome` label of `timbridge_callbacks_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
@@ -68,17 +70,17 @@ impl RejectKind {
     }
 
     /// The `outcome` label of `timbridge_callbacks_total`.
-    pub fn outcome(self) -> &'static str {
+    pub fn outcome(self) -> Outcome {
         match self {
-            RejectKind::Invalid | RejectKind::Timeout => "invalid",
-            RejectKind::Unauthorized => "unauthorized",
-            RejectKind::UnknownApp => "unknown_app",
-            RejectKind::TooLarge => "too_large",
-            RejectKind::Overloaded => "overloaded",
+            RejectKind::Invalid | RejectKind::Timeout => Outcome::Invalid,
+            RejectKind::Unauthorized => Outcome::Unauthorized,
+            RejectKind::UnknownApp => Outcome::UnknownApp,
+            RejectKind::TooLarge => Outcome::TooLarge,
+            RejectKind::Overloaded => Outcome::Overloaded,
             RejectKind::UpstreamUnreachable
             | RejectKind::UpstreamTimeout
-            | RejectKind::UpstreamBusy => "upstream_failed",
-            RejectKind::ForbiddenSource => "forbidden_source",
+            | RejectKind::UpstreamBusy => Outcome::UpstreamFailed,
+            RejectKind::ForbiddenSource => Outcome::ForbiddenSource,
         }
     }
 }
