@@ -516,7 +516,7 @@ pub fn recovery(dir: &Path, data: &[u8]) {
 const FILE_PASS_EVERY: u32 = 64;
 
 /// What the `spool_recovery` fuzz target runs: [`recovery_in_memory`] on
-/// every input, [`recovery_on_files`] on one in [`FILE_PASS_EVERY`].
+/// every input, [`recovery_on_files`] on one in 64 (`FILE_PASS_EVERY`).
 pub fn recovery_sampled(dir: &Path, data: &[u8]) {
     recovery_in_memory(data);
     if crc32fast::hash(data).is_multiple_of(FILE_PASS_EVERY) {
