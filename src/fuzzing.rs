@@ -20,7 +20,11 @@ use bytes::Bytes;
 use crate::event::{self, Envelope, normalize};
 use crate::limits::{Limits, OUTPUT_BYTES_ALLOWANCE};
 use crate::record::{EventId, Record, RecordRef, TopicRole};
-use crate::spool::{DamageAction, FsyncMode, Spool, SpoolConfig, SpoolError};
+use crate::spool::{
+    DamageAction, DamagedSegment, FsyncMode, KeptSegment, MAX_RECORD_LEN, RecoveredBytes,
+    RecoveryReport, SegmentBytes, Spool, SpoolConfig, SpoolError, SpoolReader, SpooledRecord,
+    recover_bytes,
+};
 use crate::tencent::payload::{self, BodyError, Callback};
 use crate::tencent::query::CallbackQuery;
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
@@ -497,52 +501,94 @@ fn record_from(data: &[u8]) -> Record {
     }
 }
 
-/// Opening a spool whose only segment holds `data` (in the empty directory
-/// `dir`, which is left empty again): it opens (only a segment from a newer
-/// version may be refused), never reports more records than the bytes can
-/// hold, hands back exactly the records it reports and only records that are
-/// in the bytes, takes a new append after them, and a second open finds the
-/// files in order, with the new record after the recovered ones.
+/// Spool recovery on one segment holding `data`: in memory (the same
+/// decisions as at open, no file touched), then through real files in the
+/// empty directory `dir` (left empty again). See [`recovery_in_memory`] and
+/// [`recovery_on_files`] for what must hold.
 pub fn recovery(dir: &Path, data: &[u8]) {
-    let result = recovery_in(dir, data);
-    // Leave the directory empty whatever happened, for the next input.
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
+    recovery_in_memory(data);
+    recovery_on_files(dir, data);
+}
+
+/// The file pass costs about twenty times the in-memory one: the fuzz
+/// target takes it for one input in this many (chosen by the input's hash,
+/// so an input always gets the same passes and a failure reproduces).
+const FILE_PASS_EVERY: u32 = 64;
+
+/// What the `spool_recovery` fuzz target runs: [`recovery_in_memory`] on
+/// every input, [`recovery_on_files`] on one in 64 (`FILE_PASS_EVERY`).
+pub fn recovery_sampled(dir: &Path, data: &[u8]) {
+    recovery_in_memory(data);
+    if crc32fast::hash(data).is_multiple_of(FILE_PASS_EVERY) {
+        recovery_on_files(dir, data);
     }
-    if let Err(e) = result {
+}
+
+/// Where the in-memory segments "are": only their names in the report.
+const MEMORY_DIR: &str = "spool";
+
+/// Recovery's decisions on a segment (first id 1) holding `data`, in memory:
+/// only a well-formed header of another version is refused; the records kept
+/// are exactly the input's records up to the cut, every one of them with a
+/// right checksum is delivered and every other one is counted as skipped;
+/// the cut is at a genuine torn tail (no valid record after it); an append
+/// after recovery and a second recovery find the same records plus the new
+/// one and nothing more to repair; acks hide exactly the acked records and
+/// keep the next id beyond every plausible one.
+pub fn recovery_in_memory(data: &[u8]) {
+    if let Err(e) = recovery_in_memory_checks(data) {
         panic!("{e}");
     }
 }
 
-fn recovery_in(dir: &Path, data: &[u8]) -> Result<(), String> {
-    let segment = dir.join(format!("{:020}.seg", 1));
-    fs::write(&segment, data).map_err(|e| format!("cannot write the segment: {e}"))?;
-    let config = SpoolConfig {
-        dir: dir.to_path_buf(),
-        max_bytes: 1 << 30,
-        fsync: FsyncMode::Never,
-        segment_bytes: 1 << 20,
+fn recovery_in_memory_checks(data: &[u8]) -> Result<(), String> {
+    let Some(r) = recover_in_memory(data, None)? else {
+        return Ok(());
     };
-    let (spool, mut reader, report) = match Spool::open(config.clone()) {
-        Ok(opened) => opened,
-        Err(SpoolError::UnsupportedFormat { version, .. }) => {
-            // Only a well-formed header with another version may stop the
-            // gateway: anything else is damage to set aside.
-            if data.len() >= SEGMENT_HEADER
-                && data[..8] == *b"TBSPOOL\0"
-                && data[8..12] == version.to_le_bytes()
-                && version != 1
-            {
-                return Ok(());
-            }
-            return Err(format!("refused a segment as version {version}"));
+    check_report(&r.report, data.len() as u64)?;
+    match r.segments.as_slice() {
+        [] => check_set_aside(data, &r),
+        [seg] => {
+            let frames = check_kept(data, &r, seg)?;
+            check_torn_tail(data, seg)?;
+            check_append(data, &r, seg)?;
+            check_acks(data, &r, &frames)
         }
-        Err(e) => return Err(format!("the spool did not open: {e}")),
-    };
+        more => Err(format!("{} segments recovered from one", more.len())),
+    }
+}
 
-    let len = data.len() as u64;
+/// `Ok(None)`: refused, rightly.
+fn recover_in_memory(data: &[u8], acks: Option<&[u8]>) -> Result<Option<RecoveredBytes>, String> {
+    let segment = SegmentBytes {
+        first_id: 1,
+        data,
+        acks,
+    };
+    match recover_bytes(Path::new(MEMORY_DIR), &[segment]) {
+        Ok(r) => Ok(Some(r)),
+        Err(SpoolError::UnsupportedFormat { version, .. }) => {
+            refused_rightly(data, version).map(|()| None)
+        }
+        Err(e) => Err(format!("recovery in memory failed: {e}")),
+    }
+}
+
+/// Only a well-formed header with another version may stop the gateway:
+/// anything else is damage to set aside.
+fn refused_rightly(data: &[u8], version: u32) -> Result<(), String> {
+    if data.len() >= SEGMENT_HEADER
+        && data[..8] == *b"TBSPOOL\0"
+        && data[8..12] == version.to_le_bytes()
+        && version != 1
+    {
+        return Ok(());
+    }
+    Err(format!("refused a segment as version {version}"))
+}
+
+/// The figures of a report on a single segment file of `len` bytes.
+fn check_report(report: &RecoveryReport, len: u64) -> Result<(), String> {
     let most = len.saturating_sub(SEGMENT_HEADER as u64) / SPOOL_RECORD_HEADER as u64;
     if report.records_recovered > most {
         return Err(format!(
@@ -567,31 +613,271 @@ fn recovery_in(dir: &Path, data: &[u8]) -> Result<(), String> {
             return Err(format!("damage reported past the end of the file: {d}"));
         }
     }
+    Ok(())
+}
+
+/// No segment kept: its header was unusable, and the whole file is set
+/// aside (removed when shorter than a header).
+fn check_set_aside(data: &[u8], r: &RecoveredBytes) -> Result<(), String> {
+    if header_usable(data) {
+        return Err("a segment with a usable header was not kept".into());
+    }
+    let removed = data.len() < SEGMENT_HEADER;
+    match r.report.damaged.as_slice() {
+        [d] if d.offset == 0
+            && d.bytes_skipped == data.len() as u64
+            && matches!(d.action, DamageAction::Removed) == removed
+            && matches!(d.action, DamageAction::Quarantined(_)) != removed => {}
+        other => return Err(format!("an unusable header reported as {other:?}")),
+    }
+    if r.report.records_recovered != 0 || r.report.next_id != 1 || r.active.is_some() {
+        return Err(format!(
+            "records or ids from an unusable file: {:?}",
+            r.report
+        ));
+    }
+    Ok(())
+}
+
+/// The magic, version 1 and first id 1, as `segment.rs` documents the
+/// header (its length field is not checked).
+fn header_usable(data: &[u8]) -> bool {
+    data.len() >= SEGMENT_HEADER
+        && data[..8] == *b"TBSPOOL\0"
+        && data[8..12] == 1u32.to_le_bytes()
+        && data[16..24] == 1u64.to_le_bytes()
+}
+
+/// One record as the input's bytes hold it, read independently of the
+/// code under test: where it is, and whether its checksum holds.
+struct Frame {
+    id: u64,
+    offset: u64,
+    size: u64,
+    crc_ok: bool,
+}
+
+/// The records whose framing (length in bounds, consecutive id, all bytes
+/// present) holds, from `offset` on, the first having id `first`.
+fn frames(data: &[u8], mut offset: usize, first: u64) -> Vec<Frame> {
+    let mut out = Vec::new();
+    let u64_at = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().expect("8 bytes"));
+    while let Some(head) = data.get(offset..offset + SPOOL_RECORD_HEADER) {
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let id = first + out.len() as u64;
+        let end = offset + SPOOL_RECORD_HEADER + len;
+        if len > MAX_RECORD_LEN || u64_at(offset + 8) != id || end > data.len() {
+            break;
+        }
+        let payload = &data[offset + SPOOL_RECORD_HEADER..end];
+        let framed = frame(id, u64_at(offset + 16), payload);
+        out.push(Frame {
+            id,
+            offset: offset as u64,
+            size: (end - offset) as u64,
+            crc_ok: framed == data[offset..end],
+        });
+        offset = end;
+    }
+    out
+}
+
+/// The kept segment is exactly the input's records up to its data length,
+/// the last of them valid; the valid ones are delivered, the others counted
+/// as skipped.
+fn check_kept(data: &[u8], r: &RecoveredBytes, seg: &KeptSegment) -> Result<Vec<Frame>, String> {
+    let len = data.len() as u64;
+    let data_len = seg.data_len;
+    if !header_usable(data) || seg.first_id != 1 || data_len > len || seg.disk_len != data_len {
+        return Err(format!("kept {seg:?} of a {len}-byte segment"));
+    }
+    let frames = frames(&data[..data_len as usize], SEGMENT_HEADER, 1);
+    let end = frames
+        .last()
+        .map_or(SEGMENT_HEADER as u64, |f| f.offset + f.size);
+    if end != data_len || frames.len() as u64 != seg.count {
+        return Err(format!(
+            "{seg:?} is not the input's records up to its length"
+        ));
+    }
+    if frames.last().is_some_and(|f| !f.crc_ok) {
+        return Err("the kept data ends in a record whose checksum fails".into());
+    }
+    let valid: Vec<u64> = frames.iter().filter(|f| f.crc_ok).map(|f| f.id).collect();
+    if seg.pending != valid {
+        return Err(format!(
+            "{:?} pending, but the valid records are {valid:?}",
+            seg.pending
+        ));
+    }
+    let bad = frames.len() - valid.len();
+    let rep = &r.report;
+    if rep.records_skipped != bad as u64 || rep.records_recovered != seg.count {
+        return Err(format!(
+            "{bad} bad of {} records, reported as {rep:?}",
+            frames.len()
+        ));
+    }
+    let tail = rep
+        .damaged
+        .iter()
+        .find(|d| d.action == DamageAction::Truncated);
+    let cut = tail.map(|d| (d.offset, d.bytes_skipped));
+    if cut != (data_len < len).then_some((data_len, len - data_len)) {
+        return Err(format!(
+            "{seg:?} of {len} bytes, but the cut reported is {tail:?}"
+        ));
+    }
+    let next = seg.count + 1;
+    if rep.next_id != next
+        || r.active != Some(1)
+        || r.reader_start != valid.first().map_or(next, |&id| id)
+    {
+        return Err(format!(
+            "{r:?}: wrong next id, active segment or reader start"
+        ));
+    }
+    Ok(frames)
+}
+
+/// Recovery cuts only a genuine torn tail: no record with a right checksum
+/// follows the kept data (bad-checksum records before a valid one are
+/// skipped alone, not cut).
+fn check_torn_tail(data: &[u8], seg: &KeptSegment) -> Result<(), String> {
+    let after = frames(data, seg.data_len as usize, seg.count + 1);
+    match after.iter().find(|f| f.crc_ok) {
+        Some(f) => Err(format!(
+            "cut at {}, before the valid record {}",
+            seg.data_len, f.id
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A record appended where recovery says appends continue is found by the
+/// next recovery after the same records, with nothing more to repair.
+fn check_append(data: &[u8], r: &RecoveredBytes, seg: &KeptSegment) -> Result<(), String> {
+    let next = r.report.next_id;
+    let mut file = data[..seg.data_len as usize].to_vec();
+    file.extend(frame(next, 1670574414130, b"appended after recovery"));
+    let again = recover_in_memory(&file, None)?.ok_or("refused after an append")?;
+    let (skipped, repairs): (Vec<&DamagedSegment>, Vec<_>) = again
+        .report
+        .damaged
+        .iter()
+        .partition(|d| d.action == DamageAction::RecordSkipped);
+    if !repairs.is_empty() {
+        return Err(format!(
+            "recovery left damage for the next one: {repairs:?}"
+        ));
+    }
+    let skipped_before: Vec<&DamagedSegment> = r
+        .report
+        .damaged
+        .iter()
+        .filter(|d| d.action == DamageAction::RecordSkipped)
+        .collect();
+    let mut want = seg.pending.clone();
+    want.push(next);
+    match again.segments.as_slice() {
+        [s] if s.pending == want
+            && s.count == seg.count + 1
+            && skipped == skipped_before
+            && again.report.next_id == next + 1 =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "after one append to {r:?}, recovery found {again:?}"
+        )),
+    }
+}
+
+/// Acks hide exactly the acked records; a plausible ack beyond the records
+/// moves the next id past it (ids never go backwards), an implausible one
+/// and a torn or zero-filled tail of the ack file do not count.
+fn check_acks(data: &[u8], r: &RecoveredBytes, frames: &[Frame]) -> Result<(), String> {
+    let seg = &r.segments[0];
+    let acked: Vec<u64> = seg.pending.iter().copied().step_by(2).collect();
+    let beyond = seg.count + 3;
+    let mut acks: Vec<u8> = [acked.as_slice(), &[0, beyond, 1 << 40]]
+        .concat()
+        .iter()
+        .flat_map(|id| id.to_le_bytes())
+        .collect();
+    acks.extend_from_slice(&[7, 0, 0]);
+    let with = recover_in_memory(data, Some(&acks))?.ok_or("refused with an ack file")?;
+    let want: Vec<u64> = seg
+        .pending
+        .iter()
+        .copied()
+        .filter(|id| !acked.contains(id))
+        .collect();
+    let ok = match with.segments.as_slice() {
+        [s] => s.pending == want && s.count == frames.len() as u64,
+        _ => false,
+    };
+    if !ok || with.report.next_id != beyond + 1 || with.report.damaged != r.report.damaged {
+        return Err(format!(
+            "acks {acked:?} and {beyond} on {r:?} gave {with:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Opening a spool whose only segment holds `data` (in the empty directory
+/// `dir`, which is left empty again): it opens (only a segment from a newer
+/// version may be refused), reports what recovery in memory reports, hands
+/// back exactly the records it reports and only records that are in the
+/// bytes, takes a new append after them, and a second open finds the files
+/// in order, with the new record after the recovered ones.
+pub fn recovery_on_files(dir: &Path, data: &[u8]) {
+    let result = recovery_on_files_checks(dir, data);
+    // Leave the directory empty whatever happened, for the next input.
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+fn recovery_on_files_checks(dir: &Path, data: &[u8]) -> Result<(), String> {
+    let segment = dir.join(format!("{:020}.seg", 1));
+    fs::write(&segment, data).map_err(|e| format!("cannot write the segment: {e}"))?;
+    let config = SpoolConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+        fsync: FsyncMode::Never,
+        segment_bytes: 1 << 20,
+    };
+    let (spool, mut reader, report) = match Spool::open(config.clone()) {
+        Ok(opened) => opened,
+        Err(SpoolError::UnsupportedFormat { version, .. }) => {
+            return refused_rightly(data, version);
+        }
+        Err(e) => return Err(format!("the spool did not open: {e}")),
+    };
+    check_report(&report, data.len() as u64)?;
+    let segment = SegmentBytes {
+        first_id: 1,
+        data,
+        acks: None,
+    };
+    match recover_bytes(dir, &[segment]) {
+        Ok(r) if r.report == report => {}
+        other => {
+            return Err(format!(
+                "recovery of the file gave {report:?}, in memory {other:?}"
+            ));
+        }
+    }
     if spool.stats().pending_events != report.records_pending {
         return Err("the spool's figures disagree with its recovery report".into());
     }
-
-    let rt = runtime();
-    let pending = report.records_pending as usize;
-    let mut read = Vec::new();
-    while read.len() < pending {
-        let batch = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), reader.next_batch(pending, 1 << 30)).await
-        });
-        match batch {
-            Ok(Some(b)) => read.extend(b),
-            Ok(None) => return Err("the reader ended early".into()),
-            Err(_) => {
-                return Err(format!(
-                    "{} of {pending} recovered records could be read",
-                    read.len()
-                ));
-            }
-        }
-    }
-    if read.len() != pending {
-        return Err(format!("read {} records, {pending} pending", read.len()));
-    }
+    let read = read_records(&mut reader, report.records_pending as usize)?;
     for (i, r) in read.iter().enumerate() {
         if i > 0 && r.id <= read[i - 1].id {
             return Err("records read out of id order".into());
@@ -601,14 +887,46 @@ fn recovery_in(dir: &Path, data: &[u8]) -> Result<(), String> {
             return Err(format!("record {} is not in the segment's bytes", r.id));
         }
     }
-
     let probe = Bytes::from_static(b"appended after recovery");
+    let rt = runtime();
     rt.block_on(spool.append(vec![probe.clone()]))
         .map_err(|e| format!("no append after recovery: {e}"))?;
     rt.block_on(spool.close())
         .map_err(|e| format!("cannot close: {e}"))?;
     drop((spool, reader));
+    check_reopened(config, &report, probe)
+}
 
+/// Reads `n` records, failing if they do not come within 10 s.
+fn read_records(reader: &mut SpoolReader, n: usize) -> Result<Vec<SpooledRecord>, String> {
+    let mut read = Vec::new();
+    while read.len() < n {
+        let batch = runtime().block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                reader.next_batch(n - read.len(), 1 << 30),
+            )
+            .await
+        });
+        match batch {
+            Ok(Some(b)) => read.extend(b),
+            Ok(None) => return Err("the reader ended early".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{} of {n} recovered records could be read",
+                    read.len()
+                ));
+            }
+        }
+    }
+    if read.len() != n {
+        return Err(format!("read {} records, {n} pending", read.len()));
+    }
+    Ok(read)
+}
+
+/// The second open, after one append to what the first recovered.
+fn check_reopened(config: SpoolConfig, first: &RecoveryReport, probe: Bytes) -> Result<(), String> {
     let (spool, mut reader, again) =
         Spool::open(config).map_err(|e| format!("the second open failed: {e}"))?;
     if let Some(d) = again.damaged.iter().find(|d| {
@@ -619,28 +937,14 @@ fn recovery_in(dir: &Path, data: &[u8]) -> Result<(), String> {
     }) {
         return Err(format!("recovery left damage for the next open: {d}"));
     }
-    if again.records_pending != report.records_pending + 1 {
+    if again.records_pending != first.records_pending + 1 {
         return Err(format!(
             "{} records after one append to {}",
-            again.records_pending, report.records_pending
+            again.records_pending, first.records_pending
         ));
     }
-    let mut last = None;
-    let total = pending + 1;
-    let mut seen = 0;
-    while seen < total {
-        let batch = rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), reader.next_batch(total, 1 << 30)).await
-        });
-        match batch {
-            Ok(Some(b)) => {
-                seen += b.len();
-                last = b.last().cloned();
-            }
-            _ => return Err(format!("{seen} of {total} records read after reopening")),
-        }
-    }
-    if last.map(|r| r.payload) != Some(probe) {
+    let read = read_records(&mut reader, again.records_pending as usize)?;
+    if read.last().map(|r| &r.payload) != Some(&probe) {
         return Err("the appended record is not the last one after reopening".into());
     }
     drop((spool, reader));

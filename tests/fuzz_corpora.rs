@@ -62,6 +62,8 @@ fn record_corpus_holds_the_record_invariants() {
     replay("record", fuzzing::record);
 }
 
+/// Every input through both passes (the fuzz target takes the file pass for
+/// a sample only).
 #[test]
 fn spool_recovery_corpus_holds_the_recovery_invariants() {
     let dir = tempfile::tempdir().unwrap();

@@ -73,6 +73,7 @@ use tokio::sync::{Notify, oneshot};
 
 pub use reader::{SpoolReader, SpooledRecord};
 pub use recovery::{DamageAction, DamagedSegment, RecoveryReport};
+pub(crate) use recovery::{KeptSegment, RecoveredBytes, SegmentBytes, recover_bytes};
 pub use segment::MAX_RECORD_LEN;
 
 use segment::{HEADER_LEN, record_size};
