@@ -155,40 +155,10 @@ impl Gateway {
 
         let metrics = Arc::new(Metrics::new());
         metrics.register_spool(spool.clone(), config.spool.max_bytes);
-        let (kafka_up_tx, kafka_up) = watch::channel(false);
-        let publisher = Publisher::start(
-            &config.kafka,
-            &bootstrap,
-            spool.clone(),
-            reader,
-            config.spool.dir.join(DEAD_LETTER_FILE),
-            metrics.clone(),
-            kafka_up_tx,
-        )
-        // librdkafka's errors may quote a property's value: never print one
-        // raw, it may be a password.
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot create the Kafka producer: {}; check [kafka.properties]",
-                config.scrub_secrets(&e.to_string())
-            )
-        })?;
+        let (publisher, kafka_up) =
+            start_publisher(&config, &bootstrap, spool.clone(), reader, &metrics)?;
 
-        let mut intake = Intake::new(&config, apps, spool.clone(), metrics.clone());
-        if let Some(upstream) = &config.upstream {
-            intake = intake.with_upstream(
-                upstream::Upstream::new(
-                    upstream,
-                    metrics.clone(),
-                    config.log.rejections_per_second,
-                )
-                .context("cannot set up [upstream]")?,
-            );
-        }
-        if let Some(certs) = &certs {
-            intake = intake.with_tls(certs.acceptor()?);
-        }
-        let intake = Arc::new(intake);
+        let intake = build_intake(&config, apps, &spool, &metrics, certs.as_ref())?;
         let https = certs.is_some();
         let reloader = Arc::new(reload::Reloader::new(
             config.clone(),
@@ -299,6 +269,57 @@ impl Gateway {
         drop(self.embedded);
         Ok(())
     }
+}
+
+/// The publisher, reading the spool from `reader`, and the Kafka status it
+/// keeps (whether a broker is connected).
+fn start_publisher(
+    config: &Config,
+    bootstrap: &str,
+    spool: Spool,
+    reader: spool::SpoolReader,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Publisher, server::KafkaStatus)> {
+    let (kafka_up_tx, kafka_up) = watch::channel(false);
+    let publisher = Publisher::start(
+        &config.kafka,
+        bootstrap,
+        spool,
+        reader,
+        config.spool.dir.join(DEAD_LETTER_FILE),
+        metrics.clone(),
+        kafka_up_tx,
+    )
+    // librdkafka's errors may quote a property's value: never print one
+    // raw, it may be a password.
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the Kafka producer: {}; check [kafka.properties]",
+            config.scrub_secrets(&e.to_string())
+        )
+    })?;
+    Ok((publisher, kafka_up))
+}
+
+/// The intake, with the upstream and the TLS acceptor when configured.
+fn build_intake(
+    config: &Config,
+    apps: Vec<config::App>,
+    spool: &Spool,
+    metrics: &Arc<Metrics>,
+    certs: Option<&Arc<tls::CertStore>>,
+) -> anyhow::Result<Arc<Intake>> {
+    let mut intake = Intake::new(config, apps, spool.clone(), metrics.clone());
+    if let Some(upstream) = &config.upstream {
+        intake = intake.with_upstream(
+            upstream::Upstream::new(upstream, metrics.clone(), config.log.rejections_per_second)
+                .context("cannot set up [upstream]")?,
+        );
+    }
+    if let Some(certs) = certs {
+        intake = intake.with_tls(certs.acceptor()?);
+    }
+    Ok(Arc::new(intake))
 }
 
 /// With `brokers = "embedded"`: the in-process mock broker, its topics
