@@ -89,7 +89,7 @@ impl Limits {
 
     /// Checks the values, naming the key at fault.
     pub fn validate(&self) -> Result<(), String> {
-        for limit in Limit::CONFIGURED {
+        for &limit in Limit::CONFIGURED {
             if self.get(limit) == 0 {
                 return Err(format!(
                     "limits.{} must be at least 1 (remove the key for the default, {})",
@@ -127,19 +127,6 @@ pub enum Limit {
 }
 
 impl Limit {
-    /// The limits set in `[limits]`.
-    pub const CONFIGURED: [Limit; 9] = [
-        Limit::GroupIdBytes,
-        Limit::AccountBytes,
-        Limit::MsgKeyBytes,
-        Limit::GroupTypeBytes,
-        Limit::ReceiptItems,
-        Limit::ReadersPerItem,
-        Limit::ClientIpBytes,
-        Limit::PlatformBytes,
-        Limit::CommandBytes,
-    ];
-
     /// Every value of the `limit` metric label.
     pub const ALL: [Limit; 10] = [
         Limit::GroupIdBytes,
@@ -153,6 +140,10 @@ impl Limit {
         Limit::CommandBytes,
         Limit::OutputBytes,
     ];
+
+    /// The limits set in `[limits]`: all but `OutputBytes`, which is the
+    /// spool budget, not a key.
+    pub const CONFIGURED: &[Limit] = Limit::ALL.split_at(Limit::ALL.len() - 1).0;
 
     /// The key in `[limits]`, which is also the metric label.
     pub fn key(self) -> &'static str {
