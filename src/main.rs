@@ -230,6 +230,12 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             // What serve would read at start besides the file.
             timbridge::tls::load(&cfg.server).map_err(anyhow::Error::msg)?;
             logging::check_level(&cfg.log.level).map_err(anyhow::Error::msg)?;
+            for w in timbridge::source::SourceRules::from_config(&cfg.server)
+                .map(|r| r.warnings())
+                .unwrap_or_default()
+            {
+                eprintln!("warning: {w}");
+            }
             print!(
                 "{}",
                 timbridge::effective::render(

@@ -144,6 +144,10 @@ impl Reloader {
         last_ok.set(1);
         register(intake.metrics(), reloads.clone());
         register(intake.metrics(), last_ok.clone());
+        // The start's rules get the same scrutiny as a reload's.
+        for w in intake.live().sources.warnings() {
+            tracing::warn!("doubtful source rule: {w}");
+        }
         Reloader {
             intake,
             certs,
@@ -174,6 +178,9 @@ impl Reloader {
             }
         };
         let restart = restart_only_changes(&current, &new);
+        for w in prepared.live.sources.warnings() {
+            tracing::warn!("configuration reloaded with a doubtful source rule: {w}");
+        }
         self.swap_in(&current, &new, prepared);
         self.reloads.with_label_values(&["success"]).inc();
         self.last_ok.set(1);

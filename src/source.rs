@@ -72,6 +72,11 @@ impl Cidr {
         Ok(Cidr { net, prefix })
     }
 
+    /// Whether the two ranges share an address.
+    fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.net) || other.contains(self.net)
+    }
+
     /// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
@@ -145,6 +150,11 @@ impl SourceRules {
                 .map(|(i, t)| Cidr::parse(t.trim()).map_err(|e| format!("server.{key}[{i}]: {e}")))
                 .collect()
         };
+        if server.allow_from.as_ref().is_some_and(|l| l.is_empty()) {
+            // Almost always a mistake for "any": say so rather than answer
+            // every callback 403.
+            return Err("server.allow_from = [] would refuse every callback: remove the key to allow any address, or list the ranges callbacks come from".into());
+        }
         Ok(SourceRules {
             allow: match &server.allow_from {
                 Some(list) => Some(parse("allow_from", list)?),
@@ -160,6 +170,23 @@ impl SourceRules {
             allow: Some(Vec::new()),
             trusted: Vec::new(),
         }
+    }
+
+    /// Rules that parse but are probably not what was meant, one line each
+    /// (check-config prints them, start and reload log them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.trusted {
+            if t.prefix == 0 {
+                out.push(format!("server.trusted_proxies has {t}: every client is then trusted to name any address in X-Forwarded-For; list only the load balancer's (ingress controller's) addresses"));
+            }
+        }
+        for a in self.allow.iter().flatten() {
+            for t in self.trusted.iter().filter(|t| t.overlaps(a)) {
+                out.push(format!("server.allow_from {a} and server.trusted_proxies {t} overlap: a request from there without X-Forwarded-For counts as the proxy itself and is allowed, and behind the proxy the client is the forwarded address, which must be in allow_from; allow_from is normally Tencent's egress ranges and trusted_proxies only the load balancer's"));
+            }
+        }
+        out
     }
 
     /// Whether every address may post (no `allow_from`): nothing to check.
@@ -282,6 +309,34 @@ mod tests {
         };
         let e = SourceRules::from_config(&server).unwrap_err();
         assert!(e.contains("server.trusted_proxies[1]"), "{e}");
+    }
+
+    #[test]
+    fn overlaps_catch_all_proxies_and_empty_lists_are_named() {
+        let w = rules(Some(&["10.0.0.0/8"]), &["10.1.0.0/16"]).warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("10.0.0.0/8") && w[0].contains("overlap"),
+            "{w:?}"
+        );
+        let w = rules(Some(&["192.0.2.0/24"]), &["0.0.0.0/0", "::/0"]).warnings();
+        assert_eq!(
+            w.iter().filter(|l| l.contains("every client")).count(),
+            2,
+            "{w:?}"
+        );
+        assert!(w.iter().any(|l| l.contains("overlap")), "{w:?}");
+        assert!(
+            rules(Some(&["192.0.2.0/24", "2001:db8::/32"]), &["10.0.0.0/8"])
+                .warnings()
+                .is_empty()
+        );
+        let server = ServerConfig {
+            allow_from: Some(Vec::new()),
+            ..ServerConfig::default()
+        };
+        let e = SourceRules::from_config(&server).unwrap_err();
+        assert!(e.contains("remove the key to allow any address"), "{e}");
     }
 
     #[test]

@@ -72,3 +72,45 @@ fn check_config_names_what_is_wrong_with_a_certificate_pair() {
     )]));
     assert!(!ok && err.contains("server.trusted_proxies[1]"), "{err}");
 }
+
+/// The shipped example once put the same range in both lists: every real
+/// callback behind the ingress was refused, and any pod sending no header
+/// passed as "the proxy". check-config names such rules; `[]` is refused.
+#[test]
+fn check_config_warns_on_doubtful_source_rules() {
+    let s = setup();
+    let path = s.dir.path().join("config.toml");
+    let check = |server: &str| {
+        std::fs::write(&path, s.config_text(&[("server", server)])).unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("TIMBRIDGE_BROKERS")
+            .env_remove("TIMBRIDGE_LISTEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) =
+        check("allow_from = [\"10.0.0.0/8\"]\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]");
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(
+            "warning: server.allow_from 10.0.0.0/8 and server.trusted_proxies 10.0.0.0/8 overlap"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("server.trusted_proxies has ::/0"), "{err}");
+
+    let (ok, err) = check("allow_from = [\"198.51.100.0/24\"]\ntrusted_proxies = [\"10.0.0.0/8\"]");
+    assert!(ok && !err.contains("warning"), "{err}");
+
+    let (ok, err) = check("allow_from = []");
+    assert!(
+        !ok && err.contains("remove the key to allow any address"),
+        "{err}"
+    );
+}
