@@ -131,6 +131,9 @@ fn unreadable(key: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String
     )
 }
 
+/// Bytes of TLS a connection may hold unsent (rustls's default is 64 KiB).
+const SEND_BUFFER_LIMIT: usize = 16 * 1024;
+
 /// The connection as it will carry HTTP: through a TLS handshake when the
 /// listener has TLS, finished within `within`, or as it is.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
@@ -141,7 +144,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(tls) = tls else {
         return Ok(MaybeTls::Plain(io));
     };
-    match tokio::time::timeout(within, tls.accept(io)).await {
+    // rustls would otherwise buffer up to 64 KiB of encrypted answer for a
+    // client that stops reading; 16 KiB is one full record, so writes still
+    // go out in whole records.
+    let accepting = tls.accept_with(io, |conn| conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT)));
+    match tokio::time::timeout(within, accepting).await {
         Ok(Ok(stream)) => Ok(MaybeTls::Tls(Box::new(stream))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
@@ -240,6 +247,48 @@ mod tests {
             tls_key_file: Some(key.to_owned()),
             ..ServerConfig::default()
         }
+    }
+
+    /// A client that handshakes and then stops reading: how much of an
+    /// answer the server's TLS layer takes on before it must wait.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_at_most_the_send_limit() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "one");
+        let store = CertStore::new(load(&server(&c, &k)).unwrap().unwrap());
+        let acceptor = store.acceptor().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&c).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        // A small pipe stands in for the socket, so what piles up is rustls's.
+        let (client_io, server_io) = tokio::io::duplex(1024);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            connector.connect(name, client_io),
+            accept(Some(&acceptor), server_io, Duration::from_secs(5))
+        );
+        let (_client, mut server) = (client.unwrap(), server.unwrap());
+        let chunk = [b'x'; 1024];
+        let mut taken = 0;
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), server.write(&chunk)).await
+        {
+            taken += n;
+            assert!(taken < 256 * 1024, "the server never stopped taking bytes");
+        }
+        assert!(
+            taken <= SEND_BUFFER_LIMIT + 2 * 1024,
+            "{taken} bytes taken on by a client that reads nothing"
+        );
     }
 
     #[test]
