@@ -78,6 +78,8 @@ pub struct Intake {
     /// With `server.tls_cert_file`: the callback listener's TLS (the
     /// certificate itself is swapped by a reload, see `crate::tls`).
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `timbridge_tls_handshakes_failed_total`, with TLS.
+    tls_failures: Option<prometheus::IntCounterVec>,
 }
 
 impl Intake {
@@ -98,13 +100,38 @@ impl Intake {
             refusing: AtomicBool::new(false),
             upstream: None,
             tls: None,
+            tls_failures: None,
         }
     }
 
     /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
     pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
         self.tls = Some(tls);
+        self.tls_failures = Some(crate::tls::register_handshake_failures(&self.metrics));
         self
+    }
+
+    /// Counts a failed TLS handshake and logs it within
+    /// `log.rejections_per_second`: a certificate clients refuse, or a
+    /// client speaking plain HTTP, is otherwise invisible.
+    pub fn tls_handshake_failed(&self, e: &std::io::Error, peer: std::net::SocketAddr) {
+        let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+            "timeout"
+        } else {
+            "error"
+        };
+        if let Some(c) = &self.tls_failures {
+            c.with_label_values(&[reason]).inc();
+        }
+        if let Some(suppressed) = self.rejection_log.admit() {
+            tracing::warn!(
+                reason,
+                error = %Untrusted(&e.to_string()),
+                %peer,
+                suppressed_before = suppressed,
+                "TLS handshake failed"
+            );
+        }
     }
 
     /// The callback listener's TLS, when `server.tls_cert_file` is set.

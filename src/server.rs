@@ -305,7 +305,7 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
+        let (routes, intake) = (routes.clone(), routes.intake.clone());
         let timed_out = Arc::new(AtomicBool::new(false));
         let long_url = Arc::new(AtomicBool::new(false));
         let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
@@ -337,7 +337,7 @@ pub async fn serve(
                             .with_label_values(&[label, "head"])
                             .inc();
                     }
-                    tracing::debug!(error = %e, %peer, listener = label, "TLS handshake failed");
+                    intake.tls_handshake_failed(&e, peer);
                     drop(held);
                     return;
                 }
