@@ -295,6 +295,12 @@ pub async fn serve(
                     .connections_refused
                     .with_label_values(&[label])
                     .inc();
+                // A TLS client sends no plain head and could not read a
+                // plain 503: closed at once, it retries or fails fast.
+                if tls.is_some() {
+                    drop(stream);
+                    continue;
+                }
                 if let Ok(slot) = refusals.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream, why).await;

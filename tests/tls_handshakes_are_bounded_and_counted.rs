@@ -90,3 +90,40 @@ async fn silent_half_and_plain_clients_are_closed_unanswered_and_counted() {
     assert_eq!(failures(admin, "error").await, 1);
     gw.shutdown().await.unwrap();
 }
+
+/// Over `max_connections` a plain listener answers 503 once it has read a
+/// request head; a TLS client never sends one in plain text and could not
+/// read the answer, so the connection is closed at once instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limit_a_tls_connection_is_closed_at_once() {
+    let s = setup();
+    let ca = TestCa::new();
+    ca.issue_into(s.dir.path());
+    let dir = s.dir.path().display();
+    let gw = s
+        .gateway(&[(
+            "server",
+            &format!(
+                "max_connections = 1\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
+            ),
+        )])
+        .await;
+    let addr = gw.local_addr();
+    let _held = common::reload::https_connect(&ca, addr)
+        .await
+        .expect("the first connection is served");
+    wait_open_connections(&gw, "callback", 1).await;
+
+    let started = Instant::now();
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let got = read_until_closed(&mut c, Duration::from_secs(3)).await;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    let refused = common::reload::https_connect(&ca, addr).await;
+    assert!(refused.is_err(), "a TLS client over the limit was served");
+    gw.shutdown().await.unwrap();
+}
