@@ -580,6 +580,7 @@ impl Intake {
             tracing::warn!(
                 status = r.kind.status().as_u16(),
                 reason = %Untrusted(&r.info),
+                client = r.client.as_deref().map(|c| tracing::field::display(Untrusted(c))),
                 command = %Untrusted(clip(query.callback_command.as_deref().unwrap_or("-"), 128)),
                 sdk_app_id = %Untrusted(clip(query.sdk_app_id.as_deref().unwrap_or("-"), 32)),
                 suppressed_before = suppressed,

@@ -771,8 +771,9 @@ impl Routes {
         live.sources.check(peer, forwarded).map_err(|client| {
             Rejection::new(
                 RejectKind::ForbiddenSource,
-                format!("the client address {client} is not in server.allow_from"),
+                "the source address is not in server.allow_from",
             )
+            .with_client(client)
         })
     }
 
