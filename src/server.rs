@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -63,6 +63,15 @@ use crate::upstream::Origin;
 /// upstream's `X-Forwarded-For`.
 #[derive(Clone, Copy)]
 struct Peer(std::net::SocketAddr);
+
+/// Every `X-Forwarded-For` header of a request, in order. A header that is
+/// not text matches no address: it ends the walk.
+fn forwarded_for(headers: &HeaderMap) -> impl DoubleEndedIterator<Item = &str> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+}
 
 /// Whether Kafka is reachable, as the publisher last saw it; reported by
 /// `/readyz` (never a reason to be unready: the spool absorbs outages).
@@ -725,10 +734,7 @@ impl Routes {
             }
         }
         let origin = match self.intake.upstream() {
-            Some(_) => Origin {
-                peer: head.extensions.get::<Peer>().map(|p| p.0),
-                headers: std::mem::take(&mut head.headers),
-            },
+            Some(_) => self.origin(&head.extensions, &mut head.headers),
             None => Origin::default(),
         };
         let answer = match self
@@ -750,6 +756,30 @@ impl Routes {
         answer
     }
 
+    /// What the upstream is told of the request's origin: the client as
+    /// the source rules resolve it (the peer, or behind trusted proxies the
+    /// address they forwarded; the peer when that entry is no address), and
+    /// whether it came over TLS. Takes the headers.
+    fn origin(&self, extensions: &hyper::http::Extensions, headers: &mut HeaderMap) -> Origin {
+        let client = extensions.get::<Peer>().map(|p| {
+            let peer = p.0.ip();
+            match self
+                .intake
+                .live()
+                .sources
+                .client(peer, forwarded_for(headers))
+            {
+                crate::source::Client::Ip(ip) => ip,
+                crate::source::Client::Unparsable(_) => peer,
+            }
+        });
+        Origin {
+            client,
+            https: self.intake.tls().is_some(),
+            headers: std::mem::take(headers),
+        }
+    }
+
     /// 403 when the client (the peer, or behind trusted proxies the
     /// address they forwarded) is outside `server.allow_from`.
     fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
@@ -762,19 +792,15 @@ impl Routes {
             .extensions
             .get::<Peer>()
             .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        // A header that is not text matches no address: it ends the walk.
-        let forwarded = head
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.to_str().unwrap_or("?"));
-        live.sources.check(peer, forwarded).map_err(|client| {
-            Rejection::new(
-                RejectKind::ForbiddenSource,
-                "the source address is not in server.allow_from",
-            )
-            .with_client(client)
-        })
+        live.sources
+            .check(peer, forwarded_for(&head.headers))
+            .map_err(|client| {
+                Rejection::new(
+                    RejectKind::ForbiddenSource,
+                    "the source address is not in server.allow_from",
+                )
+                .with_client(client)
+            })
     }
 
     /// 503: the bodies being read already fill the budget.
