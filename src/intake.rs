@@ -154,6 +154,7 @@ impl Intake {
     /// snapshot it took.
     pub fn replace_live(&self, live: Live) {
         live.declare_token_series(&self.token_matches);
+        live.retire_token_series(&self.live.load(), &self.token_matches);
         self.live.store(live);
     }
 
