@@ -132,3 +132,33 @@ async fn callbacks_from_outside_the_allow_list_are_refused_by_peer_and_through_p
         403,
     );
 }
+
+/// An IPv6 peer (`::1`) is matched by IPv6 ranges, and not by `0.0.0.0/0`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_peer_is_checked_against_ipv6_ranges() {
+    let s = setup();
+    let v6 = |allow: &str| {
+        let text = s
+            .config_text(&[("server", &format!("allow_from = [{allow}]"))])
+            .replace("listen = \"127.0.0.1:0\"", "listen = \"[::1]:0\"");
+        timbridge::config::Config::parse(&text).unwrap()
+    };
+    for (allow, allowed) in [
+        ("\"::1/128\"", true),
+        ("\"2001:db8::/32\", \"0.0.0.0/0\"", false),
+    ] {
+        let gw = timbridge::Gateway::start(v6(allow)).await.unwrap();
+        let addr = gw.local_addr();
+        assert!(addr.is_ipv6(), "{addr}");
+        let a = post(addr, &group_callback(), group_body("v6", 1).as_bytes()).await;
+        if allowed {
+            assert_ok(&a);
+        } else {
+            assert_eq!(
+                assert_fail(&a, 403),
+                "the source address is not in server.allow_from"
+            );
+        }
+        gw.shutdown().await.unwrap();
+    }
+}
