@@ -127,6 +127,13 @@ fn register(metrics: &Metrics, c: impl prometheus::core::Collector + 'static) {
     }
 }
 
+fn warn_on_validity(config: &Config, cert: &CertifiedKey) {
+    let now = std::time::SystemTime::now();
+    if let Some(w) = crate::tls::validity_warning(&config.server, cert, now) {
+        tracing::warn!("{w}");
+    }
+}
+
 /// Applies reloaded configurations to a running gateway.
 pub struct Reloader {
     intake: Arc<Intake>,
@@ -165,9 +172,12 @@ impl Reloader {
         last_ok.set(1);
         register(intake.metrics(), reloads.clone());
         register(intake.metrics(), last_ok.clone());
-        // The start's rules get the same scrutiny as a reload's.
+        // The start's rules and certificate get the same scrutiny as a reload's.
         for w in intake.live().sources.warnings() {
             tracing::warn!("doubtful source rule: {w}");
+        }
+        if let Some(store) = &certs {
+            warn_on_validity(&config, &store.current());
         }
         Reloader {
             intake,
@@ -201,6 +211,9 @@ impl Reloader {
         let restart = restart_only_changes(&current, &new);
         for w in prepared.live.sources.warnings() {
             tracing::warn!("configuration reloaded with a doubtful source rule: {w}");
+        }
+        if let Some(cert) = &prepared.cert {
+            warn_on_validity(&new, cert);
         }
         self.swap_in(&current, &new, prepared);
         self.reloads.with_label_values(&["success"]).inc();

@@ -114,3 +114,32 @@ fn check_config_warns_on_doubtful_source_rules() {
         "{err}"
     );
 }
+
+/// An expired certificate still loads (the gateway runs on it) but is named:
+/// every client refuses it.
+#[test]
+fn check_config_warns_on_an_expired_certificate() {
+    let s = setup();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(s.dir.path().join("server.crt"), cert.pem()).unwrap();
+    std::fs::write(s.dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    let path = s.dir.path().join("config.toml");
+    std::fs::write(&path, tls_config(&s)).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env_remove("TIMBRIDGE_BROKERS")
+        .env_remove("TIMBRIDGE_LISTEN")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: server.tls_cert_file") && err.contains("the certificate expired"),
+        "{err}"
+    );
+}
