@@ -9,7 +9,7 @@ mod common;
 use std::net::IpAddr;
 
 use common::process::GatewayProcess;
-use common::reload::{RELOADED, reload, request_from};
+use common::reload::{REFUSED, RELOADED, reload, request_from};
 use common::*;
 
 fn ip(s: &str) -> IpAddr {
@@ -131,6 +131,24 @@ async fn callbacks_from_outside_the_allow_list_are_refused_by_peer_and_through_p
         &request_from(ip("127.0.0.2"), addr, &cb, &body("now-not"), &[]).await,
         403,
     );
+
+    // Doubtful rules are applied but named; `[]` is refused and changes nothing.
+    let overlap = s.config_text(&[(
+        "server",
+        "allow_from = [\"127.0.0.0/8\"]\ntrusted_proxies = [\"127.0.0.1\"]",
+    )]);
+    reload(&mut p, s.dir.path(), &overlap, RELOADED);
+    let log = p.log_text();
+    assert!(
+        log.contains(
+            "server.allow_from 127.0.0.0/8 and server.trusted_proxies 127.0.0.1/32 overlap"
+        ),
+        "{log}"
+    );
+    let empty = s.config_text(&[("server", "allow_from = []")]);
+    let refused = reload(&mut p, s.dir.path(), &empty, REFUSED);
+    assert!(refused.contains("remove the key"), "{refused}");
+    assert_ok(&request_from(ip("127.0.0.2"), addr, &cb, &body("still"), &[]).await);
 }
 
 /// An IPv6 peer (`::1`) is matched by IPv6 ranges, and not by `0.0.0.0/0`.
