@@ -80,6 +80,8 @@ pub struct Intake {
     /// With `server.tls_cert_file`: the callback listener's TLS (the
     /// certificate itself is swapped by a reload, see `crate::tls`).
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `timbridge_tls_handshakes_failed_total`, with TLS.
+    tls_failures: Option<prometheus::IntCounterVec>,
 }
 
 impl Intake {
@@ -100,13 +102,38 @@ impl Intake {
             refusing: AtomicBool::new(false),
             upstream: None,
             tls: None,
+            tls_failures: None,
         }
     }
 
     /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
     pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
         self.tls = Some(tls);
+        self.tls_failures = Some(crate::tls::register_handshake_failures(&self.metrics));
         self
+    }
+
+    /// Counts a failed TLS handshake and logs it within
+    /// `log.rejections_per_second`: a certificate clients refuse, or a
+    /// client speaking plain HTTP, is otherwise invisible.
+    pub fn tls_handshake_failed(&self, e: &std::io::Error, peer: std::net::SocketAddr) {
+        let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+            "timeout"
+        } else {
+            "error"
+        };
+        if let Some(c) = &self.tls_failures {
+            c.with_label_values(&[reason]).inc();
+        }
+        if let Some(suppressed) = self.rejection_log.admit() {
+            tracing::warn!(
+                reason,
+                error = %Untrusted(&e.to_string()),
+                %peer,
+                suppressed_before = suppressed,
+                "TLS handshake failed"
+            );
+        }
     }
 
     /// The callback listener's TLS, when `server.tls_cert_file` is set.
@@ -129,6 +156,7 @@ impl Intake {
     /// snapshot it took.
     pub fn replace_live(&self, live: Live) {
         live.declare_token_series(&self.token_matches);
+        live.retire_token_series(&self.live.load(), &self.token_matches);
         self.live.store(live);
     }
 
@@ -542,6 +570,7 @@ impl Intake {
             tracing::warn!(
                 status = r.kind.status().as_u16(),
                 reason = %Untrusted(&r.info),
+                client = r.client.as_deref().map(|c| tracing::field::display(Untrusted(c))),
                 command = %Untrusted(clip(query.callback_command.as_deref().unwrap_or("-"), 128)),
                 sdk_app_id = %Untrusted(clip(query.sdk_app_id.as_deref().unwrap_or("-"), 32)),
                 suppressed_before = suppressed,

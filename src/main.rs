@@ -235,8 +235,19 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
             let (cfg, applied) = config.load(sub)?;
             cfg.resolve_apps()?;
             // What serve would read at start besides the file.
-            timbridge::tls::load(&cfg.server).map_err(anyhow::Error::msg)?;
+            let cert = timbridge::tls::load(&cfg.server).map_err(anyhow::Error::msg)?;
+            if let Some(w) = cert.and_then(|k| {
+                timbridge::tls::validity_warning(&cfg.server, &k, std::time::SystemTime::now())
+            }) {
+                eprintln!("warning: {w}");
+            }
             logging::check_level(&cfg.log.level).map_err(anyhow::Error::msg)?;
+            for w in timbridge::source::SourceRules::from_config(&cfg.server)
+                .map(|r| r.warnings())
+                .unwrap_or_default()
+            {
+                eprintln!("warning: {w}");
+            }
             print!(
                 "{}",
                 timbridge::effective::render(

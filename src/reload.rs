@@ -76,13 +76,34 @@ impl Live {
     /// produce exists from now on, at zero, so that `rate()` sees the first
     /// match. One or two per app with a token: bounded by the config.
     pub fn declare_token_series(&self, counter: &IntCounterVec) {
-        for app in self.apps.values().filter(|a| a.token.is_some()) {
-            let id = app.sdk_app_id.to_string();
-            counter.with_label_values(&[&id, "current"]);
-            if app.previous_token.is_some() {
-                counter.with_label_values(&[&id, "previous"]);
+        for (id, token) in self.token_series() {
+            counter.with_label_values(&[&id, token]);
+        }
+    }
+
+    /// Removes the series `old` declared that these apps no longer have
+    /// (an app, its token or its previous token gone), so the series stay
+    /// bounded by the config in force, not by every config since the start.
+    pub fn retire_token_series(&self, old: &Live, counter: &IntCounterVec) {
+        let now = self.token_series();
+        for (id, token) in old.token_series() {
+            if !now.contains(&(id.clone(), token)) {
+                let _ = counter.remove_label_values(&[&id, token]);
             }
         }
+    }
+
+    /// The `{sdk_app_id, token}` pairs these apps can match.
+    fn token_series(&self) -> Vec<(String, &'static str)> {
+        let mut out = Vec::new();
+        for app in self.apps.values().filter(|a| a.token.is_some()) {
+            let id = app.sdk_app_id.to_string();
+            if app.previous_token.is_some() {
+                out.push((id.clone(), "previous"));
+            }
+            out.push((id, "current"));
+        }
+        out
     }
 }
 
@@ -103,6 +124,13 @@ pub fn register_token_matches(metrics: &Metrics) -> IntCounterVec {
 fn register(metrics: &Metrics, c: impl prometheus::core::Collector + 'static) {
     if let Err(e) = metrics.registry.register(Box::new(c)) {
         tracing::error!(error = %e, "cannot register the reload metrics");
+    }
+}
+
+fn warn_on_validity(config: &Config, cert: &CertifiedKey) {
+    let now = std::time::SystemTime::now();
+    if let Some(w) = crate::tls::validity_warning(&config.server, cert, now) {
+        tracing::warn!("{w}");
     }
 }
 
@@ -149,6 +177,13 @@ impl Reloader {
         last_ok.set(1);
         register(metrics, reloads.clone());
         register(metrics, last_ok.clone());
+        // The start's rules and certificate get the same scrutiny as a reload's.
+        for w in intake.live().sources.warnings() {
+            tracing::warn!("doubtful source rule: {w}");
+        }
+        if let Some(store) = &certs {
+            warn_on_validity(&config, &store.current());
+        }
         Reloader {
             intake,
             certs,
@@ -179,6 +214,12 @@ impl Reloader {
             }
         };
         let restart = restart_only_changes(&current, &new);
+        for w in prepared.live.sources.warnings() {
+            tracing::warn!("configuration reloaded with a doubtful source rule: {w}");
+        }
+        if let Some(cert) = &prepared.cert {
+            warn_on_validity(&new, cert);
+        }
         self.swap_in(&current, &new, prepared);
         self.reloads.with_label_values(&["success"]).inc();
         self.last_ok.set(1);
@@ -360,6 +401,39 @@ mod tests {
             restart_only_changes(&plain, &tls("a.crt", "a.key")),
             ["server.tls_cert_file", "server.tls_key_file"]
         );
+    }
+
+    #[test]
+    fn series_of_removed_apps_and_tokens_go_away_on_reload() {
+        let counter = IntCounterVec::new(Opts::new("t", "t"), &["sdk_app_id", "token"]).unwrap();
+        let live = |text: &str| {
+            let c = Config::parse(text).unwrap();
+            let apps = c.resolve_apps().unwrap();
+            Live::new(&c, apps)
+        };
+        let old = live(&format!(
+            "{BASE}[[apps]]\nsdk_app_id = 2\ntoken = \"b\"\nprevious_token = \"p\"\n"
+        ));
+        old.declare_token_series(&counter);
+        counter.with_label_values(&["1", "current"]).inc();
+        let series = |c: &IntCounterVec| {
+            let mut s: Vec<String> = prometheus::core::Collector::collect(c)[0]
+                .get_metric()
+                .iter()
+                .map(|m| {
+                    let l = m.get_label();
+                    format!("{}/{}", l[0].value(), l[1].value())
+                })
+                .collect();
+            s.sort();
+            s
+        };
+        assert_eq!(series(&counter), ["1/current", "2/current", "2/previous"]);
+        // App 2 keeps its token but drops the previous one; app 1 is gone.
+        let new = live("[[apps]]\nsdk_app_id = 2\ntoken = \"b\"\n[kafka]\nbrokers = \"k:9092\"\n");
+        new.declare_token_series(&counter);
+        new.retire_token_series(&old, &counter);
+        assert_eq!(series(&counter), ["2/current"]);
     }
 
     #[test]

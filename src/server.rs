@@ -40,12 +40,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -65,6 +65,15 @@ use crate::upstream::Origin;
 /// upstream's `X-Forwarded-For`.
 #[derive(Clone, Copy)]
 struct Peer(std::net::SocketAddr);
+
+/// Every `X-Forwarded-For` header of a request, in order. A header that is
+/// not text matches no address: it ends the walk.
+fn forwarded_for(headers: &HeaderMap) -> impl DoubleEndedIterator<Item = &str> {
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+}
 
 /// Whether Kafka is reachable, as the publisher last saw it; reported by
 /// `/readyz` (never a reason to be unready: the spool absorbs outages).
@@ -228,25 +237,25 @@ pub async fn serve(
     handles: Handles,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let gate = Gate::new(role, config, &handles.metrics);
-    let routes = Arc::new(Routes {
-        role,
-        callback_path: config.callback_path.clone(),
-        max_body_bytes: config.max_body_bytes,
-        body_read_timeout: config.body_read_timeout,
-        handles,
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_header_size(MAX_HEAD_BYTES)
-        .max_buf_size(MAX_CONNECTION_BUFFER_BYTES)
-        .keep_alive(true);
     // Callbacks only: the admin listener stays plain HTTP for probes.
     let tls = match role {
         Role::Admin => None,
-        Role::Everything | Role::Callbacks => routes.handles.intake.tls().cloned(),
+        Role::Everything | Role::Callbacks => handles.intake.tls().cloned(),
+    };
+    let gate = Gate::new(role, config, &handles.metrics, tls.is_some());
+    let connections = Connections {
+        routes: Arc::new(Routes {
+            role,
+            callback_path: config.callback_path.clone(),
+            max_body_bytes: config.max_body_bytes,
+            body_read_timeout: config.body_read_timeout,
+            handles,
+        }),
+        builder: http_builder(config),
+        tls,
+        write_timeout: config.write_timeout,
+        handshake_within: config.header_read_timeout,
+        label: gate.label,
     };
     let graceful = GracefulShutdown::new();
     loop {
@@ -267,23 +276,58 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some((stream, held)) = gate.admit(stream, peer) else {
-            continue;
-        };
+        if let Some((stream, held)) = gate.admit(stream, peer) {
+            // Watched from here on: shutdown waits for a handshake under way too.
+            connections.spawn(stream, peer, held, graceful.watcher());
+        }
+    }
+    drop(listener);
+    let _ = graceful.shutdown().await;
+}
+
+/// hyper's HTTP/1 settings: the head's deadline and size caps.
+fn http_builder(config: &ServerConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_CONNECTION_BUFFER_BYTES)
+        .keep_alive(true);
+    builder
+}
+
+/// What every connection of one listener is served with.
+struct Connections {
+    routes: Arc<Routes>,
+    builder: http1::Builder,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    write_timeout: Duration,
+    /// The TLS handshake's deadline: the head's.
+    handshake_within: Duration,
+    label: &'static str,
+}
+
+impl Connections {
+    /// Serves one admitted connection on a task of its own, which gives its
+    /// slots back (`held`) when it ends.
+    fn spawn(&self, stream: TcpStream, peer: SocketAddr, held: Held, watcher: Watcher) {
         let _ = stream.set_nodelay(true);
-        let routes = routes.clone();
         let timed_out = Arc::new(AtomicBool::new(false));
         let long_url = Arc::new(AtomicBool::new(false));
-        let io = AnswerDeadline::new(stream, config.write_timeout, timed_out.clone());
+        let io = AnswerDeadline::new(stream, self.write_timeout, timed_out.clone());
+        let routes = self.routes.clone();
         let service = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(Peer(peer));
             let routes = routes.clone();
             async move { Ok::<_, Infallible>(routes.route(req).await) }
         });
-        // Watched from here on: shutdown waits for a handshake under way too.
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        let handshake_within = config.header_read_timeout;
-        let (metrics, label) = (gate.metrics.clone(), gate.label);
+        let (builder, tls) = (self.builder.clone(), self.tls.clone());
+        let (intake, metrics) = (
+            self.routes.handles.intake.clone(),
+            self.routes.handles.metrics.clone(),
+        );
+        let (label, handshake_within) = (self.label, self.handshake_within);
         tokio::spawn(async move {
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
@@ -296,7 +340,7 @@ pub async fn serve(
                             .with_label_values(&[label, TimeoutStage::Head.as_str()])
                             .inc();
                     }
-                    tracing::debug!(error = %e, %peer, listener = label, "TLS handshake failed");
+                    intake.tls_handshake_failed(&e, peer);
                     drop(held);
                     return;
                 }
@@ -315,8 +359,6 @@ pub async fn serve(
             drop(held);
         });
     }
-    drop(listener);
-    let _ = graceful.shutdown().await;
 }
 
 /// How long the accept loop pauses after a failed accept (EMFILE and the
@@ -351,10 +393,13 @@ struct Gate {
     per_ip: Arc<PerIp>,
     open: prometheus::IntGauge,
     metrics: Arc<Metrics>,
+    /// A TLS client sends no plain head and could not read a plain 503:
+    /// refused, it is closed at once, and retries or fails fast.
+    tls: bool,
 }
 
 impl Gate {
-    fn new(role: Role, config: &ServerConfig, metrics: &Arc<Metrics>) -> Gate {
+    fn new(role: Role, config: &ServerConfig, metrics: &Arc<Metrics>, tls: bool) -> Gate {
         let budget = match role {
             Role::Admin => ADMIN_MAX_CONNECTIONS,
             Role::Everything | Role::Callbacks => config.max_connections,
@@ -376,6 +421,7 @@ impl Gate {
             }),
             open: metrics.connections_open.with_label_values(&[label]),
             metrics: metrics.clone(),
+            tls,
         }
     }
 
@@ -411,6 +457,9 @@ impl Gate {
                     .connections_refused
                     .with_label_values(&[self.label])
                     .inc();
+                if self.tls {
+                    return None;
+                }
                 if let Ok(slot) = self.refusals.clone().try_acquire_owned() {
                     tokio::spawn(async move {
                         refuse(stream, why).await;
@@ -728,10 +777,7 @@ impl Routes {
             Err(r) => return self.reject_unread(query, r, started, false),
         };
         let origin = match self.handles.intake.upstream() {
-            Some(_) => Origin {
-                peer: head.extensions.get::<Peer>().map(|p| p.0),
-                headers: std::mem::take(&mut head.headers),
-            },
+            Some(_) => self.origin(&head.extensions, &mut head.headers),
             None => Origin::default(),
         };
         let answer = match self
@@ -754,6 +800,31 @@ impl Routes {
         answer
     }
 
+    /// What the upstream is told of the request's origin: the client as
+    /// the source rules resolve it (the peer, or behind trusted proxies the
+    /// address they forwarded; the peer when that entry is no address), and
+    /// whether it came over TLS. Takes the headers.
+    fn origin(&self, extensions: &hyper::http::Extensions, headers: &mut HeaderMap) -> Origin {
+        let client = extensions.get::<Peer>().map(|p| {
+            let peer = p.0.ip();
+            match self
+                .handles
+                .intake
+                .live()
+                .sources
+                .client(peer, forwarded_for(headers))
+            {
+                crate::source::Client::Ip(ip) => ip,
+                crate::source::Client::Unparsable(_) => peer,
+            }
+        });
+        Origin {
+            client,
+            https: self.handles.intake.tls().is_some(),
+            headers: std::mem::take(headers),
+        }
+    }
+
     /// 403 when the client (the peer, or behind trusted proxies the
     /// address they forwarded) is outside `server.allow_from`.
     fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
@@ -766,18 +837,15 @@ impl Routes {
             .extensions
             .get::<Peer>()
             .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        // A header that is not text matches no address: it ends the walk.
-        let forwarded = head
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .map(|v| v.to_str().unwrap_or("?"));
-        live.sources.check(peer, forwarded).map_err(|client| {
-            Rejection::new(
-                RejectKind::ForbiddenSource,
-                format!("the client address {client} is not in server.allow_from"),
-            )
-        })
+        live.sources
+            .check(peer, forwarded_for(&head.headers))
+            .map_err(|client| {
+                Rejection::new(
+                    RejectKind::ForbiddenSource,
+                    "the source address is not in server.allow_from",
+                )
+                .with_client(client)
+            })
     }
 
     fn too_large(&self) -> Rejection {

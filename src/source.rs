@@ -11,13 +11,17 @@
 //! then it is the right-most `X-Forwarded-For` entry that is not a trusted
 //! proxy. Right-most, because each proxy appends the address it saw and
 //! anything to the left of the last trusted hop was written by the client
-//! and may be forged. An entry that is not an IP address ends the walk and
+//! and may be forged. An entry may carry a port (`192.0.2.1:5678`,
+//! `[2001:db8::1]:443`), as some proxies write it. An entry that is not an
+//! IP address ends the walk and
 //! is the client as it stands: it matches no range, so it is refused (unless
 //! `allow_from` is unset), since a proxy we trust would not write one.
 //!
 //! The CIDR parsing is ours: a few dozen lines that treat IPv4-mapped IPv6
 //! addresses as the IPv4 addresses they are, which is what a dual-stack
-//! listener (`[::]:8080`) sees for IPv4 clients.
+//! listener (`[::]:8080`) sees for IPv4 clients. So `::/0` is every IPv6
+//! address and no IPv4 one: a client's family does not depend on the
+//! listener's, and `0.0.0.0/0` says "every IPv4" as plainly.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -70,6 +74,11 @@ impl Cidr {
             ));
         }
         Ok(Cidr { net, prefix })
+    }
+
+    /// Whether the two ranges share an address.
+    fn overlaps(&self, other: &Cidr) -> bool {
+        self.contains(other.net) || other.contains(self.net)
     }
 
     /// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in the range.
@@ -145,6 +154,11 @@ impl SourceRules {
                 .map(|(i, t)| Cidr::parse(t.trim()).map_err(|e| format!("server.{key}[{i}]: {e}")))
                 .collect()
         };
+        if server.allow_from.as_ref().is_some_and(|l| l.is_empty()) {
+            // Almost always a mistake for "any": say so rather than answer
+            // every callback 403.
+            return Err("server.allow_from = [] would refuse every callback: remove the key to allow any address, or list the ranges callbacks come from".into());
+        }
         Ok(SourceRules {
             allow: match &server.allow_from {
                 Some(list) => Some(parse("allow_from", list)?),
@@ -160,6 +174,23 @@ impl SourceRules {
             allow: Some(Vec::new()),
             trusted: Vec::new(),
         }
+    }
+
+    /// Rules that parse but are probably not what was meant, one line each
+    /// (check-config prints them, start and reload log them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &self.trusted {
+            if t.prefix == 0 {
+                out.push(format!("server.trusted_proxies has {t}: every client is then trusted to name any address in X-Forwarded-For; list only the load balancer's (ingress controller's) addresses"));
+            }
+        }
+        for a in self.allow.iter().flatten() {
+            for t in self.trusted.iter().filter(|t| t.overlaps(a)) {
+                out.push(format!("server.allow_from {a} and server.trusted_proxies {t} overlap: a request from there without X-Forwarded-For counts as the proxy itself and is allowed, and behind the proxy the client is the forwarded address, which must be in allow_from; allow_from is normally Tencent's egress ranges and trusted_proxies only the load balancer's"));
+            }
+        }
+        out
     }
 
     /// Whether every address may post (no `allow_from`): nothing to check.
@@ -200,16 +231,41 @@ impl SourceRules {
         for header in forwarded_for.rev() {
             for entry in header.rsplit(',') {
                 let entry = entry.trim();
-                match entry.parse::<IpAddr>() {
-                    Ok(ip) if trusted(ip) => client = canonical(ip),
-                    Ok(ip) => return Client::Ip(canonical(ip)),
-                    Err(_) => return Client::Unparsable(entry.chars().take(64).collect()),
+                match forwarded_address(entry) {
+                    Some(ip) if trusted(ip) => client = canonical(ip),
+                    Some(ip) => return Client::Ip(canonical(ip)),
+                    None => return Client::Unparsable(entry.chars().take(64).collect()),
                 }
             }
         }
         // Every hop is trusted: the left-most is as far as we can see.
         Client::Ip(client)
     }
+}
+
+/// The address of an `X-Forwarded-For` entry: a bare address, or as some
+/// proxies write it with the client's port (`192.0.2.1:5678`,
+/// `[2001:db8::1]:443`) or bracketed (`[2001:db8::1]`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    // Digits only: u16's parser would also take "+80".
+    let port_ok = |p: &str| {
+        p.is_empty()
+            || p.strip_prefix(':').is_some_and(|n| {
+                !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u16>().is_ok()
+            })
+    };
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        return port_ok(after)
+            .then(|| inside.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+            .flatten();
+    }
+    let (host, port) = entry.rsplit_once(':')?;
+    let v4: Ipv4Addr = host.parse().ok()?;
+    (!port.is_empty() && port_ok(&entry[host.len()..])).then_some(IpAddr::V4(v4))
 }
 
 #[cfg(test)]
@@ -282,6 +338,71 @@ mod tests {
         };
         let e = SourceRules::from_config(&server).unwrap_err();
         assert!(e.contains("server.trusted_proxies[1]"), "{e}");
+    }
+
+    #[test]
+    fn overlaps_catch_all_proxies_and_empty_lists_are_named() {
+        let w = rules(Some(&["10.0.0.0/8"]), &["10.1.0.0/16"]).warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("10.0.0.0/8") && w[0].contains("overlap"),
+            "{w:?}"
+        );
+        let w = rules(Some(&["192.0.2.0/24"]), &["0.0.0.0/0", "::/0"]).warnings();
+        assert_eq!(
+            w.iter().filter(|l| l.contains("every client")).count(),
+            2,
+            "{w:?}"
+        );
+        assert!(w.iter().any(|l| l.contains("overlap")), "{w:?}");
+        assert!(
+            rules(Some(&["192.0.2.0/24", "2001:db8::/32"]), &["10.0.0.0/8"])
+                .warnings()
+                .is_empty()
+        );
+        let server = ServerConfig {
+            allow_from: Some(Vec::new()),
+            ..ServerConfig::default()
+        };
+        let e = SourceRules::from_config(&server).unwrap_err();
+        assert!(e.contains("remove the key to allow any address"), "{e}");
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets_are_addresses() {
+        for (entry, want) in [
+            ("192.0.2.1", Some("192.0.2.1")),
+            ("192.0.2.1:5678", Some("192.0.2.1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("192.0.2.1:", None),
+            ("192.0.2.1:99999", None),
+            ("192.0.2.1:+80", None),
+            ("192.0.2.1:x", None),
+            ("[2001:db8::1]x", None),
+            ("[192.0.2.1]", None),
+            ("[2001:db8::1", None),
+            ("unknown", None),
+        ] {
+            assert_eq!(forwarded_address(entry), want.map(ip), "{entry}");
+        }
+        let r = rules(Some(&["203.0.113.0/24", "2001:db8::/32"]), &["10.0.0.0/8"]);
+        assert_eq!(
+            r.check(ip("10.0.0.1"), ["203.0.113.9:5678"].into_iter()),
+            Ok(())
+        );
+        assert_eq!(
+            r.check(
+                ip("10.0.0.1"),
+                ["[2001:db8::7]:443, 10.0.0.2:80"].into_iter()
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            r.check(ip("10.0.0.1"), ["198.51.100.1:443"].into_iter()),
+            Err(Client::Ip(ip("198.51.100.1")))
+        );
     }
 
     #[test]

@@ -50,6 +50,14 @@ impl CertStore {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
     }
 
+    /// The certificate new handshakes get now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The acceptor of the callback listener, asking this store at each handshake.
     pub fn acceptor(self: &Arc<Self>) -> anyhow::Result<TlsAcceptor> {
         // An explicit provider: the process-wide default would be ambiguous
@@ -68,13 +76,28 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(self.current())
     }
+}
+
+/// `timbridge_tls_handshakes_failed_total{reason}`, registered on `metrics`
+/// with both reasons at zero, so that `rate()` sees the first failure.
+pub fn register_handshake_failures(metrics: &crate::metrics::Metrics) -> prometheus::IntCounterVec {
+    let counter = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "timbridge_tls_handshakes_failed_total",
+            "TLS handshakes on the callback listener that failed, by reason (timeout: not finished within server.header_read_timeout; error: plain HTTP, an unsupported client, a certificate the client refused).",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    for reason in ["timeout", "error"] {
+        counter.with_label_values(&[reason]);
+    }
+    if let Err(e) = metrics.registry.register(Box::new(counter.clone())) {
+        tracing::error!(error = %e, "cannot register the TLS metrics");
+    }
+    counter
 }
 
 /// The certificate and key `server` names, read and checked, or `None`
@@ -120,6 +143,116 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, String> 
     })
 }
 
+/// A warning when the server's certificate is not valid at `now`: clients
+/// refuse every handshake then. A warning, not a refusal: at start the
+/// gateway would not run at all, and a refused reload keeps the certificate
+/// that is in force, which is no better (and the clock may be the one wrong).
+pub fn validity_warning(
+    server: &ServerConfig,
+    key: &CertifiedKey,
+    now: std::time::SystemTime,
+) -> Option<String> {
+    let shown = server.tls_cert_file.as_deref()?.display();
+    let (not_before, not_after) = validity(key.cert.first()?)?;
+    let now = i64::try_from(now.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs()).ok()?;
+    if now < not_before {
+        Some(format!(
+            "server.tls_cert_file {shown}: the certificate becomes valid only in {}: clients refuse it until then; check the issuer's clock and this host's",
+            span(not_before - now)
+        ))
+    } else if now > not_after {
+        Some(format!(
+            "server.tls_cert_file {shown}: the certificate expired {} ago: clients refuse it; renew it and send SIGHUP",
+            span(now - not_after)
+        ))
+    } else {
+        None
+    }
+}
+
+fn span(seconds: i64) -> String {
+    match seconds {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3_600 => format!("{} hours", s / 3_600),
+        s => format!("{} minutes", s / 60 + 1),
+    }
+}
+
+/// A certificate's notBefore and notAfter as Unix seconds, read straight
+/// from its DER (TBSCertificate: optional version, serial, signature
+/// algorithm, issuer, then validity): a few lines instead of an X.509
+/// parser dependency. `None` when the DER is not what that expects.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, tbs, _) = tlv(cert)?;
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = tlv(rest)?.2;
+    }
+    for _ in 0..3 {
+        rest = tlv(rest)?.2;
+    }
+    let (_, validity, _) = tlv(rest)?;
+    let (tag_before, before, after_rest) = tlv(validity)?;
+    let (tag_after, after, _) = tlv(after_rest)?;
+    Some((der_time(tag_before, before)?, der_time(tag_after, after)?))
+}
+
+/// One DER element: its tag, its contents, and what follows it.
+fn tlv(d: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = d.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let len = rest
+            .get(..n)?
+            .iter()
+            .fold(0usize, |l, &b| l << 8 | usize::from(b));
+        (len, &rest[n..])
+    };
+    Some((tag, rest.get(..len)?, &rest[len..]))
+}
+
+/// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
+fn der_time(tag: u8, text: &[u8]) -> Option<i64> {
+    let digits = text.strip_suffix(b"Z")?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        digits
+            .get(r)?
+            .iter()
+            .try_fold(0i64, |n, &b| Some(n * 10 + i64::from(b - b'0')))
+    };
+    let (year, at) = match (tag, digits.len()) {
+        (0x17, 12) => (
+            num(0..2).map(|y| if y >= 50 { 1900 + y } else { 2000 + y })?,
+            2,
+        ),
+        (0x18, 14) => (num(0..4)?, 4),
+        _ => return None,
+    };
+    let field = |i: usize| num(at + 2 * i..at + 2 * i + 2);
+    let days = days_from_civil(year, field(0)?, field(1)?);
+    Some(days * 86_400 + field(2)? * 3_600 + field(3)? * 60 + field(4)?)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 fn unreadable(key: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String {
     let why = match e {
         rustls_pki_types::pem::Error::Io(io) => io.to_string(),
@@ -131,6 +264,9 @@ fn unreadable(key: &str, path: &Path, e: rustls_pki_types::pem::Error) -> String
     )
 }
 
+/// Bytes of TLS a connection may hold unsent (rustls's default is 64 KiB).
+const SEND_BUFFER_LIMIT: usize = 16 * 1024;
+
 /// The connection as it will carry HTTP: through a TLS handshake when the
 /// listener has TLS, finished within `within`, or as it is.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
@@ -141,7 +277,11 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(tls) = tls else {
         return Ok(MaybeTls::Plain(io));
     };
-    match tokio::time::timeout(within, tls.accept(io)).await {
+    // rustls would otherwise buffer up to 64 KiB of encrypted answer for a
+    // client that stops reading; 16 KiB is one full record, so writes still
+    // go out in whole records.
+    let accepting = tls.accept_with(io, |conn| conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT)));
+    match tokio::time::timeout(within, accepting).await {
         Ok(Ok(stream)) => Ok(MaybeTls::Tls(Box::new(stream))),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::new(
@@ -240,6 +380,86 @@ mod tests {
             tls_key_file: Some(key.to_owned()),
             ..ServerConfig::default()
         }
+    }
+
+    /// A client that handshakes and then stops reading: how much of an
+    /// answer the server's TLS layer takes on before it must wait.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_holds_at_most_the_send_limit() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (c, k) = write_pair(dir.path(), "one");
+        let store = CertStore::new(load(&server(&c, &k)).unwrap().unwrap());
+        let acceptor = store.acceptor().unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&c).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        // A small pipe stands in for the socket, so what piles up is rustls's.
+        let (client_io, server_io) = tokio::io::duplex(1024);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            connector.connect(name, client_io),
+            accept(Some(&acceptor), server_io, Duration::from_secs(5))
+        );
+        let (_client, mut server) = (client.unwrap(), server.unwrap());
+        let chunk = [b'x'; 1024];
+        let mut taken = 0;
+        while let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(200), server.write(&chunk)).await
+        {
+            taken += n;
+            assert!(taken < 256 * 1024, "the server never stopped taking bytes");
+        }
+        assert!(
+            taken <= SEND_BUFFER_LIMIT + 2 * 1024,
+            "{taken} bytes taken on by a client that reads nothing"
+        );
+    }
+
+    #[test]
+    fn certificates_outside_their_validity_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = |name: &str, from: (i32, u8, u8), to: (i32, u8, u8)| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+            params.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+            params.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+            let cert = params.self_signed(&key).unwrap();
+            let (c, k) = (
+                dir.path().join(format!("{name}.crt")),
+                dir.path().join(format!("{name}.key")),
+            );
+            std::fs::write(&c, cert.pem()).unwrap();
+            std::fs::write(&k, key.serialize_pem()).unwrap();
+            let s = server(&c, &k);
+            let loaded = load(&s).unwrap().unwrap();
+            (s, loaded)
+        };
+        // 2030-01-01T00:00:00Z.
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_893_456_000);
+        let (s, k) = pair("expired", (2020, 1, 1), (2029, 12, 20));
+        let w = validity_warning(&s, &k, now).unwrap();
+        assert!(
+            w.contains("expired 12 days ago") && w.contains("expired.crt"),
+            "{w}"
+        );
+        let (s, k) = pair("early", (2030, 1, 5), (2031, 1, 1));
+        let w = validity_warning(&s, &k, now).unwrap();
+        assert!(w.contains("valid only in 4 days"), "{w}");
+        // 2049 is UTCTime, 2050 on GeneralizedTime: both read.
+        let (s, k) = pair("fine", (2029, 6, 1), (2050, 1, 1));
+        assert_eq!(validity_warning(&s, &k, now), None);
+        assert_eq!(validity(&[0x30, 0x03, 0x30, 0x01]), None);
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! every read receipt queued or being delivered) as well as in items, whose
 //! overflow is counted, never waited for.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -60,8 +60,11 @@ const FORWARD_FOR: Duration = Duration::from_secs(55);
 /// Where a callback came from, for the headers sent on to the upstream.
 #[derive(Debug, Default, Clone)]
 pub struct Origin {
-    /// The TCP peer, sent as `X-Forwarded-For`.
-    pub peer: Option<SocketAddr>,
+    /// The client, sent as `X-Forwarded-For`: the TCP peer, or behind
+    /// `server.trusted_proxies` the address they forwarded.
+    pub client: Option<IpAddr>,
+    /// Whether the request came over the TLS listener (`X-Forwarded-Proto`).
+    pub https: bool,
     /// The request's headers as received (hop-by-hop ones are dropped when
     /// forwarding).
     pub headers: HeaderMap,
@@ -328,10 +331,7 @@ impl Upstream {
         let item = Forward {
             query: raw_query.to_owned(),
             body,
-            origin: Origin {
-                peer: origin.peer,
-                headers,
-            },
+            origin: Origin { headers, ..origin },
             expires: Instant::now() + FORWARD_FOR,
             _held: held,
         };
@@ -404,7 +404,7 @@ impl Inner {
         let mut req = Request::post(uri)
             .body(Full::new(body))
             .map_err(|e| Failure::Unreachable(format!("cannot build the request: {e}")))?;
-        *req.headers_mut() = forwarded_headers(&origin.headers, origin.peer);
+        *req.headers_mut() = forwarded_headers(&origin.headers, origin.client, origin.https);
         let resp = self
             .client
             .request(req)
@@ -530,10 +530,10 @@ fn is_not_forwarded(name: &HeaderName) -> bool {
 }
 
 /// The request's headers minus hop-by-hop ones (also those named in
-/// `Connection`) and the client's forwarding headers, with the peer as
-/// `X-Forwarded-For` and the listener's scheme (plain HTTP) as
+/// `Connection`) and the client's forwarding headers, with the client as
+/// `X-Forwarded-For` and the callback listener's scheme as
 /// `X-Forwarded-Proto`.
-fn forwarded_headers(incoming: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMap {
+fn forwarded_headers(incoming: &HeaderMap, client: Option<IpAddr>, https: bool) -> HeaderMap {
     let named: Vec<HeaderName> = incoming
         .get_all(header::CONNECTION)
         .iter()
@@ -547,12 +547,14 @@ fn forwarded_headers(incoming: &HeaderMap, peer: Option<SocketAddr>) -> HeaderMa
             out.append(name.clone(), value.clone());
         }
     }
-    if let Some(peer) = peer
-        && let Ok(v) = HeaderValue::from_str(&peer.ip().to_canonical().to_string())
+    if let Some(client) = client
+        && let Ok(v) = HeaderValue::from_str(&client.to_canonical().to_string())
     {
         out.insert("x-forwarded-for", v);
-        // The callback listener speaks plain HTTP (TLS ends in front of it).
-        out.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        // The scheme of the hop into the gateway; a proxy's own TLS in front
+        // of a plain listener is not seen.
+        let proto = if https { "https" } else { "http" };
+        out.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     out
 }
@@ -644,7 +646,7 @@ mod tests {
         );
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("x-forwarded-port", HeaderValue::from_static("443"));
-        let out = forwarded_headers(&h, Some("10.0.0.7:5555".parse().unwrap()));
+        let out = forwarded_headers(&h, Some("10.0.0.7".parse().unwrap()), false);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         for gone in [
             "connection",
@@ -665,16 +667,19 @@ mod tests {
         // The client's claim is replaced by the peer, not extended.
         assert_eq!(out["x-forwarded-for"], "10.0.0.7");
         assert_eq!(out["x-forwarded-proto"], "http");
+        let out = forwarded_headers(&h, Some("10.0.0.7".parse().unwrap()), true);
+        assert_eq!(out["x-forwarded-proto"], "https");
     }
 
     #[test]
     fn the_peer_alone_starts_x_forwarded_for() {
         let out = forwarded_headers(
             &HeaderMap::new(),
-            Some("[::ffff:10.1.2.3]:1".parse().unwrap()),
+            Some("::ffff:10.1.2.3".parse().unwrap()),
+            false,
         );
         assert_eq!(out["x-forwarded-for"], "10.1.2.3");
-        assert!(forwarded_headers(&HeaderMap::new(), None).is_empty());
+        assert!(forwarded_headers(&HeaderMap::new(), None, false).is_empty());
     }
 
     #[tokio::test]

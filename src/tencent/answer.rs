@@ -90,6 +90,9 @@ impl RejectKind {
 pub struct Rejection {
     pub kind: RejectKind,
     pub info: String,
+    /// The client address, for the log line only: the answer does not
+    /// tell a refused sender how it was seen.
+    pub client: Option<String>,
 }
 
 impl Rejection {
@@ -97,7 +100,14 @@ impl Rejection {
         Rejection {
             kind,
             info: info.into(),
+            client: None,
         }
+    }
+
+    /// The same, naming `client` in the log line (not in the answer).
+    pub fn with_client(mut self, client: impl std::fmt::Display) -> Rejection {
+        self.client = Some(client.to_string());
+        self
     }
 }
 
