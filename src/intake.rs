@@ -17,7 +17,7 @@ use crate::clock;
 use crate::config::{App, Config};
 use crate::dedup::{Admission, Dedup, DedupSettings};
 use crate::event::{self, Envelope};
-use crate::labels::{Command, Outcome, RecordKind};
+use crate::labels::{Command, HandshakeFailure, Outcome, RecordKind};
 use crate::limits::{Limit, Limits, clip};
 use crate::logging::Untrusted;
 use crate::metrics::Metrics;
@@ -63,8 +63,6 @@ pub struct Intake {
     /// The apps and source rules, replaced whole by a reload (SIGHUP):
     /// each check sees one whole snapshot, never half of a reload.
     live: Swap<Live>,
-    /// `timbridge_auth_token_matches_total`: which token a Sign matched.
-    token_matches: prometheus::IntCounterVec,
     raw_enabled: bool,
     limits: Limits,
     spool: Spool,
@@ -80,18 +78,14 @@ pub struct Intake {
     /// With `server.tls_cert_file`: the callback listener's TLS (the
     /// certificate itself is swapped by a reload, see `crate::tls`).
     tls: Option<tokio_rustls::TlsAcceptor>,
-    /// `timbridge_tls_handshakes_failed_total`, with TLS.
-    tls_failures: Option<prometheus::IntCounterVec>,
 }
 
 impl Intake {
     pub fn new(config: &Config, apps: Vec<App>, spool: Spool, metrics: Arc<Metrics>) -> Intake {
-        let token_matches = crate::reload::register_token_matches(&metrics);
         let live = Live::new(config, apps);
-        live.declare_token_series(&token_matches);
+        live.declare_token_series(&metrics.auth_token_matches);
         Intake {
             live: Swap::new(live),
-            token_matches,
             raw_enabled: config.kafka.raw_topic.is_some(),
             limits: config.limits,
             spool,
@@ -102,14 +96,12 @@ impl Intake {
             refusing: AtomicBool::new(false),
             upstream: None,
             tls: None,
-            tls_failures: None,
         }
     }
 
     /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
     pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
         self.tls = Some(tls);
-        self.tls_failures = Some(crate::tls::register_handshake_failures(&self.metrics));
         self
     }
 
@@ -118,13 +110,15 @@ impl Intake {
     /// client speaking plain HTTP, is otherwise invisible.
     pub fn tls_handshake_failed(&self, e: &std::io::Error, peer: std::net::SocketAddr) {
         let reason = if e.kind() == std::io::ErrorKind::TimedOut {
-            "timeout"
+            HandshakeFailure::Timeout
         } else {
-            "error"
-        };
-        if let Some(c) = &self.tls_failures {
-            c.with_label_values(&[reason]).inc();
+            HandshakeFailure::Error
         }
+        .as_str();
+        self.metrics
+            .tls_handshakes_failed
+            .with_label_values(&[reason])
+            .inc();
         if let Some(suppressed) = self.rejection_log.admit() {
             tracing::warn!(
                 reason,
@@ -155,8 +149,8 @@ impl Intake {
     /// Checks from now on see `live`; one already running finishes with the
     /// snapshot it took.
     pub fn replace_live(&self, live: Live) {
-        live.declare_token_series(&self.token_matches);
-        live.retire_token_series(&self.live.load(), &self.token_matches);
+        live.declare_token_series(&self.metrics.auth_token_matches);
+        live.retire_token_series(&self.live.load(), &self.metrics.auth_token_matches);
         self.live.store(live);
     }
 
@@ -527,7 +521,8 @@ impl Intake {
                 now,
             )
             .map_err(|e| Rejection::new(RejectKind::Unauthorized, e.to_string()))?;
-            self.token_matches
+            self.metrics
+                .auth_token_matches
                 .with_label_values(&[&app.sdk_app_id.to_string(), matched.label()])
                 .inc();
         }

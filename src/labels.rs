@@ -160,3 +160,19 @@ label_values! {
         Expired => "expired",
     }
 }
+
+label_values! {
+    /// The `result` label of `timbridge_config_reloads_total`.
+    pub enum ReloadResult {
+        Success => "success",
+        Error => "error",
+    }
+}
+
+label_values! {
+    /// The `reason` label of `timbridge_tls_handshakes_failed_total`.
+    pub enum HandshakeFailure {
+        Timeout => "timeout",
+        Error => "error",
+    }
+}

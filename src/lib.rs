@@ -164,7 +164,7 @@ impl Gateway {
             config.clone(),
             intake.clone(),
             certs,
-            &metrics,
+            metrics.clone(),
         ));
         let handles = server::Handles {
             intake: intake.clone(),

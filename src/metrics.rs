@@ -21,8 +21,8 @@ use prometheus::{
 };
 
 use crate::labels::{
-    Command, KafkaErrorReason, Listener, Outcome, RecordKind, TimeoutStage, UpstreamDrop,
-    UpstreamOutcome,
+    Command, HandshakeFailure, KafkaErrorReason, Listener, Outcome, RecordKind, ReloadResult,
+    TimeoutStage, UpstreamDrop, UpstreamOutcome,
 };
 use crate::limits::Limit;
 use crate::spool::Spool;
@@ -119,6 +119,14 @@ series! {
         "Time from sending a request to [upstream] to having its whole answer (or giving up).");
     upstream_forward_dropped: IntCounterVec = counters("timbridge_upstream_forward_dropped_total", &["reason"],
         "Read receipts not delivered to [upstream] with forward_read_receipts, by reason (queue_full, expired: retried until their Sign went stale). They are in Kafka all the same.");
+    auth_token_matches: IntCounterVec = counters("timbridge_auth_token_matches_total", &["sdk_app_id", "token"],
+        "Signed callbacks whose Sign matched, by app and token (current, or previous during a rotation: once previous stays at zero, remove previous_token).");
+    config_reloads: IntCounterVec = counters("timbridge_config_reloads_total", &["result"],
+        "Configuration reloads (SIGHUP), by result (success, error: the file was refused and nothing changed).");
+    config_last_reload_successful: IntGauge = gauge("timbridge_config_last_reload_successful",
+        "1 when the last configuration reload (or the start) succeeded, 0 when it was refused: the running configuration is not the file's.");
+    tls_handshakes_failed: IntCounterVec = counters("timbridge_tls_handshakes_failed_total", &["reason"],
+        "TLS handshakes on the callback listener that failed, by reason (timeout: not finished within server.header_read_timeout; error: plain HTTP, an unsupported client, a certificate the client refused).");
 }
 
 /// Makes each series and registers it in the same step, so that none can
@@ -214,6 +222,13 @@ impl Metrics {
         }
         for limit in Limit::ALL {
             self.callbacks_over_limit.with_label_values(&[limit.key()]);
+        }
+        for result in ReloadResult::ALL {
+            self.config_reloads.with_label_values(&[result.as_str()]);
+        }
+        for reason in HandshakeFailure::ALL {
+            self.tls_handshakes_failed
+                .with_label_values(&[reason.as_str()]);
         }
     }
 

@@ -21,11 +21,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use prometheus::{IntCounterVec, IntGauge, Opts};
+use prometheus::IntCounterVec;
 use rustls::sign::CertifiedKey;
 
 use crate::config::{App, Config, ConfigError};
 use crate::intake::Intake;
+use crate::labels::ReloadResult;
 use crate::metrics::Metrics;
 use crate::source::SourceRules;
 use crate::tls::CertStore;
@@ -107,26 +108,6 @@ impl Live {
     }
 }
 
-/// `timbridge_auth_token_matches_total{sdk_app_id, token}`, registered on `metrics`.
-pub fn register_token_matches(metrics: &Metrics) -> IntCounterVec {
-    let counter = IntCounterVec::new(
-        Opts::new(
-            "timbridge_auth_token_matches_total",
-            "Signed callbacks whose Sign matched, by app and token (current, or previous during a rotation: once previous stays at zero, remove previous_token).",
-        ),
-        &["sdk_app_id", "token"],
-    )
-    .expect("valid metric");
-    register(metrics, counter.clone());
-    counter
-}
-
-fn register(metrics: &Metrics, c: impl prometheus::core::Collector + 'static) {
-    if let Err(e) = metrics.registry.register(Box::new(c)) {
-        tracing::error!(error = %e, "cannot register the reload metrics");
-    }
-}
-
 fn warn_on_validity(config: &Config, cert: &CertifiedKey) {
     let now = std::time::SystemTime::now();
     if let Some(w) = crate::tls::validity_warning(&config.server, cert, now) {
@@ -140,8 +121,7 @@ pub struct Reloader {
     certs: Option<Arc<CertStore>>,
     /// The configuration in force, to compare the restart-only settings with.
     current: Mutex<Config>,
-    reloads: IntCounterVec,
-    last_ok: IntGauge,
+    metrics: Arc<Metrics>,
 }
 
 /// What a reload would swap in, everything that can fail done already.
@@ -156,27 +136,9 @@ impl Reloader {
         config: Config,
         intake: Arc<Intake>,
         certs: Option<Arc<CertStore>>,
-        metrics: &Metrics,
+        metrics: Arc<Metrics>,
     ) -> Reloader {
-        let reloads = IntCounterVec::new(
-            Opts::new(
-                "timbridge_config_reloads_total",
-                "Configuration reloads (SIGHUP), by result (success, error: the file was refused and nothing changed).",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let last_ok = IntGauge::new(
-            "timbridge_config_last_reload_successful",
-            "1 when the last configuration reload (or the start) succeeded, 0 when it was refused: the running configuration is not the file's.",
-        )
-        .expect("valid metric");
-        for result in ["success", "error"] {
-            reloads.with_label_values(&[result]);
-        }
-        last_ok.set(1);
-        register(metrics, reloads.clone());
-        register(metrics, last_ok.clone());
+        metrics.config_last_reload_successful.set(1);
         // The start's rules and certificate get the same scrutiny as a reload's.
         for w in intake.live().sources.warnings() {
             tracing::warn!("doubtful source rule: {w}");
@@ -188,9 +150,18 @@ impl Reloader {
             intake,
             certs,
             current: Mutex::new(config),
-            reloads,
-            last_ok,
+            metrics,
         }
+    }
+
+    fn count(&self, result: ReloadResult) {
+        self.metrics
+            .config_reloads
+            .with_label_values(&[result.as_str()])
+            .inc();
+        self.metrics
+            .config_last_reload_successful
+            .set(i64::from(result == ReloadResult::Success));
     }
 
     /// Applies `loaded` (the file read again, with the flags and environment
@@ -205,8 +176,7 @@ impl Reloader {
         let (new, prepared) = match outcome {
             Ok(ready) => ready,
             Err(e) => {
-                self.reloads.with_label_values(&["error"]).inc();
-                self.last_ok.set(0);
+                self.count(ReloadResult::Error);
                 tracing::error!(
                     "configuration reload refused, the running configuration is unchanged: {e}"
                 );
@@ -221,8 +191,7 @@ impl Reloader {
             warn_on_validity(&new, cert);
         }
         self.swap_in(&current, &new, prepared);
-        self.reloads.with_label_values(&["success"]).inc();
-        self.last_ok.set(1);
+        self.count(ReloadResult::Success);
         let apps = new.apps.len();
         if restart.is_empty() {
             tracing::info!(apps, "configuration reloaded");
@@ -405,7 +374,8 @@ mod tests {
 
     #[test]
     fn series_of_removed_apps_and_tokens_go_away_on_reload() {
-        let counter = IntCounterVec::new(Opts::new("t", "t"), &["sdk_app_id", "token"]).unwrap();
+        let counter =
+            IntCounterVec::new(prometheus::Opts::new("t", "t"), &["sdk_app_id", "token"]).unwrap();
         let live = |text: &str| {
             let c = Config::parse(text).unwrap();
             let apps = c.resolve_apps().unwrap();

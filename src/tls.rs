@@ -80,26 +80,6 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-/// `timbridge_tls_handshakes_failed_total{reason}`, registered on `metrics`
-/// with both reasons at zero, so that `rate()` sees the first failure.
-pub fn register_handshake_failures(metrics: &crate::metrics::Metrics) -> prometheus::IntCounterVec {
-    let counter = prometheus::IntCounterVec::new(
-        prometheus::Opts::new(
-            "timbridge_tls_handshakes_failed_total",
-            "TLS handshakes on the callback listener that failed, by reason (timeout: not finished within server.header_read_timeout; error: plain HTTP, an unsupported client, a certificate the client refused).",
-        ),
-        &["reason"],
-    )
-    .expect("valid metric");
-    for reason in ["timeout", "error"] {
-        counter.with_label_values(&[reason]);
-    }
-    if let Err(e) = metrics.registry.register(Box::new(counter.clone())) {
-        tracing::error!(error = %e, "cannot register the TLS metrics");
-    }
-    counter
-}
-
 /// The certificate and key `server` names, read and checked, or `None`
 /// without TLS. Errors name the key and say what to fix; they never quote
 /// the files (the key file is a secret).
