@@ -116,26 +116,50 @@ async fn repeated_sigkills_under_load_lose_nothing_and_duplicate_little() {
         .filter(|g| !seen.contains_key(g.as_bytes()))
         .collect();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let mut per_trial = std::collections::BTreeMap::new();
+    // Per trial: a kill replays what had no recorded delivery report, so the
+    // share of one trial is what one kill cost.
+    let mut dup_per_trial = std::collections::BTreeMap::<String, usize>::new();
     for (k, n) in &seen {
         if *n > 1 {
-            let k = String::from_utf8_lossy(k);
-            let trial: String = k.split('-').nth(2).unwrap_or("?").to_owned();
-            *per_trial.entry(trial).or_insert(0) += n - 1;
+            *dup_per_trial.entry(trial_of(k)).or_insert(0) += n - 1;
         }
     }
-    eprintln!("duplicates per trial: {per_trial:?}");
+    let mut acked_per_trial = std::collections::BTreeMap::<String, usize>::new();
+    for g in &acked {
+        *acked_per_trial.entry(trial_of(g.as_bytes())).or_insert(0) += 1;
+    }
+    let mut shares: Vec<f64> = acked_per_trial
+        .iter()
+        .map(|(t, n)| dup_per_trial.get(t).copied().unwrap_or(0) as f64 / *n as f64)
+        .collect();
+    shares.sort_by(f64::total_cmp);
+    let median = shares[shares.len() / 2];
+    eprintln!("duplicates per trial: {dup_per_trial:?}");
     let share = duplicates as f64 / acked.len() as f64;
     eprintln!(
-        "{TRIALS} kills: {} acknowledged, {} lost, {duplicates} duplicates ({:.3} %)",
+        "{TRIALS} kills: {} acknowledged, {} lost, {duplicates} duplicates ({:.3} %, median per kill {:.3} %)",
         acked.len(),
         lost.len(),
-        share * 100.0
+        share * 100.0,
+        median * 100.0
     );
     assert!(lost.is_empty(), "lost {} acknowledged events", lost.len());
+    // The median kill, not the total: one kill that lands while the machine
+    // is starved of CPU (a round trip of seconds) must not fail the run,
+    // while acks flushed once a second cost several % at every kill.
     assert!(
-        share <= MAX_DUPLICATE_SHARE,
-        "{duplicates} duplicates of {} acknowledged events",
+        median <= MAX_DUPLICATE_SHARE,
+        "the median kill duplicated {:.2} % of its acknowledged events ({duplicates} duplicates of {} in all)",
+        median * 100.0,
         acked.len()
     );
+}
+
+/// The trial a group name (`g-kill-<trial>-<client>-<n>`) belongs to.
+fn trial_of(key: &[u8]) -> String {
+    String::from_utf8_lossy(key)
+        .split('-')
+        .nth(2)
+        .unwrap_or("?")
+        .to_owned()
 }
