@@ -272,6 +272,7 @@ async fn run(cli: Cli, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
         Command::Materialize { config } => {
             let cfg = Config::load(&config)?;
             logging::init(&cfg.log)?;
+            ignore_hangups()?;
             timbridge::materialize::run(cfg, wait_for_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -355,6 +356,25 @@ async fn serve(
         std::process::exit(130);
     });
     gateway.shutdown().await
+}
+
+/// `materialize` does not reload: SIGHUP, whose default action would end
+/// it mid-batch, says so instead (a `kill -HUP` meant for every timbridge
+/// process must not stop the fold).
+fn ignore_hangups() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = signal(SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                tracing::warn!(
+                    "SIGHUP: timbridge materialize does not reload its config; restart it to apply a change"
+                );
+            }
+        });
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {
