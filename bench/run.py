@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import urllib.error
 import shutil
 import signal
@@ -69,6 +70,17 @@ CONNECTIONS = 32
 CLOSED_THREADS = 2
 OPEN_THREADS = 1
 P99_LIMIT_MS = 1.0
+
+# The wrk load mode (see bench/README.md): the measurement issue #11 calls
+# "the independent run", built into the harness so both views come from the
+# same build, broker and machine state.
+WRK_SCRIPT = ROOT / "bench" / "wrk" / "callbacks.lua"
+WRK_THREADS = 1
+WRK_SECONDS = 6
+WRK_ROUNDS = 3
+WRK_MODES = ("interval", "always")
+# Items per wrk request (the script sends group receipts with 2 items).
+WRK_ITEMS = 2
 
 # What differs from the gateway as built, for trying a change: another
 # binary, librdkafka properties, spool settings, environment (LD_PRELOAD).
@@ -368,8 +380,14 @@ class Run:
         return lo, tried
 
 
-def verify_kafka(server: Server, broker: Broker, before: dict, loads: list[dict]) -> dict:
-    """Every record of every accepted callback must be in Kafka."""
+def verify_kafka(server: Server, broker: Broker, before: dict, loads: list[dict],
+                 in_flight_at_end: bool = False) -> dict:
+    """Every record of every accepted callback must be in Kafka.
+
+    `in_flight_at_end`: the load stopped with requests in flight (wrk closes
+    its connections when its time is up), so the gateway may have spooled
+    more than the `200`s the client saw; then everything it spooled must be
+    in Kafka, and at least the records of those `200`s."""
     expected = {
         GROUP_TOPIC: sum(r["expected_records"]["group"] for r in loads),
         C2C_TOPIC: sum(r["expected_records"]["c2c"] for r in loads),
@@ -394,8 +412,184 @@ def verify_kafka(server: Server, broker: Broker, before: dict, loads: list[dict]
         "spooled": spooled,
         "duplicates_dropped": dups,
         "pending_left": pending,
-        "valid": lost == 0 and pending == 0 and dups == 0 and spooled == sum(expected.values()),
+        "valid": lost == 0 and pending == 0 and dups == 0 and (
+            spooled >= sum(expected.values()) and sum(found.values()) >= spooled
+            if in_flight_at_end else spooled == sum(expected.values())),
     }
+
+
+# ---------------------------------------------------------------------------
+# The wrk load mode
+# ---------------------------------------------------------------------------
+
+
+def wrk_binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """Busy plus stolen CPU seconds of the whole machine since boot."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest is in user)
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_load(server: Server, broker: Broker, run_id: str, seconds: int) -> dict:
+    """One wrk run against `server`: its count of 200s, the records they
+    must have produced, and the CPU the server, the broker, wrk and everyone
+    else used meanwhile."""
+    args = [wrk_binary(), f"-t{WRK_THREADS}", f"-c{CONNECTIONS}", f"-d{seconds}s",
+            "--timeout", "5s", "-s", WRK_SCRIPT, server.url, "--", run_id, UNSIGNED_APP]
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server0, broker0, busy0 = proc_cpu_s(server.pid), proc_cpu_s(broker.proc.pid), machine_busy_s()
+    t0 = time.monotonic()
+    out = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                         timeout=seconds + 60, preexec_fn=_die_with_parent)
+    wall = time.monotonic() - t0
+    server_cpu = proc_cpu_s(server.pid) - server0
+    broker_cpu = proc_cpu_s(broker.proc.pid) - broker0
+    busy = machine_busy_s() - busy0
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {out.returncode}): {out.stdout}\n{out.stderr}")
+    r = json.loads(line.split(" ", 1)[1])
+    e = r["errors"]
+    # wrk counts a non-2xx/3xx answer in errors.status; our script counts
+    # every answer that is not 200 (not_ok). Socket errors and timeouts are
+    # requests that got no answer: all of these fail the run.
+    r["failures"] = r["not_ok"] + e["connect"] + e["read"] + e["write"] + e["timeout"]
+    r["seconds"] = r["duration_us"] / 1e6
+    r["requests_per_s"] = r["ok"] / r["seconds"]
+    r["expected_records"] = {"group": WRK_ITEMS * r["ok"], "c2c": 0}
+    r["cpu_s"] = {"server": server_cpu, "broker": broker_cpu, "wrk": wrk_cpu}
+    r["others_pct"] = 100 * max(0.0, busy - server_cpu - broker_cpu - wrk_cpu) / wall / (os.cpu_count() or 1)
+    return r
+
+
+def wrk_session(broker: Broker, workdir: Path, modes: list[str], rounds: int,
+                seconds: int) -> tuple[list[dict], bool]:
+    """Floor, gateway/mode, for each mode, `rounds` times; each gateway run
+    compared with the floor run just before it."""
+    runs: list[dict] = []
+    invalid = False
+    for rnd in range(1, rounds + 1):
+        for mode in modes:
+            floor_run = None
+            for kind in ("floor", "gateway"):
+                server = Server(kind, workdir, broker, None if kind == "floor" else mode)
+                try:
+                    before = broker.watermarks() if kind == "gateway" else None
+                    Run.seq += 1
+                    r = wrk_load(server, broker, f"w{os.getpid()}n{Run.seq}", seconds)
+                    res = {
+                        "server": kind, "fsync": server.fsync, "round": rnd,
+                        "rps": r["requests_per_s"], "ok": r["ok"], "failures": r["failures"],
+                        "rss_mib": server.vm_hwm_kib() / 1024,
+                        "cpu_per_1k": 1000 * r["cpu_s"]["server"] / max(r["ok"], 1),
+                        "broker_cpu_per_1k": 1000 * r["cpu_s"]["broker"] / max(r["ok"], 1),
+                        "wrk_cpu_per_1k": 1000 * r["cpu_s"]["wrk"] / max(r["ok"], 1),
+                        "others_pct": r["others_pct"],
+                        "latency_ms": r["latency_ms"], "wrk": r,
+                    }
+                    if kind == "gateway":
+                        res["kafka"] = verify_kafka(server, broker, before, [r], in_flight_at_end=True)
+                        res["floor"] = floor_run
+                        res["ratio"] = ratio(res["rps"], floor_run["rps"])
+                        if not res["kafka"]["valid"] or res["failures"]:
+                            invalid = True
+                            log(f"INVALID wrk gateway run: {res['kafka']}, failures {res['failures']}")
+                    else:
+                        floor_run = res
+                    runs.append(res)
+                    log(f"wrk round {rnd} {kind:7} {mode:8}: {res['rps']:8,.0f} req/s, "
+                        f"RSS {res['rss_mib']:.1f} MiB, CPU/1k {res['cpu_per_1k']:.3f} s, "
+                        f"others {res['others_pct']:.0f}%")
+                finally:
+                    server.stop()
+    return runs, invalid
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def wrk_table(runs: list[dict], modes: list[str]) -> str:
+    floors = [r for r in runs if r["server"] == "floor"]
+    gw = lambda m: [r for r in runs if r["server"] == "gateway" and r["fsync"] == m]  # noqa: E731
+    lines = [
+        "| figure (median of the runs) | floor | " + " | ".join(f"fsync={m} | ratio" for m in modes) + " |",
+        "|---|---:|" + "---:|---:|" * len(modes),
+    ]
+    rows = [
+        ("requests/s (wrk, 1 thread, 32 conns)", "rps", "{:,.0f}"),
+        ("events/s (2 per request)", None, "{:,.0f}"),
+        ("peak RSS (VmHWM), MiB", "rss_mib", "{:.1f}"),
+        ("CPU s per 1k requests", "cpu_per_1k", "{:.3f}"),
+    ]
+    for label, key, f in rows:
+        get = (lambda r: WRK_ITEMS * r["rps"]) if key is None else (lambda r, k=key: r[k])
+        cells = [fmt(f, median(get(r) for r in floors))]
+        for m in modes:
+            cells.append(fmt(f, median(get(r) for r in gw(m))))
+            cells.append(fmt("{:.2f}×", median(ratio(get(r), get(r["floor"])) for r in gw(m))))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = ["—"]
+    for m in modes:
+        cells.append(fmt("{:.1f}", max((r["rss_mib"] for r in gw(m)), default=None)))
+        cells.append("")
+    lines.append("| peak RSS, worst run, MiB | " + " | ".join(cells) + " |")
+    cells = ["—"]
+    for m in modes:
+        exp = sum(r["kafka"]["expected"] for r in gw(m))
+        found = sum(r["kafka"]["found"] for r in gw(m))
+        ok = all(r["kafka"]["valid"] for r in gw(m))
+        cells += [f"{found:,} / {exp:,}", "ok" if ok else "**LOST**"]
+    lines.append("| records in Kafka / from the 200s (all runs) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def wrk_targets(runs: list[dict], modes: list[str]) -> str:
+    want = {"interval": 0.6, "always": 0.5}
+    rows = []
+    for m in modes:
+        gw = [r for r in runs if r["server"] == "gateway" and r["fsync"] == m]
+        thr = median(r["ratio"] for r in gw)
+        if m in want and thr is not None:
+            rows.append((f"wrk throughput, fsync={m} ≥ {want[m]} × floor", f"{thr:.2f}×", thr >= want[m]))
+    rss = max((r["rss_mib"] for r in runs if r["server"] == "gateway"), default=None)
+    if rss is not None:
+        rows.append(("peak RSS ≤ 30 MiB (worst wrk gateway run)", f"{rss:.1f} MiB", rss <= 30.0))
+    lines = ["| target | measured | met |", "|---|---:|---|"]
+    lines += [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows]
+    return "\n".join(lines)
+
+
+def wrk_runs_table(runs: list[dict]) -> str:
+    lines = [
+        "| # | server | fsync | req/s | 200s | ratio | RSS MiB | CPU s/1k | wrk p99 ms "
+        "| others' CPU % | failures | records in Kafka / from 200s |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, r in enumerate(runs, 1):
+        k = r.get("kafka")
+        records = "—" if k is None else f"{k['found']:,} / {k['expected']:,}"
+        lines.append(
+            f"| {i} | {r['server']} | {r['fsync'] or '—'} | {r['rps']:,.0f} | {r['ok']:,} "
+            f"| {fmt('{:.2f}×', r.get('ratio'))} | {r['rss_mib']:.1f} | {r['cpu_per_1k']:.3f} "
+            f"| {r['latency_ms']['p99']:.3f} | {r['others_pct']:.0f} | {r['failures']} "
+            f"| {records} |"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -595,11 +789,36 @@ def machine() -> str:
             f"Linux {platform.release()}")
 
 
+def loadgen_report(runs: list[dict], drain: dict | None, modes: list[str]) -> list[str]:
+    """The loadgen mode's tables, as markdown lines."""
+    return [
+        table(runs),
+        "",
+        "" if drain is None else (f"Drain: {drain['events']:,.0f} events spooled while the broker was down "
+         f"(filled at {drain['fill_rps']:,.0f} req/s), empty {drain['seconds_from_up']:.2f} s after "
+         f"`up 1`: **{drain['events_per_s']:,.0f} events/s** "
+         f"({drain['events_per_s_after_reconnect']:,.0f} events/s from the first delivery; "
+         f"{drain['kafka']['found']:,} records in Kafka, {drain['kafka']['expected']:,} expected; "
+         f"peak RSS {drain['rss_mib']:.1f} MiB)."),
+        "",
+        targets(runs, drain, modes),
+        "",
+        "Every run:",
+        "",
+        runs_table(runs),
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="shorter runs (about 3 minutes)")
     ap.add_argument("--rounds", type=int, help="floor/gateway rounds per fsync mode (default 2)")
-    ap.add_argument("--modes", default=",".join(MODES), help="fsync modes, comma-separated")
+    ap.add_argument("--modes", help="fsync modes, comma-separated (default: "
+                    f"{','.join(MODES)} for loadgen, {','.join(WRK_MODES)} for wrk)")
+    ap.add_argument("--load", choices=("loadgen", "wrk", "both"), default="loadgen",
+                    help="which load: our loadgen (default), Debian's wrk, or both side by side")
+    ap.add_argument("--wrk-rounds", type=int, default=WRK_ROUNDS,
+                    help=f"floor/gateway rounds per fsync mode with wrk (default {WRK_ROUNDS})")
     ap.add_argument("--out", type=Path, default=ROOT / "target" / "bench",
                     help="where the JSON results and the markdown go")
     ap.add_argument("--no-drain", action="store_true", help="skip the drain test")
@@ -634,10 +853,18 @@ def main() -> int:
     prof = dict(PROFILES["quick" if args.quick else "full"])
     if args.rounds:
         prof["rounds"] = max(2, args.rounds)
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in (args.modes or ",".join(MODES)).split(",") if m]
+    wrk_modes = [m for m in (args.modes or ",".join(WRK_MODES)).split(",") if m]
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown fsync mode {m!r}")
+    use_loadgen, use_wrk = args.load in ("loadgen", "both"), args.load in ("wrk", "both")
+    if use_wrk and wrk_binary() is None:
+        ap.error("--load wrk needs wrk 4 (with Lua scripting) on PATH: "
+                 "on Debian or Ubuntu, `apt-get install -y wrk`; elsewhere build it from "
+                 "its sources (github.com/wg/wrk)")
+    if args.wrk_rounds < 1:
+        ap.error("--wrk-rounds wants 1 or more")
     for b in (VARIANT["binary"], FLOOR, LOADGEN, BROKER):
         if not b.exists():
             ap.error(f"{b} is missing: cargo build --release --workspace --bins")
@@ -657,7 +884,7 @@ def main() -> int:
     log(f"mock broker at {broker.bootstrap} (pid {broker.proc.pid})")
     runs: list[dict] = []
     invalid = False
-    for rnd in range(1, prof["rounds"] + 1):
+    for rnd in range(1, prof["rounds"] + 1 if use_loadgen else 1):
         for mode in modes:
             floor_run = None
             for kind in ("floor", "gateway"):
@@ -683,8 +910,13 @@ def main() -> int:
                 finally:
                     server.stop()
 
+    wrk_runs: list[dict] = []
+    if use_wrk:
+        wrk_runs, wrk_invalid = wrk_session(broker, workdir, wrk_modes, args.wrk_rounds, WRK_SECONDS)
+        invalid = invalid or wrk_invalid
+
     drain = None
-    if not args.no_drain:
+    if use_loadgen and not args.no_drain:
         log(f"drain test: {prof['drain_events']:,} events spooled with the broker down")
         drain = drain_test(broker, workdir, prof["drain_events"])
         if not drain["valid"]:
@@ -698,33 +930,37 @@ def main() -> int:
     head = "`" + " ".join(["bench/run.sh", *sys.argv[1:]]) + "`"
     md = [
         f"Results of {head}, {when}, timbridge {source}, {machine()}; "
-        f"{prof['rounds']} rounds, {elapsed / 60:.1f} min."
+        + (f"{prof['rounds']} round(s) with loadgen, " if use_loadgen else "")
+        + (f"{args.wrk_rounds} round(s) with wrk, " if use_wrk else "")
+        + f"{elapsed / 60:.1f} min."
         + (f" Gateway variant: {variant_text}." if variant_text else ""),
         "",
         ("Machine noise (how late a thread wakes from a 500 µs sleep, nothing of ours running): "
          f"before {jitter_text(jitter_before)}; after {jitter_text(jitter_after)}."),
         "",
-        table(runs),
-        "",
-        "" if drain is None else (f"Drain: {drain['events']:,.0f} events spooled while the broker was down "
-         f"(filled at {drain['fill_rps']:,.0f} req/s), empty {drain['seconds_from_up']:.2f} s after "
-         f"`up 1`: **{drain['events_per_s']:,.0f} events/s** "
-         f"({drain['events_per_s_after_reconnect']:,.0f} events/s from the first delivery; "
-         f"{drain['kafka']['found']:,} records in Kafka, {drain['kafka']['expected']:,} expected; "
-         f"peak RSS {drain['rss_mib']:.1f} MiB)."),
-        "",
-        targets(runs, drain, modes),
-        "",
-        "Every run:",
-        "",
-        runs_table(runs),
     ]
+    if use_loadgen:
+        md += loadgen_report(runs, drain, modes)
+    if use_wrk:
+        md += [""] * use_loadgen + [
+            f"wrk ({WRK_THREADS} thread, {CONNECTIONS} connections, {WRK_SECONDS} s per run, "
+            "bench/wrk/callbacks.lua: distinct unsigned group receipts, 2 items each):",
+            "",
+            wrk_table(wrk_runs, wrk_modes),
+            "",
+            wrk_targets(wrk_runs, wrk_modes),
+            "",
+            "Every wrk run:",
+            "",
+            wrk_runs_table(wrk_runs),
+        ]
     if invalid:
         md += ["", "**INVALID: records were lost or requests failed; see the JSON.**"]
     text = "\n".join(md)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (args.out / f"results-{stamp}.json").write_text(
-        json.dumps({"profile": prof, "runs": runs, "drain": drain, "machine": machine(),
+        json.dumps({"profile": prof, "runs": runs, "wrk_runs": wrk_runs, "drain": drain,
+                    "machine": machine(),
                     "jitter": {"before": jitter_before, "after": jitter_after},
                     "source": source,
                     "when": when}, indent=1, default=str))
