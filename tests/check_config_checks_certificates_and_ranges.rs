@@ -8,18 +8,8 @@ mod common;
 use std::process::Command;
 
 use common::process::BIN;
-use common::reload::TestCa;
+use common::reload::{TestCa, tls_config};
 use common::*;
-
-fn tls_config(s: &Setup) -> String {
-    let dir = s.dir.path().display();
-    s.config_text(&[(
-        "server",
-        &format!(
-            "admin_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
-        ),
-    )])
-}
 
 #[test]
 fn check_config_names_what_is_wrong_with_a_certificate_pair() {

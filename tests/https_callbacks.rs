@@ -10,18 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::process::{GatewayProcess, field};
-use common::reload::{RELOADED, TestCa, https_connect, hup, send};
+use common::reload::{RELOADED, TestCa, https_connect, hup, send, tls_config};
 use common::*;
-
-fn tls_config(s: &Setup) -> String {
-    let dir = s.dir.path().display();
-    s.config_text(&[(
-        "server",
-        &format!(
-            "admin_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
-        ),
-    )])
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
@@ -63,14 +53,7 @@ async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
     let mut open = https_connect(&first, addr)
         .await
         .expect("TLS to the first CA");
-    let a = send(
-        &mut open,
-        addr,
-        &group_callback(),
-        group_body("rustls", 1).as_bytes(),
-        &[],
-    )
-    .await;
+    let a = callback_on(&mut open, addr, "rustls", 1).await;
     assert_ok(&a.expect("an answer"));
 
     // The certificate is renewed by another CA, then SIGHUP.
@@ -84,28 +67,11 @@ async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
     let mut fresh = https_connect(&second, addr)
         .await
         .expect("new handshakes get the new certificate");
-    assert_ok(
-        &send(
-            &mut fresh,
-            addr,
-            &group_callback(),
-            group_body("new-cert", 1).as_bytes(),
-            &[],
-        )
-        .await
-        .unwrap(),
-    );
+    assert_ok(&callback_on(&mut fresh, addr, "new-cert", 1).await.unwrap());
     open.ready()
         .await
         .expect("the open connection is still there");
-    let a = send(
-        &mut open,
-        addr,
-        &group_callback(),
-        group_body("rustls", 2).as_bytes(),
-        &[],
-    )
-    .await;
+    let a = callback_on(&mut open, addr, "rustls", 2).await;
     assert_ok(&a.expect("the open connection still answers"));
 
     // Plain HTTP on the TLS port: no answer, and quickly (no slot held).
@@ -161,15 +127,9 @@ async fn a_bad_certificate_pair_on_sighup_keeps_the_old_certificate() {
         .await
         .expect("new handshakes still get the old certificate");
     assert_ok(
-        &send(
-            &mut c,
-            addr,
-            &group_callback(),
-            group_body("old-cert", 1).as_bytes(),
-            &[],
-        )
-        .await
-        .expect("an answer"),
+        &callback_on(&mut c, addr, "old-cert", 1)
+            .await
+            .expect("an answer"),
     );
     assert!(https_connect(&second, addr).await.is_err());
     let (_, metrics) = get_text(admin, "/metrics").await;
@@ -177,4 +137,21 @@ async fn a_bad_certificate_pair_on_sighup_keeps_the_old_certificate() {
         metrics.contains("timbridge_config_last_reload_successful 0"),
         "{metrics}"
     );
+}
+
+/// A group callback on `sender`'s open connection.
+async fn callback_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    addr: std::net::SocketAddr,
+    group: &str,
+    seq: u64,
+) -> Option<Answer> {
+    send(
+        sender,
+        addr,
+        &group_callback(),
+        group_body(group, seq).as_bytes(),
+        &[],
+    )
+    .await
 }

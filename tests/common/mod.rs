@@ -155,6 +155,26 @@ pub async fn try_request(
         .await
         .ok()?;
     tokio::spawn(conn);
+    send_on(
+        &mut sender,
+        addr,
+        method,
+        path_and_query,
+        body.into(),
+        headers,
+    )
+    .await
+}
+
+/// One request on an open HTTP/1 connection; `None` when it fails.
+pub async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: std::net::SocketAddr,
+    method: &str,
+    path_and_query: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> Option<Answer> {
     let mut req = hyper::Request::builder()
         .method(method)
         .uri(path_and_query)
@@ -162,7 +182,7 @@ pub async fn try_request(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body))).unwrap();
+    let req = req.body(Full::new(body)).unwrap();
     let resp = sender.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();

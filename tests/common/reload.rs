@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 
 use super::Answer;
@@ -103,25 +103,15 @@ pub async fn send(
     body: &[u8],
     headers: &[(&str, &str)],
 ) -> Option<Answer> {
-    let mut req = hyper::Request::builder()
-        .method("POST")
-        .uri(path_and_query)
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let bytes = resp.into_body().collect().await.ok()?.to_bytes();
-    let json = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
-    Some(Answer {
-        status,
-        json,
+    super::send_on(
+        sender,
+        addr,
+        "POST",
+        path_and_query,
+        Bytes::copy_from_slice(body),
         headers,
-    })
+    )
+    .await
 }
 
 /// A self-signed CA that issues certificates for 127.0.0.1 and localhost.
@@ -200,4 +190,17 @@ pub async fn https_connect(
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     Ok(sender)
+}
+
+/// A config whose callback listener speaks TLS with the `server.crt` and
+/// `server.key` a [`TestCa`] issued into the set-up's directory, and whose
+/// admin listener is plain HTTP on a port of its own.
+pub fn tls_config(s: &super::Setup) -> String {
+    let dir = s.dir.path().display();
+    s.config_text(&[(
+        "server",
+        &format!(
+            "admin_listen = \"127.0.0.1:0\"\ntls_cert_file = \"{dir}/server.crt\"\ntls_key_file = \"{dir}/server.key\""
+        ),
+    )])
 }
