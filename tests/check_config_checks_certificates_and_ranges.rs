@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::process::BIN;
+use common::process::{BIN, check_config};
 use common::reload::{TestCa, tls_config};
 use common::*;
 
@@ -19,13 +19,7 @@ fn check_config_names_what_is_wrong_with_a_certificate_pair() {
     let path = s.dir.path().join("config.toml");
     let check = |config: &str| {
         std::fs::write(&path, config).unwrap();
-        let out = Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env_remove("TIMBRIDGE_BROKERS")
-            .env_remove("TIMBRIDGE_LISTEN")
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -72,13 +66,7 @@ fn check_config_warns_on_doubtful_source_rules() {
     let path = s.dir.path().join("config.toml");
     let check = |server: &str| {
         std::fs::write(&path, s.config_text(&[("server", server)])).unwrap();
-        let out = Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&path)
-            .env_remove("TIMBRIDGE_BROKERS")
-            .env_remove("TIMBRIDGE_LISTEN")
-            .output()
-            .unwrap();
+        let out = check_config(&path);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::process::{GatewayProcess, field};
+use common::process::GatewayProcess;
 use common::reload::{RELOADED, TestCa, https_connect, hup, send, tls_config};
 use common::*;
 
@@ -20,12 +20,7 @@ async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
     first.issue_into(s.dir.path());
     let mut p = GatewayProcess::start(s.dir.path(), &tls_config(&s));
     let addr = p.addr;
-    let admin: std::net::SocketAddr = field(
-        &p.wait_for_log("admin listener", Duration::from_secs(5)),
-        "admin=",
-    )
-    .parse()
-    .unwrap();
+    let admin = p.admin_addr();
 
     // curl, trusting the test CA only.
     std::fs::write(s.dir.path().join("ca1.pem"), &first.pem).unwrap();
@@ -108,12 +103,7 @@ async fn a_bad_certificate_pair_on_sighup_keeps_the_old_certificate() {
     let (_, key) = first.issue_into(s.dir.path());
     let mut p = GatewayProcess::start(s.dir.path(), &tls_config(&s));
     let addr = p.addr;
-    let admin: std::net::SocketAddr = field(
-        &p.wait_for_log("admin listener", Duration::from_secs(5)),
-        "admin=",
-    )
-    .parse()
-    .unwrap();
+    let admin = p.admin_addr();
     let old_key = std::fs::read(&key).unwrap();
 
     // A new certificate from another CA, with the old key left in place.

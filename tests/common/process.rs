@@ -23,11 +23,14 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// `timbridge check-config --config PATH`, run to its end.
+/// `timbridge check-config --config PATH`, run to its end, on the file
+/// alone (no `TIMBRIDGE_*` override from the environment of the test run).
 pub fn check_config(path: &Path) -> Output {
     Command::new(BIN)
         .args(["check-config", "--config"])
         .arg(path)
+        .env_remove("TIMBRIDGE_BROKERS")
+        .env_remove("TIMBRIDGE_LISTEN")
         .output()
         .unwrap()
 }
@@ -117,6 +120,12 @@ impl GatewayProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The admin listener's address, from the line that announces it.
+    pub fn admin_addr(&mut self) -> std::net::SocketAddr {
+        let line = self.wait_for_log("admin listener", Duration::from_secs(5));
+        field(&line, "admin=").parse().unwrap()
     }
 
     pub fn log_text(&self) -> String {
