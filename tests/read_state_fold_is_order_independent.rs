@@ -4,29 +4,13 @@
 //! what is already in changes nothing (so nothing is written), and two
 //! processes' partial folds joined (a rebuild) equal one process's fold.
 
+mod common;
+
 use std::collections::BTreeMap;
 
-use timbridge::materialize::fold::{ReadEvent, ReadState};
+use common::rng::Rng;
 
-/// splitmix64: a small seeded generator, so a failure replays exactly.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i as u64 + 1) as usize);
-        }
-    }
-}
+use timbridge::materialize::fold::{ReadEvent, ReadState};
 
 /// Few readers per message, so the cap (`MAX_READERS`) is exercised.
 const MAX_READERS: usize = 4;

@@ -463,6 +463,7 @@ pub mod cases;
 pub mod faults;
 pub mod process;
 pub mod reload;
+pub mod rng;
 pub mod tmpfs;
 pub mod upstream;
 
