@@ -29,6 +29,7 @@ use crate::intake::Intake;
 use crate::labels::ReloadResult;
 use crate::metrics::Metrics;
 use crate::source::SourceRules;
+use crate::tencent::auth::TokenMatch;
 use crate::tls::CertStore;
 
 /// A value read on every request and replaced whole: readers clone the
@@ -100,9 +101,9 @@ impl Live {
         for app in self.apps.values().filter(|a| a.token.is_some()) {
             let id = app.sdk_app_id.to_string();
             if app.previous_token.is_some() {
-                out.push((id.clone(), "previous"));
+                out.push((id.clone(), TokenMatch::Previous.label()));
             }
-            out.push((id, "current"));
+            out.push((id, TokenMatch::Current.label()));
         }
         out
     }

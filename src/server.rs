@@ -524,15 +524,11 @@ impl PerIp {
 /// usually holds whole (counting single IPv6 addresses, it could open its
 /// cap's worth from each of 2^64 of them).
 fn client_of(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !(u128::MAX >> 64);
-                IpAddr::V6(std::net::Ipv6Addr::from(bits))
-            }
-        },
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(v6) & !(u128::MAX >> 64),
+        )),
     }
 }
 

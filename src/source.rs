@@ -47,8 +47,8 @@ impl Cidr {
             format!("{text:?} is not an address range: write it like \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\"")
         })?;
         // An IPv4-mapped range (::ffff:192.0.2.0/120) is the IPv4 range it maps.
-        let mapped = canonical(net) != net;
-        let net = canonical(net);
+        let mapped = net.to_canonical() != net;
+        let net = net.to_canonical();
         let (max, written_max) = match (net.is_ipv4(), mapped) {
             (true, true) => (32, 128),
             (true, false) => (32, 32),
@@ -83,7 +83,7 @@ impl Cidr {
 
     /// Whether `ip` (IPv4-mapped IPv6 taken as IPv4) is in the range.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        let ip = ip.to_canonical();
         ip.is_ipv4() == self.net.is_ipv4() && masked(ip, self.prefix) == self.net
     }
 }
@@ -91,17 +91,6 @@ impl Cidr {
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.net, self.prefix)
-    }
-}
-
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => ip,
-        },
-        v4 => v4,
     }
 }
 
@@ -224,16 +213,16 @@ impl SourceRules {
     ) -> Client {
         let trusted = |ip: IpAddr| self.trusted.iter().any(|c| c.contains(ip));
         if !trusted(peer) {
-            return Client::Ip(canonical(peer));
+            return Client::Ip(peer.to_canonical());
         }
         // Headers right to left, and the entries of each right to left.
-        let mut client = canonical(peer);
+        let mut client = peer.to_canonical();
         for header in forwarded_for.rev() {
             for entry in header.rsplit(',') {
                 let entry = entry.trim();
                 match forwarded_address(entry) {
-                    Some(ip) if trusted(ip) => client = canonical(ip),
-                    Some(ip) => return Client::Ip(canonical(ip)),
+                    Some(ip) if trusted(ip) => client = ip.to_canonical(),
+                    Some(ip) => return Client::Ip(ip.to_canonical()),
                     None => return Client::Unparsable(entry.chars().take(64).collect()),
                 }
             }
