@@ -82,7 +82,7 @@ pub struct Intake {
 
 impl Intake {
     pub fn new(config: &Config, apps: Vec<App>, spool: Spool, metrics: Arc<Metrics>) -> Intake {
-        let live = Live::new(config, apps);
+        let mut live = Live::new(config, apps);
         live.declare_token_series(&metrics.auth_token_matches);
         Intake {
             live: Swap::new(live),
@@ -148,7 +148,7 @@ impl Intake {
 
     /// Checks from now on see `live`; one already running finishes with the
     /// snapshot it took.
-    pub fn replace_live(&self, live: Live) {
+    pub fn replace_live(&self, mut live: Live) {
         live.declare_token_series(&self.metrics.auth_token_matches);
         live.retire_token_series(&self.live.load(), &self.metrics.auth_token_matches);
         self.live.store(live);
@@ -521,10 +521,7 @@ impl Intake {
                 now,
             )
             .map_err(|e| Rejection::new(RejectKind::Unauthorized, e.to_string()))?;
-            self.metrics
-                .auth_token_matches
-                .with_label_values(&[&app.sdk_app_id.to_string(), matched.label()])
-                .inc();
+            live.count_match(app.sdk_app_id, matched);
         }
         Ok(app.sdk_app_id)
     }

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
-use prometheus::IntCounterVec;
+use prometheus::{IntCounter, IntCounterVec};
 use rustls::sign::CertifiedKey;
 
 use crate::config::{App, Config, ConfigError};
@@ -61,6 +61,9 @@ impl<T> Swap<T> {
 pub struct Live {
     pub apps: HashMap<u64, App>,
     pub sources: SourceRules,
+    /// Each app's `timbridge_auth_token_matches_total` series, looked up
+    /// once per reload rather than by label strings on every request.
+    token_matches: HashMap<u64, [Option<IntCounter>; 2]>,
 }
 
 impl Live {
@@ -71,15 +74,36 @@ impl Live {
             apps: apps.into_iter().map(|a| (a.sdk_app_id, a)).collect(),
             sources: SourceRules::from_config(&config.server)
                 .unwrap_or_else(|_| SourceRules::deny_all()),
+            token_matches: HashMap::new(),
+        }
+    }
+
+    /// Counts a Sign that matched `app`'s `token` (its series were declared).
+    pub fn count_match(&self, app: u64, token: TokenMatch) {
+        let slot = match token {
+            TokenMatch::Current => 0,
+            TokenMatch::Previous => 1,
+        };
+        if let Some(Some(c)) = self.token_matches.get(&app).map(|s| &s[slot]) {
+            c.inc();
         }
     }
 
     /// Every series of `timbridge_auth_token_matches_total` these apps can
     /// produce exists from now on, at zero, so that `rate()` sees the first
     /// match. One or two per app with a token: bounded by the config.
-    pub fn declare_token_series(&self, counter: &IntCounterVec) {
-        for (id, token) in self.token_series() {
-            counter.with_label_values(&[&id, token]);
+    pub fn declare_token_series(&mut self, counter: &IntCounterVec) {
+        for app in self.apps.values().filter(|a| a.token.is_some()) {
+            let id = app.sdk_app_id.to_string();
+            let series = |t: TokenMatch| counter.with_label_values(&[&id, t.label()]);
+            let previous = app
+                .previous_token
+                .as_ref()
+                .map(|_| series(TokenMatch::Previous));
+            self.token_matches.insert(
+                app.sdk_app_id,
+                [Some(series(TokenMatch::Current)), previous],
+            );
         }
     }
 
@@ -382,7 +406,7 @@ mod tests {
             let apps = c.resolve_apps().unwrap();
             Live::new(&c, apps)
         };
-        let old = live(&format!(
+        let mut old = live(&format!(
             "{BASE}[[apps]]\nsdk_app_id = 2\ntoken = \"b\"\nprevious_token = \"p\"\n"
         ));
         old.declare_token_series(&counter);
@@ -401,7 +425,8 @@ mod tests {
         };
         assert_eq!(series(&counter), ["1/current", "2/current", "2/previous"]);
         // App 2 keeps its token but drops the previous one; app 1 is gone.
-        let new = live("[[apps]]\nsdk_app_id = 2\ntoken = \"b\"\n[kafka]\nbrokers = \"k:9092\"\n");
+        let mut new =
+            live("[[apps]]\nsdk_app_id = 2\ntoken = \"b\"\n[kafka]\nbrokers = \"k:9092\"\n");
         new.declare_token_series(&counter);
         new.retire_token_series(&old, &counter);
         assert_eq!(series(&counter), ["2/current"]);
