@@ -21,8 +21,6 @@
 //! more): [`normalize_within`] measures each record before building it and
 //! stops at the budget.
 
-use std::io;
-
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -240,9 +238,10 @@ pub fn budget_for(request_bytes: usize) -> usize {
 
 /// Turns a checked callback into its Kafka records, appending to `out`, as
 /// long as they fit in `budget` bytes of spool (each record's encoding plus
-/// the spool's framing). Each record is measured before it is built, so a
-/// callback over its budget costs at most the one record that would not
-/// fit being measured; `out` may then hold the records before it.
+/// the spool's framing). Records are built one at a time and each is
+/// measured as it is built, so a callback over its budget costs at most the
+/// one record that did not fit (a record is bounded by the body it came
+/// from); `out` may then hold the records before it.
 pub fn normalize_within(
     cb: &Callback<'_>,
     env: &Envelope<'_>,
@@ -402,6 +401,10 @@ impl<'a> Base<'a> {
 /// The spool's framing around each record (its record header).
 const SPOOL_FRAMING: usize = 24;
 
+/// A typical event's JSON is 400-600 bytes: one allocation holds it, and
+/// a larger one grows as usual.
+const VALUE_CAPACITY_HINT: usize = 640;
+
 /// Where a callback's records go, and how many spool bytes they have left.
 struct Out<'o> {
     budget: usize,
@@ -409,45 +412,31 @@ struct Out<'o> {
     records: &'o mut Vec<Record>,
 }
 
-/// Counts the bytes serde_json writes, to size a record before building it.
-struct Counter(usize);
-
-impl io::Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl Out<'_> {
     /// Appends the record of `event`, keyed by `key`, if it fits the budget.
     fn push(&mut self, key: &[u8], event_id: EventId, event: &Event<'_>) -> Fallible {
-        // Serializing a struct of strings and integers cannot fail.
-        let mut counter = Counter(0);
-        let _ = serde_json::to_writer(&mut counter, event);
-        let mut record = Record {
+        // Serialized once, then measured: a record over the budget costs
+        // its own size once (bounded by the body it came from) and is
+        // dropped; serializing twice to measure first cost every record.
+        // A struct of strings and integers cannot fail to serialize.
+        let mut value = Vec::with_capacity(VALUE_CAPACITY_HINT);
+        let _ = serde_json::to_writer(&mut value, event);
+        let record = Record {
             topic: if event.kind.is_group() {
                 TopicRole::Group
             } else {
                 TopicRole::C2c
             },
-            key: Vec::new(),
-            value: Vec::new(),
+            key: key.to_vec(),
+            value,
             event_id: Some(event_id),
             command: event.callback_command.into(),
             sdk_app_id: event.sdk_app_id,
         };
-        let size = record.encoded_len() + key.len() + counter.0 + SPOOL_FRAMING;
+        let size = record.encoded_len() + SPOOL_FRAMING;
         self.left = self.left.checked_sub(size).ok_or(OverBudget {
             budget: self.budget,
         })?;
-        // Measured first, so the value is written into an exact allocation.
-        record.value.reserve_exact(counter.0);
-        let _ = serde_json::to_writer(&mut record.value, event);
-        record.key = key.to_vec();
         self.records.push(record);
         Ok(())
     }
@@ -727,7 +716,7 @@ mod tests {
     }
 
     #[test]
-    fn records_stop_at_the_budget_before_they_are_built() {
+    fn records_stop_at_the_budget() {
         let cb = parse(GROUP_READ_RECEIPT, GROUP.as_bytes())
             .unwrap()
             .unwrap();
@@ -746,9 +735,9 @@ mod tests {
             normalize_within(&cb, &ENV, exact - 1, &mut out),
             Err(OverBudget { budget: exact - 1 })
         );
-        // The first record fitted; the second was measured, never built.
+        // The first record fitted; the second was built, measured and
+        // dropped, and nothing after it was built.
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].value.capacity(), out[0].value.len());
         assert_eq!(budget_for(100), 1600 + OUTPUT_BYTES_ALLOWANCE);
         assert_eq!(budget_for(1 << 20), (16 << 20) + OUTPUT_BYTES_ALLOWANCE);
     }
