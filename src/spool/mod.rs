@@ -78,7 +78,7 @@ pub use segment::MAX_RECORD_LEN;
 
 use segment::{HEADER_LEN, record_size};
 use state::{Counters, State};
-use writer::{Msg, Writer};
+use writer::{Msg, SharedWriter, Writer};
 
 /// When appended data is forced to stable storage; see the module doc for
 /// what each mode guarantees.
@@ -295,6 +295,9 @@ pub struct Spool {
 
 struct Inner {
     shared: Arc<Shared>,
+    writer: SharedWriter,
+    /// Appends are written on the caller's thread (see `writer.rs`).
+    inline: bool,
     tx: Option<Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -337,21 +340,23 @@ impl Spool {
             hooks: tests::TestHooks::default(),
         });
         let (tx, rx) = mpsc::channel();
-        let writer = Writer::new(
+        let writer = Arc::new(Mutex::new(Writer::new(
             shared.clone(),
-            rx,
             &cfg,
             recovered.active,
             recovered.next_id,
-        );
+        )));
+        let for_thread = writer.clone();
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || writer::run(for_thread, rx))
             .map_err(|e| SpoolError::Io(io_context(e, "start writer thread for", &cfg.dir)))?;
         let reader = SpoolReader::new(shared.clone(), recovered.reader_start);
         let spool = Spool {
             inner: Arc::new(Inner {
                 shared,
+                writer,
+                inline: writer::writes_inline(cfg.fsync),
                 tx: Some(tx),
                 thread: Some(thread),
             }),
@@ -377,18 +382,15 @@ impl Spool {
         let queued = self.enqueue(records);
         async move {
             match queued? {
-                None => Ok(()),
-                Some(rx) => rx.await.unwrap_or(Err(SpoolError::WriterStopped)),
+                Queued::Done => Ok(()),
+                Queued::Waiting(rx) => rx.await.unwrap_or(Err(SpoolError::WriterStopped)),
             }
         }
     }
 
-    fn enqueue(
-        &self,
-        records: Vec<Bytes>,
-    ) -> Result<Option<oneshot::Receiver<Result<(), SpoolError>>>, SpoolError> {
+    fn enqueue(&self, records: Vec<Bytes>) -> Result<Queued, SpoolError> {
         if records.is_empty() {
-            return Ok(None);
+            return Ok(Queued::Done);
         }
         if let Some(r) = records.iter().find(|r| r.len() > MAX_RECORD_LEN) {
             return Err(SpoolError::RecordTooLarge {
@@ -407,15 +409,19 @@ impl Spool {
                 max_bytes: self.inner.shared.max_bytes,
             });
         }
-        let (reply, rx) = oneshot::channel();
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::WriterStopped)?;
+        if self.inner.inline {
+            writer::append_now(&self.inner.writer, tx, records, bytes)?;
+            return Ok(Queued::Done);
+        }
+        let (reply, rx) = oneshot::channel();
         tx.send(Msg::Append {
             records,
             bytes,
             reply,
         })
         .map_err(|_| SpoolError::WriterStopped)?;
-        Ok(Some(rx))
+        Ok(Queued::Waiting(rx))
     }
 
     /// Records that `id` was positively delivered to Kafka, so it is never
@@ -488,6 +494,14 @@ impl Spool {
             .map_err(|_| SpoolError::WriterStopped)?;
         rx.await.unwrap_or(Err(SpoolError::WriterStopped))
     }
+}
+
+/// Where an append stands once its call returns.
+enum Queued {
+    /// Written (or nothing to write).
+    Done,
+    /// Queued for the writer thread, which answers here.
+    Waiting(oneshot::Receiver<Result<(), SpoolError>>),
 }
 
 /// How long a failed append (Full or I/O error) keeps the spool reported

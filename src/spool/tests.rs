@@ -1338,3 +1338,32 @@ fn config_is_validated() {
     c.max_bytes = 10;
     assert!(matches!(Spool::open(c), Err(SpoolError::Config(_))));
 }
+
+#[tokio::test]
+async fn interval_and_never_appends_are_written_without_the_writer_thread() {
+    for fsync in [
+        FsyncMode::Interval(Duration::from_secs(3600)),
+        FsyncMode::Never,
+    ] {
+        let (_dir, mut c) = fresh();
+        c.fsync = fsync;
+        let (spool, mut reader, _) = open(&c);
+        let hooks = spool.hooks();
+        // A paused writer thread answers nothing it is sent; these appends
+        // must not need it.
+        hooks.pause();
+        for i in 1..=20 {
+            tokio::time::timeout(Duration::from_secs(2), spool.append(vec![ev(i)]))
+                .await
+                .expect("an append waited for the writer thread")
+                .expect("append");
+        }
+        assert_eq!(spool.stats().counters.write_groups, 20, "{fsync:?}");
+        assert_eq!(
+            ids(&read_n(&mut reader, 20).await),
+            (1..=20).collect::<Vec<_>>()
+        );
+        hooks.resume();
+        shut(spool, reader).await;
+    }
+}

@@ -57,6 +57,9 @@ pub(crate) enum Msg {
     },
     /// Sync everything, flush acks, refuse further appends.
     Close { reply: Reply },
+    /// An append on the caller's thread set a new sync deadline: the thread
+    /// looks at its timers again.
+    Tick,
 }
 
 /// The segment currently appended to, as the writer sees it.
@@ -76,14 +79,12 @@ struct Request {
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    rx: Receiver<Msg>,
     fsync: FsyncMode,
     segment_bytes: u64,
     max_bytes: u64,
     active: Option<ActiveFile>,
     next_id: u64,
     buf: Vec<u8>,
-    msgs: Vec<Msg>,
     group: Vec<Request>,
     accepted: Vec<Reply>,
     samples: Vec<(u64, u64)>,
@@ -98,6 +99,100 @@ pub(crate) struct Writer {
     /// `Interval` mode: where the periodic syncs run.
     syncer: Option<Syncer>,
     closed: bool,
+    /// Set when an append on the caller's thread started a sync deadline
+    /// that the writer thread, asleep on an older one, must be told of.
+    tick_needed: bool,
+}
+
+/// The writer, shared between its thread and (outside `Always` mode) the
+/// callers appending on their own threads.
+pub(crate) type SharedWriter = Arc<Mutex<Writer>>;
+
+pub(crate) fn lock(w: &Mutex<Writer>) -> std::sync::MutexGuard<'_, Writer> {
+    // Every path that can panic leaves the writer's fields consistent (a
+    // group is either written and published, or failed and answered).
+    w.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Whether appends in this mode are written on the caller's thread.
+pub(crate) fn writes_inline(fsync: FsyncMode) -> bool {
+    !matches!(fsync, FsyncMode::Always)
+}
+
+/// `Interval`/`Never` modes: writes one request's records now, on the
+/// caller's thread, and returns the outcome. Wakes the writer thread when
+/// the write started a sync deadline it does not know of yet.
+pub(crate) fn append_now(
+    writer: &Mutex<Writer>,
+    ticks: &std::sync::mpsc::Sender<Msg>,
+    records: Vec<Bytes>,
+    bytes: u64,
+) -> Result<(), SpoolError> {
+    let (reply, mut rx) = oneshot::channel();
+    let tick = {
+        let mut w = lock(writer);
+        if w.closed {
+            return Err(SpoolError::Closed);
+        }
+        w.group.push(Request {
+            records,
+            bytes,
+            reply,
+        });
+        w.commit();
+        std::mem::take(&mut w.tick_needed)
+    };
+    if tick {
+        // The thread may be gone only at the very end; the sync then
+        // happens at close.
+        let _ = ticks.send(Msg::Tick);
+    }
+    rx.try_recv().unwrap_or(Err(SpoolError::WriterStopped))
+}
+
+/// Thread body. Ends when every `Spool` handle is gone, after a final sync,
+/// so dropping the spool never loses appended data.
+pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
+    let mut msgs = Vec::new();
+    #[cfg(test)]
+    let shared = lock(&writer).shared.clone();
+    while let Some(first) = next_message(&writer, &rx) {
+        #[cfg(test)]
+        shared.hooks.wait_while_paused();
+        msgs.push(first);
+        while let Ok(m) = rx.try_recv() {
+            msgs.push(m);
+        }
+        let mut w = lock(&writer);
+        for m in msgs.drain(..) {
+            w.handle(m);
+        }
+        w.commit();
+    }
+    if let Err(e) = lock(&writer).close() {
+        tracing::error!(error = %e, "final spool sync failed; data appended since the last sync may be lost if the machine crashes");
+    }
+}
+
+/// Blocks for the next message, running the periodic sync and ack flush
+/// when they fall due. None once every sender is gone.
+fn next_message(writer: &Mutex<Writer>, rx: &Receiver<Msg>) -> Option<Msg> {
+    loop {
+        // Checked before every wait, so sustained load cannot starve the
+        // periodic sync.
+        let deadline = {
+            let mut w = lock(writer);
+            w.on_timer();
+            w.tick_needed = false;
+            w.sync_due.map_or(w.acks_due, |d| d.min(w.acks_due))
+        };
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Msg::Tick) => {}
+            Ok(m) => return Some(m),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
 }
 
 /// A thread that runs `fdatasync` for the writer, so that appends never
@@ -159,7 +254,6 @@ impl Drop for Syncer {
 impl Writer {
     pub(crate) fn new(
         shared: Arc<Shared>,
-        rx: Receiver<Msg>,
         cfg: &super::SpoolConfig,
         active: Option<ActiveFile>,
         next_id: u64,
@@ -167,14 +261,12 @@ impl Writer {
         let shared_for_syncer = shared.clone();
         Self {
             shared,
-            rx,
             fsync: cfg.fsync,
             segment_bytes: cfg.segment_bytes,
             max_bytes: cfg.max_bytes,
             active,
             next_id,
             buf: Vec::new(),
-            msgs: Vec::new(),
             group: Vec::new(),
             accepted: Vec::new(),
             samples: Vec::new(),
@@ -195,70 +287,34 @@ impl Writer {
                 _ => None,
             },
             closed: false,
+            tick_needed: false,
         }
     }
 
-    /// Thread body. Ends when every `Spool` handle is gone, after a final
-    /// sync, so dropping the spool never loses appended data.
-    pub(crate) fn run(mut self) {
-        while let Some(first) = self.next_message() {
-            #[cfg(test)]
-            self.shared.hooks.wait_while_paused();
-            let mut msgs = std::mem::take(&mut self.msgs);
-            msgs.push(first);
-            while let Ok(m) = self.rx.try_recv() {
-                msgs.push(m);
+    /// One message taken from the queue by the thread.
+    fn handle(&mut self, m: Msg) {
+        match m {
+            Msg::Append { reply, .. } if self.closed => {
+                let _ = reply.send(Err(SpoolError::Closed));
             }
-            for m in msgs.drain(..) {
-                match m {
-                    Msg::Append { reply, .. } if self.closed => {
-                        let _ = reply.send(Err(SpoolError::Closed));
-                    }
-                    Msg::Append {
-                        records,
-                        bytes,
-                        reply,
-                    } => {
-                        self.group.push(Request {
-                            records,
-                            bytes,
-                            reply,
-                        });
-                    }
-                    Msg::Close { reply } => {
-                        // Appends queued before the close are part of what
-                        // close waits for.
-                        self.commit();
-                        let _ = reply.send(self.close());
-                    }
-                }
+            Msg::Append {
+                records,
+                bytes,
+                reply,
+            } => {
+                self.group.push(Request {
+                    records,
+                    bytes,
+                    reply,
+                });
             }
-            self.commit();
-            self.msgs = msgs;
-        }
-        if let Err(e) = self.close() {
-            tracing::error!(error = %e, "final spool sync failed; data appended since the last sync may be lost if the machine crashes");
-        }
-    }
-
-    /// Blocks for the next request, running the periodic sync and ack
-    /// flush when they fall due. None once every sender is gone.
-    fn next_message(&mut self) -> Option<Msg> {
-        loop {
-            // Checked before every wait, so sustained load cannot starve
-            // the periodic sync.
-            self.on_timer();
-            let deadline = self
-                .sync_due
-                .map_or(self.acks_due, |d| d.min(self.acks_due));
-            match self
-                .rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(m) => return Some(m),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return None,
+            Msg::Close { reply } => {
+                // Appends queued before the close are part of what close
+                // waits for.
+                self.commit();
+                let _ = reply.send(self.close());
             }
+            Msg::Tick => {}
         }
     }
 
@@ -415,6 +471,7 @@ impl Writer {
                 if self.sync_due.is_none() {
                     // An interval too long to represent means "never".
                     self.sync_due = Instant::now().checked_add(d);
+                    self.tick_needed = self.sync_due.is_some();
                 }
                 Ok(())
             }
@@ -456,6 +513,26 @@ impl Writer {
             }
             Err(TrySendError::Disconnected(_)) => self.sync_active(),
         }
+    }
+
+    /// Before a roll: the segment being retired must reach the disk. In
+    /// `Interval` mode an idle syncer thread takes that sync (the appends
+    /// that roll run on a caller's thread, which must not wait for a
+    /// disk); otherwise it runs here.
+    fn sync_retiring(&mut self) -> io::Result<()> {
+        if self.dirty
+            && let (Some(syncer), Some(a)) = (self.syncer.as_ref(), self.active.as_ref())
+            && let Some(jobs) = syncer.jobs.as_ref()
+        {
+            let path = segment_path(&self.shared.dir, a.first_id);
+            if let Ok(file) = a.file.try_clone()
+                && jobs.try_send((file, path)).is_ok()
+            {
+                self.dirty = false;
+                return Ok(());
+            }
+        }
+        self.sync_active()
     }
 
     /// fdatasync of the active segment if it has unsynced writes.
@@ -582,7 +659,7 @@ impl Writer {
         let durable = !matches!(self.fsync, FsyncMode::Never);
         let file = create_segment(&self.shared, first_id, durable)?;
         if durable {
-            if let Err(e) = self.sync_active() {
+            if let Err(e) = self.sync_retiring() {
                 Counters::add(&self.shared.counters.io_errors, 1);
                 tracing::error!(error = %e, "sync of the previous spool segment failed; its recent events may be lost if the machine crashes");
             }
