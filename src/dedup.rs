@@ -11,7 +11,8 @@
 //! mid-way (client gone) cannot leave its ids marked.
 //!
 //! Seen ids are bounded twice: by time (`spool.dedup_window`) and by count
-//! (`spool.dedup_max_entries`, about 25 bytes each), whichever comes first.
+//! (`spool.dedup_max_entries`, about 27 bytes each, see `seen.rs`),
+//! whichever comes first.
 //! An entry is 64 bits of the event id (itself a hash; two different events
 //! sharing them among 200,000 remembered is a one-in-a-billion event, and
 //! the cost would be one dropped duplicate-looking event) and the time it
@@ -25,8 +26,10 @@
 //! This is a best effort on the way in; duplicates that can still happen
 //! (a replay after a crash) carry the same `event_id` for consumers to drop.
 
+mod seen;
+
+use std::collections::HashMap;
 use std::collections::hash_map::{Entry, RandomState};
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -71,8 +74,7 @@ pub struct Dedup {
 struct Inner {
     /// Times are kept as milliseconds since this instant, to keep entries small.
     epoch: Instant,
-    seen: HashSet<u64, RandomState>,
-    order: VecDeque<(u64, u64)>,
+    seen: seen::Seen,
     /// Ids being written by some request, with the receiver that tells
     /// waiters when that request is done.
     pending: HashMap<u64, watch::Receiver<()>, RandomState>,
@@ -116,9 +118,7 @@ impl Claim {
         );
         for key in keys {
             inner.pending.remove(&key);
-            if inner.seen.insert(key) {
-                inner.order.push_back((now_ms, key));
-            }
+            inner.seen.insert(key, now_ms);
         }
         drop(inner);
         self.done.take();
@@ -174,8 +174,7 @@ impl Dedup {
             max_entries,
             inner: Arc::new(Mutex::new(Inner {
                 epoch: Instant::now(),
-                seen: HashSet::default(),
-                order: VecDeque::new(),
+                seen: seen::Seen::new(max_entries),
                 pending: HashMap::default(),
             })),
         }
@@ -208,7 +207,7 @@ impl Dedup {
             .iter()
             .map(|id| {
                 let key = compact(id);
-                if inner.seen.contains(&key) {
+                if inner.seen.contains(key) {
                     return Admission::Seen;
                 }
                 match inner.pending.entry(key) {
@@ -242,12 +241,11 @@ impl Inner {
     }
 
     fn expire(&mut self, now_ms: u64, window_ms: u64, keep_at_most: usize) {
-        while let Some(&(at, key)) = self.order.front() {
-            if now_ms.saturating_sub(at) < window_ms && self.order.len() <= keep_at_most {
+        while let Some(at) = self.seen.oldest() {
+            if now_ms.saturating_sub(at) < window_ms && self.seen.len() <= keep_at_most {
                 break;
             }
-            self.order.pop_front();
-            self.seen.remove(&key);
+            self.seen.pop_oldest();
         }
     }
 }
