@@ -144,7 +144,8 @@ impl SpoolReader {
             match res {
                 Ok(mut records) => {
                     self.next_id += records.len() as u64;
-                    let st = self.shared.lock_state();
+                    let mut st = self.shared.lock_state();
+                    st.tail.set_reader_at(self.next_id);
                     records.retain(|r| !st.is_acked(r.id));
                     if !records.is_empty() {
                         Counters::add(
@@ -221,7 +222,10 @@ enum Look {
 fn look(shared: &Shared, next_id: &mut u64, max_records: usize, max_bytes: usize) -> Look {
     let mut st = shared.lock_state();
     loop {
-        let Some(plan) = plan_read(&st, *next_id) else {
+        let plan = plan_read(&st, *next_id);
+        st.tail
+            .set_reader_at(plan.as_ref().map_or(*next_id, |p| p.start_id));
+        let Some(plan) = plan else {
             // Nothing undelivered from the cursor on: whatever the tail
             // holds below it was returned already.
             st.tail.drop_below(*next_id);
@@ -232,6 +236,7 @@ fn look(shared: &Shared, next_id: &mut u64, max_records: usize, max_bytes: usize
         };
         if let Some(last) = records.last() {
             *next_id = last.id + 1;
+            st.tail.set_reader_at(*next_id);
         }
         // Only an ack for a record not yet handed out could match.
         records.retain(|r| !st.is_acked(r.id));

@@ -14,6 +14,12 @@
 //! records it drops are read from disk, and a reader that is behind (a
 //! restart, a Kafka outage) reads from disk until it reaches the tail's
 //! first record, then continues from memory by itself.
+//!
+//! An empty tail is only started while the reader is near, within
+//! `max_records` ids of the group: a reader further behind (a Kafka outage,
+//! a replay) reads from disk for a while yet, and a tail kept meanwhile
+//! would be memory held for nothing, restarted before the reader got
+//! there.
 
 use std::collections::VecDeque;
 
@@ -41,6 +47,8 @@ pub(crate) struct Tail {
     bytes: usize,
     max_bytes: usize,
     max_records: usize,
+    /// The next id the reader will read, as of its last look.
+    reader_at: u64,
 }
 
 impl Default for Tail {
@@ -57,7 +65,13 @@ impl Tail {
             bytes: 0,
             max_bytes,
             max_records,
+            reader_at: 0,
         }
+    }
+
+    /// Where the reader is: the next id it will read.
+    pub(crate) fn set_reader_at(&mut self, id: u64) {
+        self.reader_at = id;
     }
 
     /// Adds a group the writer has just written: `payloads` got ids
@@ -77,8 +91,11 @@ impl Tail {
         {
             self.clear();
         }
-        if n > self.max_records || bytes > self.max_bytes {
-            // Larger than the whole tail: the reader takes it from disk.
+        let reader_far = first_id.saturating_sub(self.reader_at) > self.max_records as u64;
+        if n > self.max_records || bytes > self.max_bytes || (self.records.is_empty() && reader_far)
+        {
+            // Larger than the whole tail, or no reader near: the reader
+            // takes it from disk.
             payloads.clear();
             return;
         }
@@ -166,6 +183,7 @@ mod tests {
     #[test]
     fn keeps_a_contiguous_run_and_restarts_on_a_gap() {
         let mut t = Tail::with_caps(1 << 20, 100);
+        t.set_reader_at(1);
         let mut g = group(1..4, 10);
         t.push_group(1, 5, &mut g);
         assert!(g.is_empty(), "payloads are moved, not copied");
@@ -179,11 +197,14 @@ mod tests {
 
     #[test]
     fn caps_restart_the_tail_and_an_oversized_group_is_left_to_disk() {
+        // A reader close behind, so that the tail restarts.
         let mut t = Tail::with_caps(100, 4);
+        t.set_reader_at(1);
         t.push_group(1, 0, &mut group(1..4, 30));
         t.push_group(4, 0, &mut group(4..5, 30)); // 120 bytes: over
         assert_eq!(t.ids(), vec![4]);
         t.push_group(5, 0, &mut group(5..8, 1));
+        t.set_reader_at(5);
         t.push_group(8, 0, &mut group(8..9, 1)); // 5 records: over
         assert_eq!(t.ids(), vec![8]);
         let mut big = group(9..10, 101);
@@ -195,6 +216,7 @@ mod tests {
     #[test]
     fn take_from_only_at_the_front_and_within_limits() {
         let mut t = Tail::with_caps(1 << 20, 100);
+        t.set_reader_at(10);
         t.push_group(10, 42, &mut group(10..16, 100));
         assert!(t.take_from(9, 10, 1 << 20).is_none(), "9 is on disk only");
         let got = t.take_from(11, 2, 1 << 20).expect("11 is here");
@@ -207,5 +229,23 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert!(t.take_from(16, 10, 250).is_none());
         assert_eq!(t.bytes, 0);
+    }
+
+    #[test]
+    fn no_tail_is_started_for_a_reader_far_behind() {
+        let mut t = Tail::with_caps(1 << 20, 4);
+        t.set_reader_at(1);
+        t.push_group(1, 0, &mut group(1..5, 1));
+        // Full; restarted while the reader could still reach it.
+        t.push_group(5, 0, &mut group(5..9, 1));
+        assert_eq!(t.ids(), vec![5, 6, 7, 8]);
+        // Full again; the reader has not moved: the rest waits on disk.
+        t.push_group(9, 0, &mut group(9..10, 1));
+        t.push_group(10, 0, &mut group(10..11, 1));
+        assert!(t.ids().is_empty() && t.bytes == 0);
+        // The reader has come within reach.
+        t.set_reader_at(7);
+        t.push_group(11, 0, &mut group(11..12, 1));
+        assert_eq!(t.ids(), vec![11]);
     }
 }
