@@ -359,10 +359,6 @@ impl Spool {
             .name("spool-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| SpoolError::Io(io_context(e, "start writer thread for", &cfg.dir)))?;
-        shared
-            .lock_state()
-            .tail
-            .set_reader_at(recovered.reader_start);
         let reader = SpoolReader::new(shared.clone(), recovered.reader_start);
         let spool = Spool {
             inner: Arc::new(Inner {

@@ -90,6 +90,8 @@ struct ReadFailure {
 
 impl SpoolReader {
     pub(crate) fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+        // Until its first look, the tail knows where the reader starts.
+        shared.lock_state().tail.set_reader_at(next_id);
         Self {
             shared,
             next_id,
