@@ -1562,3 +1562,35 @@ async fn a_failed_write_or_sync_puts_nothing_in_the_tail() {
     assert_eq!(payloads(&got), vec![ev(6)]);
     assert_eq!(reads(&spool), (1, 2));
 }
+
+/// Polls `fut` exactly once.
+async fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let mut fut = Some(fut);
+    std::future::poll_fn(|cx| {
+        let f = fut.take().expect("polled once");
+        std::task::Poll::Ready(f.poll(cx))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_batch_from_memory_comes_in_one_poll_and_a_dropped_wait_loses_nothing() {
+    let (_dir, spool, mut reader) = fresh_open();
+    {
+        let waiting = std::pin::pin!(reader.next_batch(10, 1 << 20));
+        assert!(poll_once(waiting).await.is_pending(), "nothing to read yet");
+        // Dropped while waiting, as `select!` does.
+    }
+    spool.append(vec![ev(1), ev(2)]).await.expect("append");
+    // Taken from the tail and returned in the same poll: no await lies
+    // between them, so no cancellation can drop a taken batch.
+    {
+        let ready = std::pin::pin!(reader.next_batch(10, 1 << 20));
+        match poll_once(ready).await {
+            std::task::Poll::Ready(Some(batch)) => assert_eq!(ids(&batch), vec![1, 2]),
+            other => panic!("expected a batch in one poll, got {other:?}"),
+        }
+    }
+    assert_eq!(reads(&spool), (0, 2));
+    shut(spool, reader).await;
+}
