@@ -170,6 +170,15 @@ label_values! {
 }
 
 label_values! {
+    /// The `source` label of `timbridge_spool_records_read_total`: where
+    /// the publisher took spooled records from.
+    pub enum ReadSource {
+        Disk => "disk",
+        Memory => "memory",
+    }
+}
+
+label_values! {
     /// The `reason` label of `timbridge_tls_handshakes_failed_total`.
     pub enum HandshakeFailure {
         Timeout => "timeout",

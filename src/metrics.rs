@@ -21,8 +21,8 @@ use prometheus::{
 };
 
 use crate::labels::{
-    Command, HandshakeFailure, KafkaErrorReason, Listener, Outcome, RecordKind, ReloadResult,
-    TimeoutStage, UpstreamDrop, UpstreamOutcome,
+    Command, HandshakeFailure, KafkaErrorReason, Listener, Outcome, ReadSource, RecordKind,
+    ReloadResult, TimeoutStage, UpstreamDrop, UpstreamOutcome,
 };
 use crate::limits::Limit;
 use crate::spool::Spool;
@@ -294,7 +294,8 @@ struct SpoolCollector {
     segments: IntGauge,
     syncs: IntCounter,
     records_lost: IntCounter,
-    /// Concurrent scrapes must not both add the same syncs to the counter.
+    records_read: IntCounterVec,
+    /// Concurrent scrapes must not both add the same increase to a counter.
     syncs_seen: Mutex<()>,
     /// The series above (sharing their values), listed once for both
     /// `desc` and `collect`.
@@ -332,6 +333,17 @@ impl SpoolCollector {
             "timbridge_spool_records_lost_total",
             "Spool records skipped because their bytes on disk are corrupt (found at start or while reading); each is logged, none is delivered.",
         );
+        let records_read = IntCounterVec::new(
+            Opts::new(
+                "timbridge_spool_records_read_total",
+                "Spool records handed to the publisher, by source: memory (the newest writes, while it keeps up) or disk (replay after a restart, a backlog).",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        for source in ReadSource::ALL {
+            records_read.with_label_values(&[source.as_str()]);
+        }
         // The limit is set once here: only `all` holds it.
         let all: Vec<Box<dyn Collector>> = vec![
             Box::new(events.clone()),
@@ -341,6 +353,7 @@ impl SpoolCollector {
             Box::new(segments.clone()),
             Box::new(syncs.clone()),
             Box::new(records_lost.clone()),
+            Box::new(records_read.clone()),
         ];
         SpoolCollector {
             spool,
@@ -350,6 +363,7 @@ impl SpoolCollector {
             segments,
             syncs,
             records_lost,
+            records_read,
             syncs_seen: Mutex::new(()),
             all,
         }
@@ -375,6 +389,14 @@ impl Collector for SpoolCollector {
             let seen = self.records_lost.get();
             self.records_lost
                 .inc_by(s.counters.records_lost.saturating_sub(seen));
+            for source in ReadSource::ALL {
+                let total = match source {
+                    ReadSource::Disk => s.counters.records_read_disk,
+                    ReadSource::Memory => s.counters.records_read_memory,
+                };
+                let c = self.records_read.with_label_values(&[source.as_str()]);
+                c.inc_by(total.saturating_sub(c.get()));
+            }
         }
         self.all.iter().flat_map(|c| c.collect()).collect()
     }

@@ -127,6 +127,15 @@ const AFTER_THE_TRAFFIC: &[(&str, Want)] = &[
     ("timbridge_spool_oldest_event_age_seconds", Exactly(0.0)),
     ("timbridge_spool_max_bytes", Exactly(1073741824.0)),
     ("timbridge_spool_bytes", AboveZero),
+    // A publisher that keeps up takes the records from memory, not disk.
+    (
+        r#"timbridge_spool_records_read_total{source="memory"}"#,
+        Exactly(6.0),
+    ),
+    (
+        r#"timbridge_spool_records_read_total{source="disk"}"#,
+        Exactly(0.0),
+    ),
     ("timbridge_dead_letter_total", Exactly(0.0)),
     ("timbridge_callbacks_in_flight", Exactly(0.0)),
     (

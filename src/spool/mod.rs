@@ -22,9 +22,13 @@
 //!   segment, so a restart does not replay what Kafka already has. Losing
 //!   the tail of an ack file (crash) only produces duplicates, which the
 //!   at-least-once contract allows, so ack files are never synced.
-//! * **Reader.** One consumer reads records back from the files (never from
-//!   memory: a long Kafka outage may spool gigabytes), in id order, skipping
-//!   records already delivered before a restart.
+//! * **Reader.** One consumer reads records back in id order, skipping
+//!   records already delivered before a restart. While it is caught up it
+//!   takes them from a bounded in-memory tail of the newest writes (the
+//!   payloads given to `append`, see `tail.rs`); otherwise, and always
+//!   after a restart, it reads them from the files, since a long Kafka
+//!   outage may spool gigabytes. It moves from disk to memory by itself
+//!   once it reaches the tail's first record.
 //! * **Recovery.** At open, every segment is scanned and each record's CRC
 //!   checked. A record whose checksum fails while its length and id hold
 //!   and a valid record follows it (a flipped bit) is skipped alone, and
@@ -53,6 +57,7 @@ mod reader;
 mod recovery;
 mod segment;
 mod state;
+mod tail;
 mod writer;
 
 #[cfg(test)]
@@ -245,6 +250,12 @@ pub struct SpoolCounters {
     /// recovery at open, and records corrupted on disk while running. Each
     /// is logged; none is delivered.
     pub records_lost: u64,
+    /// Records the reader returned from the segment files: replay after a
+    /// restart, and a backlog (Kafka away, or slower than the callbacks).
+    pub records_read_disk: u64,
+    /// Records the reader returned from the in-memory tail of the newest
+    /// writes, while it was caught up.
+    pub records_read_memory: u64,
 }
 
 /// A snapshot of the spool for metrics, health checks and `spool stat`.

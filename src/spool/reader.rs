@@ -1,8 +1,16 @@
-//! The single consumer: reads records back from the segment files.
+//! The single consumer: hands out records in id order, from memory while
+//! it is caught up, from the segment files otherwise.
+//!
+//! Each batch is planned under the state lock. When the first record the
+//! plan would read is the first one in the in-memory tail (`tail.rs`), the
+//! batch is taken from there in that same step, with no file access and no
+//! thread hand-off. Otherwise (replay after a restart, a backlog) it is
+//! read from disk.
 //!
 //! The reader never reads past a segment's `data_len`, which the writer
 //! moves only after a write succeeded, so it can share files with the
-//! writer without seeing partial or rolled-back data. File reads run on the
+//! writer without seeing partial or rolled-back data; the writer fills the
+//! tail in the same step and for the same writes. File reads run on the
 //! blocking pool so a cold disk does not stall the async runtime.
 
 use std::fs::File;
@@ -17,6 +25,14 @@ use super::segment::{
     Damage, HEADER_LEN, Parsed, RECORD_HEADER_LEN, RecordHeader, parse_record, segment_path,
 };
 use super::state::{Counters, Sample, State};
+
+/// What `wait_for_data` found.
+enum Ready {
+    /// A batch taken from the in-memory tail; the cursor is already past it.
+    Memory(Vec<SpooledRecord>),
+    /// Records to read from a segment file.
+    Disk(ReadPlan),
+}
 
 /// Bounds of one read from disk: big enough to amortise the system call,
 /// small enough not to pull in far more than a batch needs.
@@ -74,6 +90,8 @@ struct ReadFailure {
 
 impl SpoolReader {
     pub(crate) fn new(shared: Arc<Shared>, next_id: u64) -> Self {
+        // Until its first look, the tail knows where the reader starts.
+        shared.lock_state().tail.set_reader_at(next_id);
         Self {
             shared,
             next_id,
@@ -88,7 +106,8 @@ impl SpoolReader {
     /// and everything written has been returned.
     ///
     /// Cancel-safe: dropping the future (e.g. in `select!`) loses nothing;
-    /// the next call returns the same records.
+    /// the next call returns the same records. (A batch from memory is
+    /// taken and returned within one poll, with no await in between.)
     pub async fn next_batch(
         &mut self,
         max_records: usize,
@@ -96,7 +115,15 @@ impl SpoolReader {
     ) -> Option<Vec<SpooledRecord>> {
         let max_records = max_records.max(1);
         loop {
-            let plan = self.wait_for_data().await?;
+            let plan = match self.wait_for_data(max_records, max_bytes).await? {
+                Ready::Memory(records) => {
+                    // A file kept open would hold on to a segment's disk
+                    // space after its deletion, for as long as memory serves.
+                    self.pos = None;
+                    return Some(records);
+                }
+                Ready::Disk(plan) => plan,
+            };
             self.next_id = plan.start_id;
             let mut pos = self.pos.take();
             let dir = self.shared.dir.clone();
@@ -119,9 +146,14 @@ impl SpoolReader {
             match res {
                 Ok(mut records) => {
                     self.next_id += records.len() as u64;
-                    let st = self.shared.lock_state();
+                    let mut st = self.shared.lock_state();
+                    st.tail.set_reader_at(self.next_id);
                     records.retain(|r| !st.is_acked(r.id));
                     if !records.is_empty() {
+                        Counters::add(
+                            &self.shared.counters.records_read_disk,
+                            records.len() as u64,
+                        );
                         return Some(records);
                     }
                 }
@@ -130,21 +162,20 @@ impl SpoolReader {
         }
     }
 
-    async fn wait_for_data(&self) -> Option<ReadPlan> {
+    /// Waits until there is something to return: a batch from the tail,
+    /// taken here under the lock (so it cannot be lost to a cancellation
+    /// between taking and returning), or a plan for reading from disk.
+    async fn wait_for_data(&mut self, max_records: usize, max_bytes: usize) -> Option<Ready> {
+        let shared = &*self.shared;
         loop {
             // notify_one leaves a permit when nobody waits, so a wake-up sent
             // between the look and the wait is not missed.
-            let notified = self.shared.data_ready.notified();
-            {
-                let st = self.shared.lock_state();
-                if let Some(plan) = plan_read(&st, self.next_id) {
-                    return Some(plan);
-                }
-                if st.closed {
-                    return None;
-                }
+            let notified = shared.data_ready.notified();
+            match look(shared, &mut self.next_id, max_records, max_bytes) {
+                Look::Ready(ready) => return Some(ready),
+                Look::Done => return None,
+                Look::Wait => notified.await,
             }
-            notified.await;
         }
     }
 
@@ -175,6 +206,46 @@ impl SpoolReader {
         };
         Counters::add(&shared.counters.segments_deleted, deletions.len() as u64);
         deletions.run();
+    }
+}
+
+/// What one look under the state lock found.
+enum Look {
+    Ready(Ready),
+    /// Closed, and everything was returned.
+    Done,
+    /// Nothing to return yet.
+    Wait,
+}
+
+/// Plans the next batch under the state lock, and takes it from the tail
+/// when the tail starts exactly where the plan would read, moving
+/// `next_id` past it.
+fn look(shared: &Shared, next_id: &mut u64, max_records: usize, max_bytes: usize) -> Look {
+    let mut st = shared.lock_state();
+    loop {
+        let plan = plan_read(&st, *next_id);
+        st.tail
+            .set_reader_at(plan.as_ref().map_or(*next_id, |p| p.start_id));
+        let Some(plan) = plan else {
+            // Nothing undelivered from the cursor on: whatever the tail
+            // holds below it was returned already.
+            st.tail.drop_below(*next_id);
+            return if st.closed { Look::Done } else { Look::Wait };
+        };
+        let Some(mut records) = st.tail.take_from(plan.start_id, max_records, max_bytes) else {
+            return Look::Ready(Ready::Disk(plan));
+        };
+        if let Some(last) = records.last() {
+            *next_id = last.id + 1;
+            st.tail.set_reader_at(*next_id);
+        }
+        // Only an ack for a record not yet handed out could match.
+        records.retain(|r| !st.is_acked(r.id));
+        if !records.is_empty() {
+            Counters::add(&shared.counters.records_read_memory, records.len() as u64);
+            return Look::Ready(Ready::Memory(records));
+        }
     }
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Per segment it keeps only what is needed to answer "what is still
 //! pending, and since when": a bitmap of delivered records (one bit per
-//! record) and sparse time/offset samples. Payloads are never held here,
-//! which is what lets the spool hold gigabytes during a Kafka outage.
+//! record) and sparse time/offset samples. Payloads are never held per
+//! segment, which is what lets the spool hold gigabytes during a Kafka
+//! outage; only the newest few MiB are kept, in the bounded [`Tail`].
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::SpoolCounters;
 use super::segment::{acks_path, segment_path};
+use super::tail::Tail;
 
 /// A sample is kept at least every this many records, so a reader that must
 /// skip delivered records can seek close to the first one it needs.
@@ -344,6 +346,8 @@ pub(crate) struct State {
     pub refused_at: Option<Instant>,
     /// No more records will ever be appended.
     pub closed: bool,
+    /// The newest records written, for a reader that is caught up.
+    pub tail: Tail,
 }
 
 impl State {
@@ -477,6 +481,8 @@ pub(crate) struct Counters {
     pub records_acked: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub records_lost: AtomicU64,
+    pub records_read_disk: AtomicU64,
+    pub records_read_memory: AtomicU64,
 }
 
 impl Counters {
@@ -504,6 +510,8 @@ impl Counters {
             records_acked: g(&self.records_acked),
             segments_deleted: g(&self.segments_deleted),
             records_lost: g(&self.records_lost),
+            records_read_disk: g(&self.records_read_disk),
+            records_read_memory: g(&self.records_read_memory),
         }
     }
 }

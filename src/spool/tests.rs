@@ -113,6 +113,21 @@ impl Spool {
     fn hooks(&self) -> &TestHooks {
         &self.inner.shared.hooks
     }
+
+    /// Empties the in-memory tail and sets its caps; `(0, 0)` keeps
+    /// nothing there, so that every read goes to disk.
+    fn tail_caps(&self, max_bytes: usize, max_records: usize) {
+        self.inner
+            .shared
+            .lock_state()
+            .tail
+            .set_caps(max_bytes, max_records);
+    }
+
+    /// Ids in the in-memory tail.
+    fn tail_ids(&self) -> Vec<u64> {
+        self.inner.shared.lock_state().tail.ids()
+    }
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -972,7 +987,15 @@ async fn reader_waits_for_appends_and_ends_after_close() {
 
 #[tokio::test]
 async fn reader_respects_batch_limits_and_large_records() {
+    // Both ways of reading: from disk alone, and from the in-memory tail.
+    for (tail_bytes, tail_records) in [(0, 0), (1 << 20, 100)] {
+        batch_limits_and_large_records(tail_bytes, tail_records).await;
+    }
+}
+
+async fn batch_limits_and_large_records(tail_bytes: usize, tail_records: usize) {
     let (_dir, spool, mut reader) = fresh_open();
+    spool.tail_caps(tail_bytes, tail_records);
     append_each(&spool, (1..=10).map(|i| sized(i, 100))).await;
     let big = sized(11, 300 << 10); // larger than a read window
     spool.append(vec![big.clone()]).await.expect("append");
@@ -993,6 +1016,7 @@ async fn reader_respects_batch_limits_and_large_records() {
     assert!(reader.next_batch(100, 1 << 20).await.is_none());
 
     let (_dir, spool, mut reader) = fresh_open();
+    spool.tail_caps(tail_bytes, tail_records);
     spool
         .append(vec![big.clone(), ev(2)])
         .await
@@ -1036,6 +1060,8 @@ async fn reader_jumps_over_delivered_prefix_without_reading_it() {
 #[tokio::test]
 async fn data_corrupted_while_running_is_skipped_and_counted() {
     let (dir, spool, mut reader) = fresh_open();
+    // Damage on disk only shows to reads from disk.
+    spool.tail_caps(0, 0);
     append_each(&spool, (1..=5).map(ev)).await;
     let seg = segment_path(dir.path(), 1);
     let rec3 = record_at(2, ev(1).len());
@@ -1366,4 +1392,234 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
         hooks.resume();
         shut(spool, reader).await;
     }
+}
+
+/// Records read so far from disk and from memory.
+fn reads(spool: &Spool) -> (u64, u64) {
+    let c = spool.stats().counters;
+    (c.records_read_disk, c.records_read_memory)
+}
+
+#[tokio::test]
+async fn a_caught_up_reader_takes_new_records_from_memory() {
+    let (dir, spool, mut reader) = fresh_open();
+    let waiting = tokio::spawn(async move {
+        let batch = reader.next_batch(100, 1 << 20).await;
+        (reader, batch)
+    });
+    let sent = vec![ev(1), ev(2), ev(3)];
+    spool.append(sent.clone()).await.expect("append");
+    let (mut reader, batch) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("reader never woke")
+        .expect("join");
+    let got = batch.expect("a batch");
+    assert_eq!(ids(&got), vec![1, 2, 3]);
+    for (r, p) in got.iter().zip(&sent) {
+        assert_eq!(
+            r.payload.as_ptr(),
+            p.as_ptr(),
+            "not the bytes given to append"
+        );
+    }
+    assert_eq!(reads(&spool), (0, 3));
+
+    // Proof that the file was not read: records spoiled on disk after
+    // their write still arrive whole, and nothing is counted lost.
+    let seg = segment_path(dir.path(), 1);
+    let rec4 = file_len(&seg);
+    spool.append(vec![ev(4), ev(5)]).await.expect("append");
+    poke(&seg, rec4 + PAYLOAD_AT, b"XXXX");
+    let got = read_n(&mut reader, 2).await;
+    assert_eq!(payloads(&got), vec![ev(4), ev(5)]);
+    assert_eq!(reads(&spool), (0, 5));
+    assert_eq!(spool.stats().counters.records_lost, 0);
+    assert!(
+        spool.tail_ids().is_empty(),
+        "returned records kept in memory"
+    );
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn a_reader_behind_reads_from_disk_then_switches_to_memory() {
+    let (_dir, mut c) = fresh();
+    // Small segments, so that the disk reads cross segments and delivered
+    // segments are deleted while the tail serves.
+    c.segment_bytes = 500;
+    let (spool, mut reader, _) = open(&c);
+    spool.tail_caps(1 << 20, 10);
+    // The reader stands still (Kafka away): once the tail is full, no
+    // memory is held for it.
+    append_each(&spool, (1..=100).map(ev)).await;
+    assert!(
+        spool.tail_ids().is_empty(),
+        "the tail holds {:?} for a reader 100 records behind",
+        spool.tail_ids()
+    );
+
+    // The reader catches up from disk while writes go on, one record per
+    // batch it reads, and moves to memory once it reaches the tail.
+    let mut got = Vec::new();
+    let mut written = 100u64;
+    let mut switched_at = None;
+    loop {
+        let batch = tokio::time::timeout(WAIT, reader.next_batch(7, 1 << 20))
+            .await
+            .expect("reader timed out")
+            .expect("reader ended early");
+        got.extend(batch);
+        let (disk, memory) = reads(&spool);
+        if memory > 0 && switched_at.is_none() {
+            switched_at = Some(disk);
+        }
+        assert!(
+            switched_at.is_none() || switched_at == Some(disk),
+            "back to disk after reaching the tail"
+        );
+        if written == 130 {
+            if got.len() as u64 == written {
+                break;
+            }
+            continue;
+        }
+        written += 1;
+        spool.append(vec![ev(written)]).await.expect("append");
+    }
+    let (disk, memory) = reads(&spool);
+    assert_eq!(disk + memory, written);
+    assert!(
+        disk >= 100 && memory >= 10,
+        "disk {disk}, memory {memory}: the reader must switch once it reaches the tail"
+    );
+
+    // Caught up: new records come from memory only, in groups as large
+    // as the tail and one by one.
+    spool
+        .append((1..=10).map(|i| ev(written + i)).collect())
+        .await
+        .expect("append");
+    got.extend(read_n(&mut reader, 10).await);
+    append_each(&spool, (11..=15).map(|i| ev(written + i))).await;
+    got.extend(read_n(&mut reader, 5).await);
+    assert_eq!(
+        ids(&got),
+        (1..=written + 15).collect::<Vec<_>>(),
+        "each id once, in order"
+    );
+    assert!(got.iter().all(|r| r.payload == ev(r.id)));
+    assert_eq!(reads(&spool), (disk, memory + 15));
+
+    // Deleting delivered segments is unaffected: no file stays open.
+    for r in &got {
+        spool.ack(r.id);
+    }
+    assert_eq!(spool.stats().segments, 1, "delivered segments were kept");
+    assert!(
+        deleted_files_held_open(&c.dir).is_empty(),
+        "deleted segments still open: {:?}",
+        deleted_files_held_open(&c.dir)
+    );
+    shut(spool, reader).await;
+}
+
+/// Files under `dir` this process still has open although they were
+/// deleted (their disk space does not come back until they are closed).
+fn deleted_files_held_open(dir: &Path) -> Vec<PathBuf> {
+    let Ok(fds) = fs::read_dir("/proc/self/fd") else {
+        return Vec::new(); // not Linux: nothing to check
+    };
+    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|p| p.starts_with(dir) && p.to_string_lossy().ends_with(" (deleted)"))
+        .collect()
+}
+
+#[tokio::test]
+async fn records_written_before_a_restart_are_replayed_from_disk() {
+    let (_dir, c) = fresh();
+    left_behind(&c, (1..=5).map(ev)).await;
+    let (spool, mut reader, _) = open(&c);
+    assert!(spool.tail_ids().is_empty());
+    let got = read_n(&mut reader, 5).await;
+    assert_eq!(ids(&got), vec![1, 2, 3, 4, 5]);
+    assert_eq!(reads(&spool), (5, 0));
+    spool.append(vec![ev(6)]).await.expect("append");
+    assert_eq!(ids(&read_n(&mut reader, 1).await), vec![6]);
+    assert_eq!(reads(&spool), (5, 1), "caught up after the replay");
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn a_failed_write_or_sync_puts_nothing_in_the_tail() {
+    let (_dir, spool, mut reader) = fresh_open();
+    spool.append(vec![ev(1)]).await.expect("append");
+    assert_eq!(spool.tail_ids(), vec![1]);
+
+    spool.hooks().fail_writes(1);
+    spool
+        .append(vec![sized(2, 300), sized(3, 300)])
+        .await
+        .expect_err("injected write failure");
+    assert_eq!(spool.tail_ids(), vec![1], "a failed write reached the tail");
+    spool.append(vec![ev(4)]).await.expect("append");
+    assert_eq!(
+        spool.tail_ids(),
+        vec![4],
+        "ids 2 and 3 were spent: the tail starts afresh after the gap"
+    );
+    let got = read_n(&mut reader, 2).await;
+    assert_eq!(ids(&got), vec![1, 4]);
+    assert_eq!(payloads(&got), vec![ev(1), ev(4)]);
+    // 1 was taken from disk: the tail had moved on to 4 meanwhile.
+    assert_eq!(reads(&spool), (1, 1));
+
+    // Written, then the sync failed: answered with an error all the same.
+    spool.hooks().fail_syncs(1);
+    spool
+        .append(vec![ev(5)])
+        .await
+        .expect_err("injected sync failure");
+    assert!(
+        spool.tail_ids().is_empty(),
+        "a failed sync reached the tail"
+    );
+    spool.append(vec![ev(6)]).await.expect("append");
+    assert_eq!(spool.tail_ids(), vec![6]);
+    spool.close().await.expect("close");
+    let got = drain(&mut reader).await;
+    assert_eq!(ids(&got), vec![6]);
+    assert_eq!(payloads(&got), vec![ev(6)]);
+    assert_eq!(reads(&spool), (1, 2));
+}
+
+/// Polls `fut` exactly once.
+async fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let mut fut = Some(fut);
+    std::future::poll_fn(|cx| {
+        let f = fut.take().expect("polled once");
+        std::task::Poll::Ready(f.poll(cx))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_batch_from_memory_comes_in_one_poll_and_a_dropped_wait_loses_nothing() {
+    let (_dir, spool, mut reader) = fresh_open();
+    {
+        let waiting = std::pin::pin!(reader.next_batch(10, 1 << 20));
+        assert!(poll_once(waiting).await.is_pending(), "nothing to read yet");
+        // Dropped while waiting, as `select!` does.
+    }
+    spool.append(vec![ev(1), ev(2)]).await.expect("append");
+    // Taken from the tail and returned in the same poll: no await lies
+    // between them, so no cancellation can drop a taken batch.
+    {
+        let ready = std::pin::pin!(reader.next_batch(10, 1 << 20));
+        match poll_once(ready).await {
+            std::task::Poll::Ready(Some(batch)) => assert_eq!(ids(&batch), vec![1, 2]),
+            other => panic!("expected a batch in one poll, got {other:?}"),
+        }
+    }
+    assert_eq!(reads(&spool), (0, 2));
+    shut(spool, reader).await;
 }

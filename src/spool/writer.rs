@@ -87,6 +87,9 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     group: Vec<Request>,
     accepted: Vec<Reply>,
+    /// The accepted requests' payloads, in id order, for the reader's
+    /// in-memory tail once the write succeeds.
+    written: Vec<Bytes>,
     samples: Vec<(u64, u64)>,
     /// Written but not yet synced.
     dirty: bool,
@@ -269,6 +272,7 @@ impl Writer {
             buf: Vec::new(),
             group: Vec::new(),
             accepted: Vec::new(),
+            written: Vec::new(),
             samples: Vec::new(),
             dirty: false,
             sync_due: None,
@@ -387,6 +391,7 @@ impl Writer {
         self.buf.clear();
         self.samples.clear();
         self.accepted.clear();
+        self.written.clear();
         let mut id = self.next_id;
         let mut full_hit = false;
         for req in self.group.drain(..) {
@@ -409,6 +414,7 @@ impl Writer {
                 id += 1;
             }
             self.accepted.push(req.reply);
+            self.written.extend(req.records);
         }
         (id, full_hit)
     }
@@ -430,6 +436,8 @@ impl Writer {
                 }
             }
             st.bytes += self.buf.len() as u64;
+            // Ids `next_id - n..next_id`, readable from this moment on.
+            st.tail.push_group(self.next_id - n, ts, &mut self.written);
             if !full_hit {
                 st.refused_at = None;
             }
@@ -627,6 +635,8 @@ impl Writer {
     }
 
     fn fail_accepted(&mut self, e: &io::Error) {
+        // Answered with an error: never readable, so never in the tail.
+        self.written.clear();
         for reply in self.accepted.drain(..) {
             let _ = reply.send(Err(SpoolError::Io(clone_io(e))));
         }
