@@ -61,11 +61,6 @@ use crate::tencent::payload;
 use crate::tencent::query::CallbackQuery;
 use crate::upstream::Origin;
 
-/// The connection's peer, put into each request's extensions for the
-/// upstream's `X-Forwarded-For`.
-#[derive(Clone, Copy)]
-struct Peer(std::net::SocketAddr);
-
 /// Every `X-Forwarded-For` header of a request, in order. A header that is
 /// not text matches no address: it ends the walk.
 fn forwarded_for(headers: &HeaderMap) -> impl DoubleEndedIterator<Item = &str> {
@@ -317,10 +312,11 @@ impl Connections {
         let long_url = Arc::new(AtomicBool::new(false));
         let io = AnswerDeadline::new(stream, self.write_timeout, timed_out.clone());
         let routes = self.routes.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
+        // The peer goes to the route as an argument: in the request's
+        // extensions it would cost an allocation per request.
+        let service = service_fn(move |req: Request<Incoming>| {
             let routes = routes.clone();
-            async move { Ok::<_, Infallible>(routes.route(req).await) }
+            async move { Ok::<_, Infallible>(routes.route(req, peer).await) }
         });
         let (builder, tls) = (self.builder.clone(), self.tls.clone());
         let (intake, metrics) = (
@@ -702,14 +698,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswerDeadline<S> {
 }
 
 impl Routes {
-    async fn route(&self, req: Request<Incoming>) -> Answer {
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let path = req.uri().path();
         let callbacks = self.role != Role::Admin;
         let admin = self.role != Role::Callbacks;
         match (req.method(), path) {
             (&Method::POST, p) if callbacks && p == self.callback_path => {
                 let _counted = InFlight::enter(&self.handles.metrics.callbacks_in_flight);
-                self.callback(req).await
+                self.callback(req, peer.ip()).await
             }
             (&Method::GET, "/metrics") if admin => {
                 let body = self.handles.metrics.render();
@@ -733,7 +729,7 @@ impl Routes {
         }
     }
 
-    async fn callback(&self, req: Request<Incoming>) -> Answer {
+    async fn callback(&self, req: Request<Incoming>, peer: IpAddr) -> Answer {
         let started = Instant::now();
         // A request that began before shutdown is finished, even if its body
         // arrives after the signal.
@@ -741,7 +737,7 @@ impl Routes {
         let (mut head, body) = req.into_parts();
         let query = head.uri.query().unwrap_or("");
         // Who may post at all comes before which app it claims to be.
-        if let Err(r) = self.check_source(&head) {
+        if let Err(r) = self.check_source(peer, &head.headers) {
             return self.reject_unread(query, r, started, true);
         }
         // Refuse on the declared length before reading a byte of it.
@@ -773,7 +769,7 @@ impl Routes {
             Err(r) => return self.reject_unread(query, r, started, false),
         };
         let origin = match self.handles.intake.upstream() {
-            Some(_) => self.origin(&head.extensions, &mut head.headers),
+            Some(_) => self.origin(peer, &mut head.headers),
             None => Origin::default(),
         };
         let answer = match self
@@ -800,22 +796,19 @@ impl Routes {
     /// the source rules resolve it (the peer, or behind trusted proxies the
     /// address they forwarded; the peer when that entry is no address), and
     /// whether it came over TLS. Takes the headers.
-    fn origin(&self, extensions: &hyper::http::Extensions, headers: &mut HeaderMap) -> Origin {
-        let client = extensions.get::<Peer>().map(|p| {
-            let peer = p.0.ip();
-            match self
-                .handles
-                .intake
-                .live()
-                .sources
-                .client(peer, forwarded_for(headers))
-            {
-                crate::source::Client::Ip(ip) => ip,
-                crate::source::Client::Unparsable(_) => peer,
-            }
-        });
+    fn origin(&self, peer: IpAddr, headers: &mut HeaderMap) -> Origin {
+        let client = match self
+            .handles
+            .intake
+            .live()
+            .sources
+            .client(peer, forwarded_for(headers))
+        {
+            crate::source::Client::Ip(ip) => ip,
+            crate::source::Client::Unparsable(_) => peer,
+        };
         Origin {
-            client,
+            client: Some(client),
             https: self.handles.intake.tls().is_some(),
             headers: std::mem::take(headers),
         }
@@ -823,18 +816,13 @@ impl Routes {
 
     /// 403 when the client (the peer, or behind trusted proxies the
     /// address they forwarded) is outside `server.allow_from`.
-    fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
+    fn check_source(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), Rejection> {
         let live = self.handles.intake.live();
         if live.sources.allows_any() {
             return Ok(());
         }
-        // Always set by `serve`; without it, an address no range matches.
-        let peer = head
-            .extensions
-            .get::<Peer>()
-            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
         live.sources
-            .check(peer, forwarded_for(&head.headers))
+            .check(peer, forwarded_for(headers))
             .map_err(|client| {
                 Rejection::new(
                     RejectKind::ForbiddenSource,
