@@ -75,9 +75,6 @@ pub struct Intake {
     rejection_log: LogThrottle,
     /// The app behind the gateway, when `[upstream]` is set.
     upstream: Option<Upstream>,
-    /// With `server.tls_cert_file`: the callback listener's TLS (the
-    /// certificate itself is swapped by a reload, see `crate::tls`).
-    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Intake {
@@ -95,14 +92,7 @@ impl Intake {
             draining: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             upstream: None,
-            tls: None,
         }
-    }
-
-    /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
-    pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
-        self.tls = Some(tls);
-        self
     }
 
     /// Counts a failed TLS handshake and logs it within
@@ -128,11 +118,6 @@ impl Intake {
                 "TLS handshake failed"
             );
         }
-    }
-
-    /// The callback listener's TLS, when `server.tls_cert_file` is set.
-    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
-        self.tls.as_ref()
     }
 
     /// Other commands go to `upstream` from now on (see [`crate::upstream`]).

@@ -117,6 +117,8 @@ struct Routes {
     callback_path: String,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    /// Whether callbacks come over TLS, for the upstream's `X-Forwarded-Proto`.
+    https: bool,
     handles: Handles,
 }
 
@@ -224,18 +226,21 @@ pub struct Handles {
 }
 
 /// Serves until `shutdown` fires, then drains connections for at most
-/// `drain_timeout`.
+/// `drain_timeout`. With `tls` (`server.tls_cert_file`), connections are
+/// taken over TLS only; the certificate itself is swapped by a reload (see
+/// `crate::tls`).
 pub async fn serve(
     listener: TcpListener,
     role: Role,
     config: &ServerConfig,
     handles: Handles,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Callbacks only: the admin listener stays plain HTTP for probes.
     let tls = match role {
         Role::Admin => None,
-        Role::Everything | Role::Callbacks => handles.intake.tls().cloned(),
+        Role::Everything | Role::Callbacks => tls,
     };
     let gate = Gate::new(role, config, &handles.metrics, tls.is_some());
     let connections = Connections {
@@ -244,6 +249,7 @@ pub async fn serve(
             callback_path: config.callback_path.clone(),
             max_body_bytes: config.max_body_bytes,
             body_read_timeout: config.body_read_timeout,
+            https: tls.is_some(),
             handles,
         }),
         builder: http_builder(config),
@@ -809,7 +815,7 @@ impl Routes {
         };
         Origin {
             client: Some(client),
-            https: self.handles.intake.tls().is_some(),
+            https: self.https,
             headers: std::mem::take(headers),
         }
     }
