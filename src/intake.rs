@@ -126,7 +126,8 @@ impl Intake {
         self
     }
 
-    /// The apps and source rules requests see now.
+    /// The apps and source rules requests see now. A callback takes this
+    /// once, when it starts, for all of its checks.
     pub fn live(&self) -> Arc<Live> {
         self.live.load()
     }
@@ -188,14 +189,18 @@ impl Intake {
         started: Instant,
         refuse: bool,
     ) -> Result<Accepted, Rejection> {
-        self.handle_from(raw_query, body, started, refuse, Origin::default())
+        let live = self.live();
+        self.handle_from(&live, raw_query, body, started, refuse, Origin::default())
             .await
     }
 
     /// [`Intake::handle`] for a request whose peer and headers are known:
     /// they go on to the upstream with a proxied or forwarded callback.
+    /// `live` is the snapshot the request took when it started (see
+    /// [`Intake::live`]), so that all its checks see the same apps.
     pub async fn handle_from(
         &self,
+        live: &Live,
         raw_query: &str,
         body: Bytes,
         started: Instant,
@@ -216,7 +221,7 @@ impl Intake {
             ))
         } else {
             let request_bytes = raw_query.len() + body.len();
-            self.check_and_spool(raw_query, &query, body, request_bytes, &origin)
+            self.check_and_spool(live, raw_query, &query, body, request_bytes, &origin)
                 .await
         };
         if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
@@ -256,13 +261,14 @@ impl Intake {
 
     async fn check_and_spool(
         &self,
+        live: &Live,
         raw_query: &str,
         query: &CallbackQuery<'_>,
         body: Bytes,
         request_bytes: usize,
         origin: &Origin,
     ) -> Result<Accepted, Rejection> {
-        let sdk_app_id = self.authenticate(query)?;
+        let sdk_app_id = self.authenticate(live, query)?;
         let command = match query.callback_command.as_deref() {
             Some(c) if !c.is_empty() => c,
             _ => {
@@ -478,14 +484,13 @@ impl Intake {
 
     /// The app's SdkAppid once the app is known and, when it has a token,
     /// the Sign matches the current (or, during a rotation, the previous) one.
-    fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
+    fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,
                 "SdkAppid is missing from the query string",
             )
         })?;
-        let live = self.live.load();
         let app = id
             .parse::<u64>()
             .ok()

@@ -54,7 +54,9 @@ use crate::config::ServerConfig;
 use crate::intake::Intake;
 use crate::labels::{Listener, TimeoutStage};
 use crate::metrics::Metrics;
+use crate::reload::Live;
 use crate::request_line::FirstLineLimit;
+use crate::source::Client;
 use crate::spool::Spool;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 use crate::tencent::payload;
@@ -742,8 +744,14 @@ impl Routes {
         let refuse = self.handles.intake.is_refusing();
         let (mut head, body) = req.into_parts();
         let query = head.uri.query().unwrap_or("");
+        // One snapshot of the apps and source rules for every check of this
+        // callback (a reload meanwhile is seen by the next one), and the
+        // client resolved from it once, for the source check and the
+        // upstream alike.
+        let live = self.handles.intake.live();
+        let client = self.client(&live, peer, &head.headers);
         // Who may post at all comes before which app it claims to be.
-        if let Err(r) = self.check_source(peer, &head.headers) {
+        if let Err(r) = check_source(&live, client.as_ref()) {
             return self.reject_unread(query, r, started, true);
         }
         // Refuse on the declared length before reading a byte of it.
@@ -775,13 +783,13 @@ impl Routes {
             Err(r) => return self.reject_unread(query, r, started, false),
         };
         let origin = match self.handles.intake.upstream() {
-            Some(_) => self.origin(peer, &mut head.headers),
+            Some(_) => self.origin(peer, client.as_ref(), &mut head.headers),
             None => Origin::default(),
         };
         let answer = match self
             .handles
             .intake
-            .handle_from(query, body, started, refuse, origin)
+            .handle_from(&live, query, body, started, refuse, origin)
             .await
         {
             Ok(crate::intake::Accepted::Proxied(answer)) => answer.into_response(),
@@ -798,44 +806,29 @@ impl Routes {
         answer
     }
 
-    /// What the upstream is told of the request's origin: the client as
-    /// the source rules resolve it (the peer, or behind trusted proxies the
-    /// address they forwarded; the peer when that entry is no address), and
-    /// whether it came over TLS. Takes the headers.
-    fn origin(&self, peer: IpAddr, headers: &mut HeaderMap) -> Origin {
-        let client = match self
-            .handles
-            .intake
-            .live()
-            .sources
-            .client(peer, forwarded_for(headers))
-        {
-            crate::source::Client::Ip(ip) => ip,
-            crate::source::Client::Unparsable(_) => peer,
+    /// The client as the source rules resolve it (the peer, or behind
+    /// trusted proxies the address they forwarded), when something needs
+    /// it: the source check (`server.allow_from`) or the upstream's
+    /// `X-Forwarded-For`. `None` otherwise, and `X-Forwarded-For` is not
+    /// walked at all.
+    fn client(&self, live: &Live, peer: IpAddr, headers: &HeaderMap) -> Option<Client> {
+        let needed = !live.sources.allows_any() || self.handles.intake.upstream().is_some();
+        needed.then(|| live.sources.client(peer, forwarded_for(headers)))
+    }
+
+    /// What the upstream is told of the request's origin: the client (the
+    /// peer when the forwarded entry is no address), and whether it came
+    /// over TLS. Takes the headers.
+    fn origin(&self, peer: IpAddr, client: Option<&Client>, headers: &mut HeaderMap) -> Origin {
+        let client = match client {
+            Some(Client::Ip(ip)) => *ip,
+            Some(Client::Unparsable(_)) | None => peer,
         };
         Origin {
             client: Some(client),
             https: self.https,
             headers: std::mem::take(headers),
         }
-    }
-
-    /// 403 when the client (the peer, or behind trusted proxies the
-    /// address they forwarded) is outside `server.allow_from`.
-    fn check_source(&self, peer: IpAddr, headers: &HeaderMap) -> Result<(), Rejection> {
-        let live = self.handles.intake.live();
-        if live.sources.allows_any() {
-            return Ok(());
-        }
-        live.sources
-            .check(peer, forwarded_for(headers))
-            .map_err(|client| {
-                Rejection::new(
-                    RejectKind::ForbiddenSource,
-                    "the source address is not in server.allow_from",
-                )
-                .with_client(client)
-            })
     }
 
     fn too_large(&self) -> Rejection {
@@ -937,6 +930,19 @@ impl Routes {
             StatusCode::SERVICE_UNAVAILABLE
         };
         text(status, "application/json", body)
+    }
+}
+
+/// 403 when the client (`None`: not resolved, since `server.allow_from`
+/// is unset) is outside `server.allow_from`.
+fn check_source(live: &Live, client: Option<&Client>) -> Result<(), Rejection> {
+    match client {
+        Some(client) if !live.sources.allows(client) => Err(Rejection::new(
+            RejectKind::ForbiddenSource,
+            "the source address is not in server.allow_from",
+        )
+        .with_client(client)),
+        _ => Ok(()),
     }
 }
 
