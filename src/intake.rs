@@ -58,6 +58,22 @@ impl Accepted {
     }
 }
 
+/// One callback whose body has been read, as the server hands it to
+/// [`Intake::handle_from`].
+pub struct Callback<'a> {
+    /// The query string as received: the upstream gets it as it is.
+    pub raw_query: &'a str,
+    /// The same, parsed once for everyone who reads it.
+    pub query: &'a CallbackQuery<'a>,
+    pub body: Bytes,
+    /// When the request started: its answer is timed from here.
+    pub started: Instant,
+    /// Whether the gateway was already refusing when the request started.
+    pub refuse: bool,
+    /// Its client and headers, for a proxied or forwarded callback.
+    pub origin: Origin,
+}
+
 /// Everything a callback needs, shared by all connections.
 pub struct Intake {
     /// The apps and source rules, replaced whole by a reload (SIGHUP):
@@ -190,24 +206,36 @@ impl Intake {
         refuse: bool,
     ) -> Result<Accepted, Rejection> {
         let live = self.live();
-        self.handle_from(&live, raw_query, body, started, refuse, Origin::default())
-            .await
+        let query = CallbackQuery::parse(raw_query);
+        let callback = Callback {
+            raw_query,
+            query: &query,
+            body,
+            started,
+            refuse,
+            origin: Origin::default(),
+        };
+        self.handle_from(&live, callback).await
     }
 
-    /// [`Intake::handle`] for a request whose peer and headers are known:
-    /// they go on to the upstream with a proxied or forwarded callback.
-    /// `live` is the snapshot the request took when it started (see
-    /// [`Intake::live`]), so that all its checks see the same apps.
+    /// [`Intake::handle`] for a request the server has taken apart: its
+    /// query parsed, its peer and headers known (they go on to the upstream
+    /// with a proxied or forwarded callback). `live` is the snapshot the
+    /// request took when it started (see [`Intake::live`]), so that all its
+    /// checks see the same apps.
     pub async fn handle_from(
         &self,
         live: &Live,
-        raw_query: &str,
-        body: Bytes,
-        started: Instant,
-        refuse: bool,
-        origin: Origin,
+        callback: Callback<'_>,
     ) -> Result<Accepted, Rejection> {
-        let query = CallbackQuery::parse(raw_query);
+        let Callback {
+            raw_query,
+            query,
+            body,
+            started,
+            refuse,
+            origin,
+        } = callback;
         // Kept only when the read receipt may be forwarded after spooling.
         let forward = self
             .upstream
@@ -221,7 +249,7 @@ impl Intake {
             ))
         } else {
             let request_bytes = raw_query.len() + body.len();
-            self.check_and_spool(live, raw_query, &query, body, request_bytes, &origin)
+            self.check_and_spool(live, raw_query, query, body, request_bytes, &origin)
                 .await
         };
         if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
@@ -231,15 +259,19 @@ impl Intake {
             Ok(a) => a.outcome(),
             Err(r) => r.kind.outcome(),
         };
-        self.account(&query, result.as_ref().err(), outcome, started);
+        self.account(query, result.as_ref().err(), outcome, started);
         result
     }
 
     /// Counts and logs a callback rejected before its body was read (too
     /// large, too slow), which `handle` never saw.
-    pub fn reject_unread(&self, raw_query: &str, rejection: &Rejection, started: Instant) {
-        let query = CallbackQuery::parse(raw_query);
-        self.account(&query, Some(rejection), rejection.kind.outcome(), started);
+    pub fn reject_unread(
+        &self,
+        query: &CallbackQuery<'_>,
+        rejection: &Rejection,
+        started: Instant,
+    ) {
+        self.account(query, Some(rejection), rejection.kind.outcome(), started);
     }
 
     /// Every answered callback, once: its outcome and time in the metrics,

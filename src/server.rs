@@ -51,7 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::ServerConfig;
-use crate::intake::Intake;
+use crate::intake::{Callback, Intake};
 use crate::labels::{Listener, TimeoutStage};
 use crate::metrics::Metrics;
 use crate::reload::Live;
@@ -743,7 +743,10 @@ impl Routes {
         // arrives after the signal.
         let refuse = self.handles.intake.is_refusing();
         let (mut head, body) = req.into_parts();
-        let query = head.uri.query().unwrap_or("");
+        let raw_query = head.uri.query().unwrap_or("");
+        // Parsed once: whether the body goes to the upstream, the intake's
+        // checks and the accounting of an early rejection all read it.
+        let query = CallbackQuery::parse(raw_query);
         // One snapshot of the apps and source rules for every check of this
         // callback (a reload meanwhile is seen by the next one), and the
         // client resolved from it once, for the source check and the
@@ -752,7 +755,7 @@ impl Routes {
         let client = self.client(&live, peer, &head.headers);
         // Who may post at all comes before which app it claims to be.
         if let Err(r) = check_source(&live, client.as_ref()) {
-            return self.reject_unread(query, r, started, true);
+            return self.reject_unread(&query, r, started, true);
         }
         // Refuse on the declared length before reading a byte of it.
         let declared = head
@@ -761,7 +764,7 @@ impl Routes {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-            return self.reject_unread(query, self.too_large(), started, true);
+            return self.reject_unread(&query, self.too_large(), started, true);
         }
         // Room in the body-memory budget is reserved as the body arrives
         // (not on the declared length: idle clients would hold it for free)
@@ -769,18 +772,18 @@ impl Routes {
         let mut reserved = Reservation::new(&self.handles.body_memory);
         let body = match self.read(body, declared, &mut reserved).await {
             Ok(body) => body,
-            Err(r) => return self.reject_unread(query, r, started, true),
+            Err(r) => return self.reject_unread(&query, r, started, true),
         };
         // A body on its way to the app may wait up to `upstream.timeout` for
         // it: it moves to the proxy's own byte budget, so a slow app cannot
         // hold the body memory read receipts need. Past that budget, 503.
-        let proxied = match self.hold_for_upstream(query, body.len()) {
+        let proxied = match self.hold_for_upstream(&query, body.len()) {
             Ok(Some(held)) => {
                 reserved = Reservation::new(&self.handles.body_memory);
                 Some(held)
             }
             Ok(None) => None,
-            Err(r) => return self.reject_unread(query, r, started, false),
+            Err(r) => return self.reject_unread(&query, r, started, false),
         };
         let origin = match self.handles.intake.upstream() {
             Some(_) => self.origin(peer, client.as_ref(), &mut head.headers),
@@ -789,7 +792,17 @@ impl Routes {
         let answer = match self
             .handles
             .intake
-            .handle_from(&live, query, body, started, refuse, origin)
+            .handle_from(
+                &live,
+                Callback {
+                    raw_query,
+                    query: &query,
+                    body,
+                    started,
+                    refuse,
+                    origin,
+                },
+            )
             .await
         {
             Ok(crate::intake::Accepted::Proxied(answer)) => answer.into_response(),
@@ -878,14 +891,14 @@ impl Routes {
     /// (`None`: it does not, read receipts stay in the body-memory budget).
     fn hold_for_upstream(
         &self,
-        query: &str,
+        query: &CallbackQuery<'_>,
         len: usize,
     ) -> Result<Option<OwnedSemaphorePermit>, Rejection> {
         let Some(upstream) = self.handles.intake.upstream() else {
             return Ok(None);
         };
-        let command = CallbackQuery::parse(query).callback_command;
-        if command.as_deref().is_some_and(payload::is_read_receipt) {
+        let command = query.callback_command.as_deref();
+        if command.is_some_and(payload::is_read_receipt) {
             return Ok(None);
         }
         match upstream.hold_proxied_body(len) {
@@ -896,7 +909,13 @@ impl Routes {
 
     /// A callback answered before the intake saw its body: counted and
     /// logged as the intake would, `close` asks the client to go away.
-    fn reject_unread(&self, query: &str, r: Rejection, started: Instant, close: bool) -> Answer {
+    fn reject_unread(
+        &self,
+        query: &CallbackQuery<'_>,
+        r: Rejection,
+        started: Instant,
+        close: bool,
+    ) -> Answer {
         self.handles.intake.reject_unread(query, &r, started);
         rejected(&r, close)
     }
