@@ -115,16 +115,13 @@ impl Intake {
     /// `log.rejections_per_second`: a certificate clients refuse, or a
     /// client speaking plain HTTP, is otherwise invisible.
     pub fn tls_handshake_failed(&self, e: &std::io::Error, peer: std::net::SocketAddr) {
-        let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+        let failure = if e.kind() == std::io::ErrorKind::TimedOut {
             HandshakeFailure::Timeout
         } else {
             HandshakeFailure::Error
-        }
-        .as_str();
-        self.metrics
-            .tls_handshakes_failed
-            .with_label_values(&[reason])
-            .inc();
+        };
+        self.metrics.tls_handshakes_failed.get(failure).inc();
+        let reason = failure.as_str();
         if let Some(suppressed) = self.rejection_log.admit() {
             tracing::warn!(
                 reason,
@@ -507,10 +504,7 @@ impl Intake {
     }
 
     fn over_limit(&self, limit: Limit, info: String) -> Rejection {
-        self.metrics
-            .callbacks_over_limit
-            .with_label_values(&[limit.key()])
-            .inc();
+        self.metrics.callbacks_over_limit.get(limit).inc();
         Rejection::new(RejectKind::Invalid, info)
     }
 

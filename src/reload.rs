@@ -180,10 +180,7 @@ impl Reloader {
     }
 
     fn count(&self, result: ReloadResult) {
-        self.metrics
-            .config_reloads
-            .with_label_values(&[result.as_str()])
-            .inc();
+        self.metrics.config_reloads.get(result).inc();
         self.metrics
             .config_last_reload_successful
             .set(i64::from(result == ReloadResult::Success));

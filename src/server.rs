@@ -258,7 +258,7 @@ pub async fn serve(
         tls,
         write_timeout: config.write_timeout,
         handshake_within: config.header_read_timeout,
-        label: gate.label,
+        listener: gate.listener,
     };
     let graceful = GracefulShutdown::new();
     loop {
@@ -308,7 +308,7 @@ struct Connections {
     write_timeout: Duration,
     /// The TLS handshake's deadline: the head's.
     handshake_within: Duration,
-    label: &'static str,
+    listener: Listener,
 }
 
 impl Connections {
@@ -331,7 +331,8 @@ impl Connections {
             self.routes.handles.intake.clone(),
             self.routes.handles.metrics.clone(),
         );
-        let (label, handshake_within) = (self.label, self.handshake_within);
+        let (listener, handshake_within) = (self.listener, self.handshake_within);
+        let label = listener.as_str();
         tokio::spawn(async move {
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
@@ -341,7 +342,7 @@ impl Connections {
                     if e.kind() == io::ErrorKind::TimedOut {
                         metrics
                             .connections_timed_out
-                            .with_label_values(&[label, TimeoutStage::Head.as_str()])
+                            .get(listener, TimeoutStage::Head)
                             .inc();
                     }
                     intake.tls_handshake_failed(&e, peer);
@@ -354,7 +355,7 @@ impl Connections {
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
-                count_timeout(&metrics, label, &e, timed_out.load(Ordering::Relaxed));
+                count_timeout(&metrics, listener, &e, timed_out.load(Ordering::Relaxed));
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
             if long_url.load(Ordering::Relaxed) {
@@ -371,7 +372,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A connection that ended in a timeout, counted by the stage it was in:
 /// the client did not take its answer, or did not send its request head.
-fn count_timeout(metrics: &Metrics, label: &str, e: &hyper::Error, answer_timed_out: bool) {
+fn count_timeout(metrics: &Metrics, listener: Listener, e: &hyper::Error, answer_timed_out: bool) {
     let stage = if answer_timed_out {
         TimeoutStage::Answer
     } else if e.is_timeout() {
@@ -379,16 +380,13 @@ fn count_timeout(metrics: &Metrics, label: &str, e: &hyper::Error, answer_timed_
     } else {
         return;
     };
-    metrics
-        .connections_timed_out
-        .with_label_values(&[label, stage.as_str()])
-        .inc();
+    metrics.connections_timed_out.get(listener, stage).inc();
 }
 
 /// Who gets a connection slot: the listener's budget of connections, and
 /// per client address when `server.max_connections_per_ip` is set.
 struct Gate {
-    label: &'static str,
+    listener: Listener,
     budget: usize,
     connections: Arc<Semaphore>,
     /// Refusals are answered off the accept loop; this bounds how many at
@@ -408,9 +406,9 @@ impl Gate {
             Role::Admin => ADMIN_MAX_CONNECTIONS,
             Role::Everything | Role::Callbacks => config.max_connections,
         };
-        let label = role.listener().as_str();
+        let listener = role.listener();
         Gate {
-            label,
+            listener,
             budget,
             connections: Arc::new(Semaphore::new(budget)),
             refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
@@ -423,7 +421,7 @@ impl Gate {
                 },
                 open: Mutex::new(HashMap::new()),
             }),
-            open: metrics.connections_open.with_label_values(&[label]),
+            open: metrics.connections_open.get(listener).clone(),
             metrics: metrics.clone(),
             tls,
         }
@@ -457,10 +455,7 @@ impl Gate {
                 },
             )),
             Err(why) => {
-                self.metrics
-                    .connections_refused
-                    .with_label_values(&[self.label])
-                    .inc();
+                self.metrics.connections_refused.get(self.listener).inc();
                 if self.tls {
                     return None;
                 }

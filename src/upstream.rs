@@ -436,10 +436,7 @@ impl Inner {
     }
 
     fn dropped(&self, reason: UpstreamDrop) {
-        self.metrics
-            .upstream_forward_dropped
-            .with_label_values(&[reason.as_str()])
-            .inc();
+        self.metrics.upstream_forward_dropped.get(reason).inc();
         let left_out = &self.metrics.log_lines_suppressed;
         if let Some(suppressed) = self.log.admit_or_count(left_out) {
             tracing::warn!(
