@@ -721,14 +721,20 @@ impl Routes {
             // On every listener: load balancers that health-check the
             // traffic port keep working when `admin_listen` is set. Static,
             // so it reveals nothing and costs nothing.
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (&Method::GET, "/healthz") => {
+                text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+            }
             (&Method::GET, "/readyz") if admin => self.readyz(),
             (_, p) if callbacks && p == self.callback_path => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
-                b"callbacks are POSTed\n".to_vec(),
+                Bytes::from_static(b"callbacks are POSTed\n"),
             ),
-            _ => text(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"not found\n"),
+            ),
         }
     }
 
@@ -977,8 +983,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// An answer of `body`; the fixed ones are `Bytes::from_static`, sent
+/// without an allocation or a copy.
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
