@@ -389,12 +389,16 @@ impl Intake {
                 // them all rather than guess which admission is whose.
                 self.dedup.admit(&[], Instant::now())
             };
-            let mut own = Vec::with_capacity(records.len());
+            let mut own = Vec::new();
             let mut waiting = Vec::new();
             let mut waits = Vec::new();
-            if admissions.is_empty() {
+            if admissions.iter().all(|a| matches!(a, Admission::New)) {
+                // The usual case (and that of no admissions at all): every
+                // record is this request's to write, as they are, without
+                // moving them one by one into a list of their own.
                 own = records;
             } else {
+                own.reserve(records.len());
                 for (record, admission) in records.into_iter().zip(admissions) {
                     match admission {
                         Admission::New => own.push(record),
