@@ -77,7 +77,8 @@ pub struct Callback<'a> {
 /// Everything a callback needs, shared by all connections.
 pub struct Intake {
     /// The apps and source rules, replaced whole by a reload (SIGHUP):
-    /// each check sees one whole snapshot, never half of a reload.
+    /// a callback takes one snapshot when it arrives, for all of its
+    /// checks, never half of a reload.
     live: Swap<Live>,
     raw_enabled: bool,
     limits: Limits,
@@ -145,8 +146,8 @@ impl Intake {
         self.live.load()
     }
 
-    /// Checks from now on see `live`; one already running finishes with the
-    /// snapshot it took.
+    /// Callbacks arriving from now on see `live`; one already in flight
+    /// finishes with the snapshot it took.
     pub fn replace_live(&self, mut live: Live) {
         live.declare_token_series(&self.metrics.auth_token_matches);
         live.retire_token_series(&self.live.load(), &self.metrics.auth_token_matches);
