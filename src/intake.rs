@@ -58,10 +58,27 @@ impl Accepted {
     }
 }
 
+/// One callback whose body has been read, as the server hands it to
+/// [`Intake::handle_from`].
+pub struct Callback<'a> {
+    /// The query string as received: the upstream gets it as it is.
+    pub raw_query: &'a str,
+    /// The same, parsed once for everyone who reads it.
+    pub query: &'a CallbackQuery<'a>,
+    pub body: Bytes,
+    /// When the request started: its answer is timed from here.
+    pub started: Instant,
+    /// Whether the gateway was already refusing when the request started.
+    pub refuse: bool,
+    /// Its client and headers, for a proxied or forwarded callback.
+    pub origin: Origin,
+}
+
 /// Everything a callback needs, shared by all connections.
 pub struct Intake {
     /// The apps and source rules, replaced whole by a reload (SIGHUP):
-    /// each check sees one whole snapshot, never half of a reload.
+    /// a callback takes one snapshot when it arrives, for all of its
+    /// checks, never half of a reload.
     live: Swap<Live>,
     raw_enabled: bool,
     limits: Limits,
@@ -75,9 +92,6 @@ pub struct Intake {
     rejection_log: LogThrottle,
     /// The app behind the gateway, when `[upstream]` is set.
     upstream: Option<Upstream>,
-    /// With `server.tls_cert_file`: the callback listener's TLS (the
-    /// certificate itself is swapped by a reload, see `crate::tls`).
-    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Intake {
@@ -95,30 +109,20 @@ impl Intake {
             draining: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
             upstream: None,
-            tls: None,
         }
-    }
-
-    /// Callbacks are taken over TLS only from now on (see [`crate::tls`]).
-    pub fn with_tls(mut self, tls: tokio_rustls::TlsAcceptor) -> Intake {
-        self.tls = Some(tls);
-        self
     }
 
     /// Counts a failed TLS handshake and logs it within
     /// `log.rejections_per_second`: a certificate clients refuse, or a
     /// client speaking plain HTTP, is otherwise invisible.
     pub fn tls_handshake_failed(&self, e: &std::io::Error, peer: std::net::SocketAddr) {
-        let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+        let failure = if e.kind() == std::io::ErrorKind::TimedOut {
             HandshakeFailure::Timeout
         } else {
             HandshakeFailure::Error
-        }
-        .as_str();
-        self.metrics
-            .tls_handshakes_failed
-            .with_label_values(&[reason])
-            .inc();
+        };
+        self.metrics.tls_handshakes_failed.get(failure).inc();
+        let reason = failure.as_str();
         if let Some(suppressed) = self.rejection_log.admit() {
             tracing::warn!(
                 reason,
@@ -130,24 +134,20 @@ impl Intake {
         }
     }
 
-    /// The callback listener's TLS, when `server.tls_cert_file` is set.
-    pub fn tls(&self) -> Option<&tokio_rustls::TlsAcceptor> {
-        self.tls.as_ref()
-    }
-
     /// Other commands go to `upstream` from now on (see [`crate::upstream`]).
     pub fn with_upstream(mut self, upstream: Upstream) -> Intake {
         self.upstream = Some(upstream);
         self
     }
 
-    /// The apps and source rules requests see now.
+    /// The apps and source rules requests see now. A callback takes this
+    /// once, when it starts, for all of its checks.
     pub fn live(&self) -> Arc<Live> {
         self.live.load()
     }
 
-    /// Checks from now on see `live`; one already running finishes with the
-    /// snapshot it took.
+    /// Callbacks arriving from now on see `live`; one already in flight
+    /// finishes with the snapshot it took.
     pub fn replace_live(&self, mut live: Live) {
         live.declare_token_series(&self.metrics.auth_token_matches);
         live.retire_token_series(&self.live.load(), &self.metrics.auth_token_matches);
@@ -203,21 +203,37 @@ impl Intake {
         started: Instant,
         refuse: bool,
     ) -> Result<Accepted, Rejection> {
-        self.handle_from(raw_query, body, started, refuse, Origin::default())
-            .await
+        let live = self.live();
+        let query = CallbackQuery::parse(raw_query);
+        let callback = Callback {
+            raw_query,
+            query: &query,
+            body,
+            started,
+            refuse,
+            origin: Origin::default(),
+        };
+        self.handle_from(&live, callback).await
     }
 
-    /// [`Intake::handle`] for a request whose peer and headers are known:
-    /// they go on to the upstream with a proxied or forwarded callback.
+    /// [`Intake::handle`] for a request the server has taken apart: its
+    /// query parsed, its peer and headers known (they go on to the upstream
+    /// with a proxied or forwarded callback). `live` is the snapshot the
+    /// request took when it started (see [`Intake::live`]), so that all its
+    /// checks see the same apps.
     pub async fn handle_from(
         &self,
-        raw_query: &str,
-        body: Bytes,
-        started: Instant,
-        refuse: bool,
-        origin: Origin,
+        live: &Live,
+        callback: Callback<'_>,
     ) -> Result<Accepted, Rejection> {
-        let query = CallbackQuery::parse(raw_query);
+        let Callback {
+            raw_query,
+            query,
+            body,
+            started,
+            refuse,
+            origin,
+        } = callback;
         // Kept only when the read receipt may be forwarded after spooling.
         let forward = self
             .upstream
@@ -231,7 +247,7 @@ impl Intake {
             ))
         } else {
             let request_bytes = raw_query.len() + body.len();
-            self.check_and_spool(raw_query, &query, body, request_bytes, &origin)
+            self.check_and_spool(live, raw_query, query, body, request_bytes, &origin)
                 .await
         };
         if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
@@ -241,15 +257,19 @@ impl Intake {
             Ok(a) => a.outcome(),
             Err(r) => r.kind.outcome(),
         };
-        self.account(&query, result.as_ref().err(), outcome, started);
+        self.account(query, result.as_ref().err(), outcome, started);
         result
     }
 
     /// Counts and logs a callback rejected before its body was read (too
     /// large, too slow), which `handle` never saw.
-    pub fn reject_unread(&self, raw_query: &str, rejection: &Rejection, started: Instant) {
-        let query = CallbackQuery::parse(raw_query);
-        self.account(&query, Some(rejection), rejection.kind.outcome(), started);
+    pub fn reject_unread(
+        &self,
+        query: &CallbackQuery<'_>,
+        rejection: &Rejection,
+        started: Instant,
+    ) {
+        self.account(query, Some(rejection), rejection.kind.outcome(), started);
     }
 
     /// Every answered callback, once: its outcome and time in the metrics,
@@ -271,13 +291,14 @@ impl Intake {
 
     async fn check_and_spool(
         &self,
+        live: &Live,
         raw_query: &str,
         query: &CallbackQuery<'_>,
         body: Bytes,
         request_bytes: usize,
         origin: &Origin,
     ) -> Result<Accepted, Rejection> {
-        let sdk_app_id = self.authenticate(query)?;
+        let sdk_app_id = self.authenticate(live, query)?;
         let command = match query.callback_command.as_deref() {
             Some(c) if !c.is_empty() => c,
             _ => {
@@ -369,12 +390,16 @@ impl Intake {
                 // them all rather than guess which admission is whose.
                 self.dedup.admit(&[], Instant::now())
             };
-            let mut own = Vec::with_capacity(records.len());
+            let mut own = Vec::new();
             let mut waiting = Vec::new();
             let mut waits = Vec::new();
-            if admissions.is_empty() {
+            if admissions.iter().all(|a| matches!(a, Admission::New)) {
+                // The usual case (and that of no admissions at all): every
+                // record is this request's to write, as they are, without
+                // moving them one by one into a list of their own.
                 own = records;
             } else {
+                own.reserve(records.len());
                 for (record, admission) in records.into_iter().zip(admissions) {
                     match admission {
                         Admission::New => own.push(record),
@@ -484,23 +509,19 @@ impl Intake {
     }
 
     fn over_limit(&self, limit: Limit, info: String) -> Rejection {
-        self.metrics
-            .callbacks_over_limit
-            .with_label_values(&[limit.key()])
-            .inc();
+        self.metrics.callbacks_over_limit.get(limit).inc();
         Rejection::new(RejectKind::Invalid, info)
     }
 
     /// The app's SdkAppid once the app is known and, when it has a token,
     /// the Sign matches the current (or, during a rotation, the previous) one.
-    fn authenticate(&self, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
+    fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,
                 "SdkAppid is missing from the query string",
             )
         })?;
-        let live = self.live.load();
         let app = id
             .parse::<u64>()
             .ok()

@@ -2,11 +2,26 @@
 //!
 //! The stages name what happened with these enums; only `metrics` (and the
 //! events' `kind` field) turn them into text. A value seen on a dashboard
-//! greps to exactly one line here, and `ALL` is what `metrics` zeroes at
-//! start, so a series exists before its first increment.
+//! greps to exactly one line here, and `ALL` is what `metrics` resolves at
+//! start, so a series exists before its first increment and the hot path
+//! finds it by index.
 //!
 //! `limit` (of `timbridge_callbacks_over_limit_total`) is
 //! [`crate::limits::Limit`], whose values are the `[limits]` keys.
+
+/// A label whose values are a closed enum, so that `metrics` can resolve
+/// each series once at start and find it by [`LabelValue::index`] on the
+/// hot path, instead of hashing label strings under a lock per increment.
+pub trait LabelValue: Copy + 'static {
+    /// Every value; a value's [`LabelValue::index`] is its place here.
+    const VALUES: &'static [Self];
+
+    /// The label value as it appears in `/metrics`.
+    fn label(self) -> &'static str;
+
+    /// The value's place in [`LabelValue::VALUES`].
+    fn index(self) -> usize;
+}
 
 /// An enum whose variants are label values: `as_str()` and `ALL`.
 macro_rules! label_values {
@@ -26,6 +41,20 @@ macro_rules! label_values {
                 match self {
                     $($name::$variant => $text),+
                 }
+            }
+        }
+
+        impl LabelValue for $name {
+            const VALUES: &'static [$name] = $name::ALL;
+
+            fn label(self) -> &'static str {
+                self.as_str()
+            }
+
+            fn index(self) -> usize {
+                // `ALL` lists the variants in declaration order, and they
+                // carry no explicit discriminants.
+                self as usize
             }
         }
 
@@ -183,5 +212,31 @@ label_values! {
     pub enum HandshakeFailure {
         Timeout => "timeout",
         Error => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn indexes_are_places<L: LabelValue + std::fmt::Debug>() {
+        for (i, v) in L::VALUES.iter().enumerate() {
+            assert_eq!(v.index(), i, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn every_label_value_is_found_at_its_index() {
+        indexes_are_places::<Command>();
+        indexes_are_places::<Outcome>();
+        indexes_are_places::<RecordKind>();
+        indexes_are_places::<KafkaErrorReason>();
+        indexes_are_places::<Listener>();
+        indexes_are_places::<TimeoutStage>();
+        indexes_are_places::<UpstreamOutcome>();
+        indexes_are_places::<UpstreamDrop>();
+        indexes_are_places::<ReloadResult>();
+        indexes_are_places::<HandshakeFailure>();
+        indexes_are_places::<crate::limits::Limit>();
     }
 }

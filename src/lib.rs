@@ -158,8 +158,9 @@ impl Gateway {
         let (publisher, kafka_up) =
             start_publisher(&config, &bootstrap, spool.clone(), reader, &metrics)?;
 
-        let intake = build_intake(&config, apps, &spool, &metrics, certs.as_ref())?;
-        let https = certs.is_some();
+        let intake = build_intake(&config, apps, &spool, &metrics)?;
+        let tls = certs.as_ref().map(|c| c.acceptor()).transpose()?;
+        let https = tls.is_some();
         let reloader = Arc::new(reload::Reloader::new(
             config.clone(),
             intake.clone(),
@@ -174,7 +175,7 @@ impl Gateway {
             kafka_up,
         };
         let (stop_server, stop_rx) = watch::channel(false);
-        let listening = Listening::start(&config, handles, stop_rx).await?;
+        let listening = Listening::start(&config, handles, tls, stop_rx).await?;
         tracing::info!(
             addr = %listening.addr,
             callback_path = %config.server.callback_path,
@@ -301,13 +302,12 @@ fn start_publisher(
     Ok((publisher, kafka_up))
 }
 
-/// The intake, with the upstream and the TLS acceptor when configured.
+/// The intake, with the upstream when configured.
 fn build_intake(
     config: &Config,
     apps: Vec<config::App>,
     spool: &Spool,
     metrics: &Arc<Metrics>,
-    certs: Option<&Arc<tls::CertStore>>,
 ) -> anyhow::Result<Arc<Intake>> {
     let mut intake = Intake::new(config, apps, spool.clone(), metrics.clone());
     if let Some(upstream) = &config.upstream {
@@ -315,9 +315,6 @@ fn build_intake(
             upstream::Upstream::new(upstream, metrics.clone(), config.log.rejections_per_second)
                 .context("cannot set up [upstream]")?,
         );
-    }
-    if let Some(certs) = certs {
-        intake = intake.with_tls(certs.acceptor()?);
     }
     Ok(Arc::new(intake))
 }
@@ -372,9 +369,11 @@ struct Listening {
 }
 
 impl Listening {
+    /// `tls` is the callback listener's (the admin one stays plain HTTP).
     async fn start(
         config: &Config,
         handles: server::Handles,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         stop: watch::Receiver<bool>,
     ) -> anyhow::Result<Listening> {
         let listen = config.listen_addr();
@@ -396,14 +395,14 @@ impl Listening {
         } else {
             server::Role::Everything
         };
-        let serve = |listener, role, handles, stop| {
+        let serve = |listener, role, handles, tls, stop| {
             let server_config = config.server.clone();
             tokio::spawn(async move {
-                server::serve(listener, role, &server_config, handles, stop).await
+                server::serve(listener, role, &server_config, handles, tls, stop).await
             })
         };
-        let callbacks = serve(listener, callback_role, handles.clone(), stop.clone());
-        let admin_server = admin.map(|l| serve(l, server::Role::Admin, handles, stop));
+        let callbacks = serve(listener, callback_role, handles.clone(), tls, stop.clone());
+        let admin_server = admin.map(|l| serve(l, server::Role::Admin, handles, None, stop));
         let server = tokio::spawn(async move {
             let _ = callbacks.await;
             if let Some(admin) = admin_server {

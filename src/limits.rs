@@ -162,6 +162,19 @@ impl Limit {
     }
 }
 
+impl crate::labels::LabelValue for Limit {
+    const VALUES: &'static [Limit] = &Limit::ALL;
+
+    fn label(self) -> &'static str {
+        self.key()
+    }
+
+    fn index(self) -> usize {
+        // `ALL` lists the variants in declaration order.
+        self as usize
+    }
+}
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character
 /// boundary: for quoting attacker-sized strings in errors and logs.
 pub fn clip(s: &str, max: usize) -> &str {

@@ -4,16 +4,20 @@
 //! gateways in one process), names in base units with the `timbridge_`
 //! prefix, and labels with bounded values only: never a GroupId or an
 //! account, which would give one series per user. The label values are the
-//! enums of [`crate::labels`]; each field is named like its series, less the
-//! prefix and `_total`.
+//! enums of [`crate::labels`], and a series labelled by them is resolved once
+//! at start ([`ByLabel`]): a callback increments a handle, never looks one up
+//! by strings. Each field is named like its series, less the prefix and
+//! `_total`.
 //!
 //! Every stage writes here; nothing here calls back into a stage. The spool
 //! gauges are read from the spool at scrape time rather than kept in step by
 //! hand, so they cannot drift.
 
+use std::marker::PhantomData;
+use std::ops::Deref;
 use std::sync::Mutex;
 
-use prometheus::core::{Collector, Desc};
+use prometheus::core::{Collector, Desc, MetricVec, MetricVecBuilder};
 use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -21,8 +25,8 @@ use prometheus::{
 };
 
 use crate::labels::{
-    Command, HandshakeFailure, KafkaErrorReason, Listener, Outcome, ReadSource, RecordKind,
-    ReloadResult, TimeoutStage, UpstreamDrop, UpstreamOutcome,
+    Command, HandshakeFailure, KafkaErrorReason, LabelValue, Listener, Outcome, ReadSource,
+    RecordKind, ReloadResult, TimeoutStage, UpstreamDrop, UpstreamOutcome,
 };
 use crate::limits::Limit;
 use crate::spool::Spool;
@@ -67,17 +71,17 @@ macro_rules! series {
 }
 
 series! {
-    callbacks: IntCounterVec = counters("timbridge_callbacks_total", &["command", "outcome"],
+    callbacks: ByLabels<Command, Outcome, IntCounterVec> = counters_by_pair("timbridge_callbacks_total", &["command", "outcome"],
         "Callbacks answered, by command (the three read-receipt commands or other) and outcome.");
     callback_duration_seconds: Histogram = histogram("timbridge_callback_duration_seconds", CALLBACK_BUCKETS,
         "Time from the start of a callback request to its answer being handed to the connection.");
     callbacks_in_flight: IntGauge = gauge("timbridge_callbacks_in_flight",
         "Callback requests whose head has arrived and whose answer is not yet written.");
-    events: IntCounterVec = counters("timbridge_events_total", &["kind"],
+    events: ByLabel<RecordKind, IntCounterVec> = counters_by("timbridge_events_total", &["kind"],
         "Records accepted into the spool, by kind (group_message, c2c_message, c2c_watermark, raw).");
     kafka_delivered: IntCounterVec = counters("timbridge_kafka_delivered_total", &["topic"],
         "Records Kafka acknowledged, by topic.");
-    kafka_errors: IntCounterVec = counters("timbridge_kafka_errors_total", &["reason"],
+    kafka_errors: ByLabel<KafkaErrorReason, IntCounterVec> = counters_by("timbridge_kafka_errors_total", &["reason"],
         "Failed deliveries, by reason (only too_large and invalid_record are dead-lettered; the rest is retried).");
     kafka_delivery_seconds: Histogram = histogram("timbridge_kafka_delivery_seconds", DELIVERY_BUCKETS,
         "Time from a record's acceptance into the spool to Kafka's positive delivery report.");
@@ -99,33 +103,33 @@ series! {
         "Events dropped because the same event_id was accepted within the dedup window.");
     log_lines_suppressed: IntCounter = counter("timbridge_log_lines_suppressed_total",
         "Rejection log lines left out by the rate limit.");
-    callbacks_over_limit: IntCounterVec = counters("timbridge_callbacks_over_limit_total", &["limit"],
+    callbacks_over_limit: ByLabel<Limit, IntCounterVec> = counters_by("timbridge_callbacks_over_limit_total", &["limit"],
         "Callbacks answered 400 for breaking an input limit, by limit (the [limits] key, or output_bytes).");
     build_info: IntGaugeVec = gauges("timbridge_build_info", &["version"],
         "Always 1; the version is in the label.");
-    connections_open: IntGaugeVec = gauges("timbridge_connections_open", &["listener"],
+    connections_open: ByLabel<Listener, IntGaugeVec> = gauges_by("timbridge_connections_open", &["listener"],
         "Connections being served, by listener (callback, admin).");
-    connections_refused: IntCounterVec = counters("timbridge_connections_refused_total", &["listener"],
+    connections_refused: ByLabel<Listener, IntCounterVec> = counters_by("timbridge_connections_refused_total", &["listener"],
         "Connections answered 503 and closed because the listener (or the client's address) was at its maximum.");
-    connections_timed_out: IntCounterVec = counters("timbridge_connections_timed_out_total", &["listener", "stage"],
+    connections_timed_out: ByLabels<Listener, TimeoutStage, IntCounterVec> = counters_by_pair("timbridge_connections_timed_out_total", &["listener", "stage"],
         "Connections closed because the client was too slow: stage=head (request head not in within header_read_timeout, idle keep-alive included) or answer (answer not taken within write_timeout).");
     body_memory_bytes: IntGauge = gauge("timbridge_body_memory_bytes",
         "Bytes reserved for request bodies in memory now (at most server.max_body_memory_bytes).");
     body_memory_exhausted: IntCounter = counter("timbridge_body_memory_exhausted_total",
         "Callbacks answered 503 because the bodies already in memory filled server.max_body_memory_bytes.");
-    upstream_requests: IntCounterVec = counters("timbridge_upstream_requests_total", &["outcome"],
+    upstream_requests: ByLabel<UpstreamOutcome, IntCounterVec> = counters_by("timbridge_upstream_requests_total", &["outcome"],
         "Requests sent to [upstream], by outcome (answered with any status, unreachable, timeout, bad_answer, busy: refused at max_in_flight).");
     upstream_duration_seconds: Histogram = histogram("timbridge_upstream_duration_seconds", UPSTREAM_BUCKETS,
         "Time from sending a request to [upstream] to having its whole answer (or giving up).");
-    upstream_forward_dropped: IntCounterVec = counters("timbridge_upstream_forward_dropped_total", &["reason"],
+    upstream_forward_dropped: ByLabel<UpstreamDrop, IntCounterVec> = counters_by("timbridge_upstream_forward_dropped_total", &["reason"],
         "Read receipts not delivered to [upstream] with forward_read_receipts, by reason (queue_full, expired: retried until their Sign went stale). They are in Kafka all the same.");
     auth_token_matches: IntCounterVec = counters("timbridge_auth_token_matches_total", &["sdk_app_id", "token"],
         "Signed callbacks whose Sign matched, by app and token (current, or previous during a rotation: once previous stays at zero, remove previous_token).");
-    config_reloads: IntCounterVec = counters("timbridge_config_reloads_total", &["result"],
+    config_reloads: ByLabel<ReloadResult, IntCounterVec> = counters_by("timbridge_config_reloads_total", &["result"],
         "Configuration reloads (SIGHUP), by result (success, error: the file was refused and nothing changed).");
     config_last_reload_successful: IntGauge = gauge("timbridge_config_last_reload_successful",
         "1 when the last configuration reload (or the start) succeeded, 0 when it was refused: the running configuration is not the file's.");
-    tls_handshakes_failed: IntCounterVec = counters("timbridge_tls_handshakes_failed_total", &["reason"],
+    tls_handshakes_failed: ByLabel<HandshakeFailure, IntCounterVec> = counters_by("timbridge_tls_handshakes_failed_total", &["reason"],
         "TLS handshakes on the callback listener that failed, by reason (timeout: not finished within server.header_read_timeout; error: plain HTTP, an unsupported client, a certificate the client refused).");
 }
 
@@ -158,6 +162,33 @@ impl Series<'_> {
         self.add(IntGaugeVec::new(Opts::new(name, help), labels))
     }
 
+    fn counters_by<L: LabelValue>(
+        &self,
+        name: &str,
+        labels: &[&str],
+        help: &str,
+    ) -> ByLabel<L, IntCounterVec> {
+        ByLabel::new(self.counters(name, labels, help))
+    }
+
+    fn counters_by_pair<A: LabelValue, B: LabelValue>(
+        &self,
+        name: &str,
+        labels: &[&str],
+        help: &str,
+    ) -> ByLabels<A, B, IntCounterVec> {
+        ByLabels::new(self.counters(name, labels, help))
+    }
+
+    fn gauges_by<L: LabelValue>(
+        &self,
+        name: &str,
+        labels: &[&str],
+        help: &str,
+    ) -> ByLabel<L, IntGaugeVec> {
+        ByLabel::new(self.gauges(name, labels, help))
+    }
+
     fn float_gauge(&self, name: &str, help: &str) -> Gauge {
         self.add(Gauge::new(name, help))
     }
@@ -169,10 +200,102 @@ impl Series<'_> {
     }
 }
 
+/// A labelled series (counters or gauges) whose label values are a closed
+/// enum, every series resolved once when it is made. Each then exists from
+/// the start, at zero: a series that appears only with its first increment
+/// hides that first burst from rate() and increase(), which is exactly what
+/// alerts look for. And the hot path finds it by index instead of hashing
+/// the label strings under the vec's lock on every increment. Derefs to the
+/// vec for the rest (tests read series by label strings).
+pub struct ByLabel<L, V: Resolve> {
+    vec: V,
+    series: Box<[V::Series]>,
+    label: PhantomData<fn(L)>,
+}
+
+impl<L: LabelValue, V: Resolve> ByLabel<L, V> {
+    fn new(vec: V) -> ByLabel<L, V> {
+        let series = L::VALUES
+            .iter()
+            .map(|l| vec.resolve(&[l.label()]))
+            .collect();
+        ByLabel {
+            vec,
+            series,
+            label: PhantomData,
+        }
+    }
+
+    /// The series of `value`.
+    pub fn get(&self, value: L) -> &V::Series {
+        &self.series[value.index()]
+    }
+}
+
+impl<L, V: Resolve> Deref for ByLabel<L, V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.vec
+    }
+}
+
+/// [`ByLabel`] for two labels: every pair of values resolved.
+pub struct ByLabels<A, B, V: Resolve> {
+    vec: V,
+    /// Row by row: all of `B` for the first `A`, then for the next.
+    series: Box<[V::Series]>,
+    labels: PhantomData<fn(A, B)>,
+}
+
+impl<A: LabelValue, B: LabelValue, V: Resolve> ByLabels<A, B, V> {
+    fn new(vec: V) -> ByLabels<A, B, V> {
+        let series = A::VALUES
+            .iter()
+            .flat_map(|a| B::VALUES.iter().map(move |b| (a, b)))
+            .map(|(a, b)| vec.resolve(&[a.label(), b.label()]))
+            .collect();
+        ByLabels {
+            vec,
+            series,
+            labels: PhantomData,
+        }
+    }
+
+    /// The series of `a` and `b`.
+    pub fn get(&self, a: A, b: B) -> &V::Series {
+        &self.series[a.index() * B::VALUES.len() + b.index()]
+    }
+}
+
+impl<A, B, V: Resolve> Deref for ByLabels<A, B, V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.vec
+    }
+}
+
+/// A vec of series that one series is looked up in by its label values.
+pub trait Resolve {
+    type Series;
+
+    fn resolve(&self, values: &[&str]) -> Self::Series;
+}
+
+impl<T: MetricVecBuilder> Resolve for MetricVec<T> {
+    type Series = T::M;
+
+    fn resolve(&self, values: &[&str]) -> T::M {
+        self.with_label_values(values)
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
+        // Every closed-enum label value is resolved, so exists at zero, by
+        // now (see `ByLabel`).
         let m = Metrics::register_all(Registry::new());
-        m.zero_label_values();
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -186,77 +309,25 @@ impl Metrics {
         m
     }
 
-    /// Every label value exists from the start, at zero: a series that
-    /// appears only with its first increment hides that first burst from
-    /// rate() and increase(), which is exactly what alerts look for.
-    fn zero_label_values(&self) {
-        for command in Command::ALL {
-            for outcome in Outcome::ALL {
-                self.callbacks
-                    .with_label_values(&[command.as_str(), outcome.as_str()]);
-            }
-        }
-        for kind in RecordKind::ALL {
-            self.events.with_label_values(&[kind.as_str()]);
-        }
-        for reason in KafkaErrorReason::ALL {
-            self.kafka_errors.with_label_values(&[reason.as_str()]);
-        }
-        for listener in Listener::ALL {
-            self.connections_open
-                .with_label_values(&[listener.as_str()]);
-            self.connections_refused
-                .with_label_values(&[listener.as_str()]);
-            for stage in TimeoutStage::ALL {
-                self.connections_timed_out
-                    .with_label_values(&[listener.as_str(), stage.as_str()]);
-            }
-        }
-        for outcome in UpstreamOutcome::ALL {
-            self.upstream_requests
-                .with_label_values(&[outcome.as_str()]);
-        }
-        for reason in UpstreamDrop::ALL {
-            self.upstream_forward_dropped
-                .with_label_values(&[reason.as_str()]);
-        }
-        for limit in Limit::ALL {
-            self.callbacks_over_limit.with_label_values(&[limit.key()]);
-        }
-        for result in ReloadResult::ALL {
-            self.config_reloads.with_label_values(&[result.as_str()]);
-        }
-        for reason in HandshakeFailure::ALL {
-            self.tls_handshakes_failed
-                .with_label_values(&[reason.as_str()]);
-        }
-    }
-
     /// One more callback answered: its command, outcome and time.
     pub fn callback_answered(&self, command: Command, outcome: Outcome, seconds: f64) {
-        self.callbacks
-            .with_label_values(&[command.as_str(), outcome.as_str()])
-            .inc();
+        self.callbacks.get(command, outcome).inc();
         self.callback_duration_seconds.observe(seconds);
     }
 
     /// `n` more records of `kind` in the spool.
     pub fn spooled(&self, kind: RecordKind, n: u64) {
-        self.events.with_label_values(&[kind.as_str()]).inc_by(n);
+        self.events.get(kind).inc_by(n);
     }
 
     /// One more request to `[upstream]` (or one refused before it was sent).
     pub fn upstream_request(&self, outcome: UpstreamOutcome) {
-        self.upstream_requests
-            .with_label_values(&[outcome.as_str()])
-            .inc();
+        self.upstream_requests.get(outcome).inc();
     }
 
     /// One more failed delivery.
     pub fn kafka_error(&self, reason: KafkaErrorReason) {
-        self.kafka_errors
-            .with_label_values(&[reason.as_str()])
-            .inc();
+        self.kafka_errors.get(reason).inc();
     }
 
     /// Registers the spool's gauges, read from the spool at each scrape.
@@ -399,5 +470,41 @@ impl Collector for SpoolCollector {
             }
         }
         self.all.iter().flat_map(|c| c.collect()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_resolved_series_is_the_one_its_label_values_name() {
+        let m = Metrics::new();
+        // A distinct count per pair, so a series found at the wrong index
+        // would show another pair's count.
+        let mut n = 0;
+        for &command in Command::ALL {
+            for &outcome in Outcome::ALL {
+                n += 1;
+                m.callbacks.get(command, outcome).inc_by(n);
+            }
+        }
+        let mut n = 0;
+        for command in Command::ALL {
+            for outcome in Outcome::ALL {
+                n += 1;
+                let by_text = m
+                    .callbacks
+                    .with_label_values(&[command.as_str(), outcome.as_str()]);
+                assert_eq!(by_text.get(), n, "{command} {outcome}");
+            }
+        }
+        for (i, &limit) in Limit::ALL.iter().enumerate() {
+            m.callbacks_over_limit.get(limit).inc_by(i as u64 + 1);
+        }
+        for (i, limit) in Limit::ALL.iter().enumerate() {
+            let by_text = m.callbacks_over_limit.with_label_values(&[limit.key()]);
+            assert_eq!(by_text.get(), i as u64 + 1, "{}", limit.key());
+        }
     }
 }

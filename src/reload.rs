@@ -4,10 +4,10 @@
 //! keep coming; during a restart every callback is lost (Tencent does not
 //! retry). What a callback consults on every request (the apps and their
 //! tokens, the source rules, the certificate, the log level and rate) is
-//! held as a snapshot behind an `Arc` and replaced whole: a check already
-//! running finishes with the snapshot it took, the next one sees the new
-//! one, no connection is closed, and nothing waits on a lock longer than a
-//! pointer copy. The rest (listeners, spool,
+//! held as a snapshot behind an `Arc` and replaced whole: a callback takes
+//! it once when its request arrives and finishes with it, the next one sees
+//! the new one, no connection is closed, and nothing waits on a lock longer
+//! than a pointer copy. The rest (listeners, spool,
 //! brokers, topics, limits, upstream) is built into running tasks: a change
 //! there is named in a "needs a restart" line and left as it is.
 //!
@@ -180,10 +180,7 @@ impl Reloader {
     }
 
     fn count(&self, result: ReloadResult) {
-        self.metrics
-            .config_reloads
-            .with_label_values(&[result.as_str()])
-            .inc();
+        self.metrics.config_reloads.get(result).inc();
         self.metrics
             .config_last_reload_successful
             .set(i64::from(result == ReloadResult::Success));

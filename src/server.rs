@@ -51,20 +51,17 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::ServerConfig;
-use crate::intake::Intake;
+use crate::intake::{Callback, Intake};
 use crate::labels::{Listener, TimeoutStage};
 use crate::metrics::Metrics;
+use crate::reload::Live;
 use crate::request_line::FirstLineLimit;
+use crate::source::Client;
 use crate::spool::Spool;
 use crate::tencent::answer::{OK_BODY, RejectKind, Rejection, fail_body};
 use crate::tencent::payload;
 use crate::tencent::query::CallbackQuery;
 use crate::upstream::Origin;
-
-/// The connection's peer, put into each request's extensions for the
-/// upstream's `X-Forwarded-For`.
-#[derive(Clone, Copy)]
-struct Peer(std::net::SocketAddr);
 
 /// Every `X-Forwarded-For` header of a request, in order. A header that is
 /// not text matches no address: it ends the walk.
@@ -122,6 +119,8 @@ struct Routes {
     callback_path: String,
     max_body_bytes: usize,
     body_read_timeout: Duration,
+    /// Whether callbacks come over TLS, for the upstream's `X-Forwarded-Proto`.
+    https: bool,
     handles: Handles,
 }
 
@@ -229,18 +228,21 @@ pub struct Handles {
 }
 
 /// Serves until `shutdown` fires, then drains connections for at most
-/// `drain_timeout`.
+/// `drain_timeout`. With `tls` (`server.tls_cert_file`), connections are
+/// taken over TLS only; the certificate itself is swapped by a reload (see
+/// `crate::tls`).
 pub async fn serve(
     listener: TcpListener,
     role: Role,
     config: &ServerConfig,
     handles: Handles,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Callbacks only: the admin listener stays plain HTTP for probes.
     let tls = match role {
         Role::Admin => None,
-        Role::Everything | Role::Callbacks => handles.intake.tls().cloned(),
+        Role::Everything | Role::Callbacks => tls,
     };
     let gate = Gate::new(role, config, &handles.metrics, tls.is_some());
     let connections = Connections {
@@ -249,13 +251,14 @@ pub async fn serve(
             callback_path: config.callback_path.clone(),
             max_body_bytes: config.max_body_bytes,
             body_read_timeout: config.body_read_timeout,
+            https: tls.is_some(),
             handles,
         }),
         builder: http_builder(config),
         tls,
         write_timeout: config.write_timeout,
         handshake_within: config.header_read_timeout,
-        label: gate.label,
+        listener: gate.listener,
     };
     let graceful = GracefulShutdown::new();
     loop {
@@ -305,7 +308,7 @@ struct Connections {
     write_timeout: Duration,
     /// The TLS handshake's deadline: the head's.
     handshake_within: Duration,
-    label: &'static str,
+    listener: Listener,
 }
 
 impl Connections {
@@ -317,17 +320,19 @@ impl Connections {
         let long_url = Arc::new(AtomicBool::new(false));
         let io = AnswerDeadline::new(stream, self.write_timeout, timed_out.clone());
         let routes = self.routes.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
+        // The peer goes to the route as an argument: in the request's
+        // extensions it would cost an allocation per request.
+        let service = service_fn(move |req: Request<Incoming>| {
             let routes = routes.clone();
-            async move { Ok::<_, Infallible>(routes.route(req).await) }
+            async move { Ok::<_, Infallible>(routes.route(req, peer).await) }
         });
         let (builder, tls) = (self.builder.clone(), self.tls.clone());
         let (intake, metrics) = (
             self.routes.handles.intake.clone(),
             self.routes.handles.metrics.clone(),
         );
-        let (label, handshake_within) = (self.label, self.handshake_within);
+        let (listener, handshake_within) = (self.listener, self.handshake_within);
+        let label = listener.as_str();
         tokio::spawn(async move {
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
@@ -337,7 +342,7 @@ impl Connections {
                     if e.kind() == io::ErrorKind::TimedOut {
                         metrics
                             .connections_timed_out
-                            .with_label_values(&[label, TimeoutStage::Head.as_str()])
+                            .get(listener, TimeoutStage::Head)
                             .inc();
                     }
                     intake.tls_handshake_failed(&e, peer);
@@ -350,7 +355,7 @@ impl Connections {
             let conn = watcher.watch(builder.serve_connection(TokioIo::new(io), service));
             // Errors here are clients going away or timing out mid-request.
             if let Err(e) = conn.await {
-                count_timeout(&metrics, label, &e, timed_out.load(Ordering::Relaxed));
+                count_timeout(&metrics, listener, &e, timed_out.load(Ordering::Relaxed));
                 tracing::debug!(error = %e, %peer, listener = label, "connection ended with an error");
             }
             if long_url.load(Ordering::Relaxed) {
@@ -367,7 +372,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A connection that ended in a timeout, counted by the stage it was in:
 /// the client did not take its answer, or did not send its request head.
-fn count_timeout(metrics: &Metrics, label: &str, e: &hyper::Error, answer_timed_out: bool) {
+fn count_timeout(metrics: &Metrics, listener: Listener, e: &hyper::Error, answer_timed_out: bool) {
     let stage = if answer_timed_out {
         TimeoutStage::Answer
     } else if e.is_timeout() {
@@ -375,16 +380,13 @@ fn count_timeout(metrics: &Metrics, label: &str, e: &hyper::Error, answer_timed_
     } else {
         return;
     };
-    metrics
-        .connections_timed_out
-        .with_label_values(&[label, stage.as_str()])
-        .inc();
+    metrics.connections_timed_out.get(listener, stage).inc();
 }
 
 /// Who gets a connection slot: the listener's budget of connections, and
 /// per client address when `server.max_connections_per_ip` is set.
 struct Gate {
-    label: &'static str,
+    listener: Listener,
     budget: usize,
     connections: Arc<Semaphore>,
     /// Refusals are answered off the accept loop; this bounds how many at
@@ -404,9 +406,9 @@ impl Gate {
             Role::Admin => ADMIN_MAX_CONNECTIONS,
             Role::Everything | Role::Callbacks => config.max_connections,
         };
-        let label = role.listener().as_str();
+        let listener = role.listener();
         Gate {
-            label,
+            listener,
             budget,
             connections: Arc::new(Semaphore::new(budget)),
             refusals: Arc::new(Semaphore::new(REFUSALS_AT_ONCE)),
@@ -419,7 +421,7 @@ impl Gate {
                 },
                 open: Mutex::new(HashMap::new()),
             }),
-            open: metrics.connections_open.with_label_values(&[label]),
+            open: metrics.connections_open.get(listener).clone(),
             metrics: metrics.clone(),
             tls,
         }
@@ -453,10 +455,7 @@ impl Gate {
                 },
             )),
             Err(why) => {
-                self.metrics
-                    .connections_refused
-                    .with_label_values(&[self.label])
-                    .inc();
+                self.metrics.connections_refused.get(self.listener).inc();
                 if self.tls {
                     return None;
                 }
@@ -702,14 +701,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AnswerDeadline<S> {
 }
 
 impl Routes {
-    async fn route(&self, req: Request<Incoming>) -> Answer {
+    async fn route(&self, req: Request<Incoming>, peer: SocketAddr) -> Answer {
         let path = req.uri().path();
         let callbacks = self.role != Role::Admin;
         let admin = self.role != Role::Callbacks;
         match (req.method(), path) {
             (&Method::POST, p) if callbacks && p == self.callback_path => {
                 let _counted = InFlight::enter(&self.handles.metrics.callbacks_in_flight);
-                self.callback(req).await
+                self.callback(req, peer.ip()).await
             }
             (&Method::GET, "/metrics") if admin => {
                 let body = self.handles.metrics.render();
@@ -722,27 +721,42 @@ impl Routes {
             // On every listener: load balancers that health-check the
             // traffic port keep working when `admin_listen` is set. Static,
             // so it reveals nothing and costs nothing.
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            (&Method::GET, "/healthz") => {
+                text(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+            }
             (&Method::GET, "/readyz") if admin => self.readyz(),
             (_, p) if callbacks && p == self.callback_path => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
-                b"callbacks are POSTed\n".to_vec(),
+                Bytes::from_static(b"callbacks are POSTed\n"),
             ),
-            _ => text(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"not found\n"),
+            ),
         }
     }
 
-    async fn callback(&self, req: Request<Incoming>) -> Answer {
+    async fn callback(&self, req: Request<Incoming>, peer: IpAddr) -> Answer {
         let started = Instant::now();
         // A request that began before shutdown is finished, even if its body
         // arrives after the signal.
         let refuse = self.handles.intake.is_refusing();
         let (mut head, body) = req.into_parts();
-        let query = head.uri.query().unwrap_or("");
+        let raw_query = head.uri.query().unwrap_or("");
+        // Parsed once: whether the body goes to the upstream, the intake's
+        // checks and the accounting of an early rejection all read it.
+        let query = CallbackQuery::parse(raw_query);
+        // One snapshot of the apps and source rules for every check of this
+        // callback (a reload meanwhile is seen by the next one), and the
+        // client resolved from it once, for the source check and the
+        // upstream alike.
+        let live = self.handles.intake.live();
+        let client = self.client(&live, peer, &head.headers);
         // Who may post at all comes before which app it claims to be.
-        if let Err(r) = self.check_source(&head) {
-            return self.reject_unread(query, r, started, true);
+        if let Err(r) = check_source(&live, client.as_ref()) {
+            return self.reject_unread(&query, r, started, true);
         }
         // Refuse on the declared length before reading a byte of it.
         let declared = head
@@ -751,7 +765,7 @@ impl Routes {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
-            return self.reject_unread(query, self.too_large(), started, true);
+            return self.reject_unread(&query, self.too_large(), started, true);
         }
         // Room in the body-memory budget is reserved as the body arrives
         // (not on the declared length: idle clients would hold it for free)
@@ -759,27 +773,37 @@ impl Routes {
         let mut reserved = Reservation::new(&self.handles.body_memory);
         let body = match self.read(body, declared, &mut reserved).await {
             Ok(body) => body,
-            Err(r) => return self.reject_unread(query, r, started, true),
+            Err(r) => return self.reject_unread(&query, r, started, true),
         };
         // A body on its way to the app may wait up to `upstream.timeout` for
         // it: it moves to the proxy's own byte budget, so a slow app cannot
         // hold the body memory read receipts need. Past that budget, 503.
-        let proxied = match self.hold_for_upstream(query, body.len()) {
+        let proxied = match self.hold_for_upstream(&query, body.len()) {
             Ok(Some(held)) => {
                 reserved = Reservation::new(&self.handles.body_memory);
                 Some(held)
             }
             Ok(None) => None,
-            Err(r) => return self.reject_unread(query, r, started, false),
+            Err(r) => return self.reject_unread(&query, r, started, false),
         };
         let origin = match self.handles.intake.upstream() {
-            Some(_) => self.origin(&head.extensions, &mut head.headers),
+            Some(_) => self.origin(peer, client.as_ref(), &mut head.headers),
             None => Origin::default(),
         };
         let answer = match self
             .handles
             .intake
-            .handle_from(query, body, started, refuse, origin)
+            .handle_from(
+                &live,
+                Callback {
+                    raw_query,
+                    query: &query,
+                    body,
+                    started,
+                    refuse,
+                    origin,
+                },
+            )
             .await
         {
             Ok(crate::intake::Accepted::Proxied(answer)) => answer.into_response(),
@@ -796,52 +820,29 @@ impl Routes {
         answer
     }
 
-    /// What the upstream is told of the request's origin: the client as
-    /// the source rules resolve it (the peer, or behind trusted proxies the
-    /// address they forwarded; the peer when that entry is no address), and
-    /// whether it came over TLS. Takes the headers.
-    fn origin(&self, extensions: &hyper::http::Extensions, headers: &mut HeaderMap) -> Origin {
-        let client = extensions.get::<Peer>().map(|p| {
-            let peer = p.0.ip();
-            match self
-                .handles
-                .intake
-                .live()
-                .sources
-                .client(peer, forwarded_for(headers))
-            {
-                crate::source::Client::Ip(ip) => ip,
-                crate::source::Client::Unparsable(_) => peer,
-            }
-        });
-        Origin {
-            client,
-            https: self.handles.intake.tls().is_some(),
-            headers: std::mem::take(headers),
-        }
+    /// The client as the source rules resolve it (the peer, or behind
+    /// trusted proxies the address they forwarded), when something needs
+    /// it: the source check (`server.allow_from`) or the upstream's
+    /// `X-Forwarded-For`. `None` otherwise, and `X-Forwarded-For` is not
+    /// walked at all.
+    fn client(&self, live: &Live, peer: IpAddr, headers: &HeaderMap) -> Option<Client> {
+        let needed = !live.sources.allows_any() || self.handles.intake.upstream().is_some();
+        needed.then(|| live.sources.client(peer, forwarded_for(headers)))
     }
 
-    /// 403 when the client (the peer, or behind trusted proxies the
-    /// address they forwarded) is outside `server.allow_from`.
-    fn check_source(&self, head: &hyper::http::request::Parts) -> Result<(), Rejection> {
-        let live = self.handles.intake.live();
-        if live.sources.allows_any() {
-            return Ok(());
+    /// What the upstream is told of the request's origin: the client (the
+    /// peer when the forwarded entry is no address), and whether it came
+    /// over TLS. Takes the headers.
+    fn origin(&self, peer: IpAddr, client: Option<&Client>, headers: &mut HeaderMap) -> Origin {
+        let client = match client {
+            Some(Client::Ip(ip)) => *ip,
+            Some(Client::Unparsable(_)) | None => peer,
+        };
+        Origin {
+            client: Some(client),
+            https: self.https,
+            headers: std::mem::take(headers),
         }
-        // Always set by `serve`; without it, an address no range matches.
-        let peer = head
-            .extensions
-            .get::<Peer>()
-            .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        live.sources
-            .check(peer, forwarded_for(&head.headers))
-            .map_err(|client| {
-                Rejection::new(
-                    RejectKind::ForbiddenSource,
-                    "the source address is not in server.allow_from",
-                )
-                .with_client(client)
-            })
     }
 
     fn too_large(&self) -> Rejection {
@@ -891,14 +892,14 @@ impl Routes {
     /// (`None`: it does not, read receipts stay in the body-memory budget).
     fn hold_for_upstream(
         &self,
-        query: &str,
+        query: &CallbackQuery<'_>,
         len: usize,
     ) -> Result<Option<OwnedSemaphorePermit>, Rejection> {
         let Some(upstream) = self.handles.intake.upstream() else {
             return Ok(None);
         };
-        let command = CallbackQuery::parse(query).callback_command;
-        if command.as_deref().is_some_and(payload::is_read_receipt) {
+        let command = query.callback_command.as_deref();
+        if command.is_some_and(payload::is_read_receipt) {
             return Ok(None);
         }
         match upstream.hold_proxied_body(len) {
@@ -909,7 +910,13 @@ impl Routes {
 
     /// A callback answered before the intake saw its body: counted and
     /// logged as the intake would, `close` asks the client to go away.
-    fn reject_unread(&self, query: &str, r: Rejection, started: Instant, close: bool) -> Answer {
+    fn reject_unread(
+        &self,
+        query: &CallbackQuery<'_>,
+        r: Rejection,
+        started: Instant,
+        close: bool,
+    ) -> Answer {
         self.handles.intake.reject_unread(query, &r, started);
         rejected(&r, close)
     }
@@ -946,6 +953,19 @@ impl Routes {
     }
 }
 
+/// 403 when the client (`None`: not resolved, since `server.allow_from`
+/// is unset) is outside `server.allow_from`.
+fn check_source(live: &Live, client: Option<&Client>) -> Result<(), Rejection> {
+    match client {
+        Some(client) if !live.sources.allows(client) => Err(Rejection::new(
+            RejectKind::ForbiddenSource,
+            "the source address is not in server.allow_from",
+        )
+        .with_client(client)),
+        _ => Ok(()),
+    }
+}
+
 /// Counts a request in flight until dropped, also when the client goes away
 /// and hyper drops the request's future.
 struct InFlight<'a>(&'a prometheus::IntGauge);
@@ -963,8 +983,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: Vec<u8>) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+/// An answer of `body`; the fixed ones are `Bytes::from_static`, sent
+/// without an allocation or a copy.
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));

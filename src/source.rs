@@ -195,12 +195,25 @@ impl SourceRules {
         peer: IpAddr,
         forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
     ) -> Result<(), Client> {
-        let Some(allow) = &self.allow else {
+        if self.allows_any() {
             return Ok(());
-        };
-        match self.client(peer, forwarded_for) {
-            Client::Ip(ip) if allow.iter().any(|c| c.contains(ip)) => Ok(()),
-            other => Err(other),
+        }
+        let client = self.client(peer, forwarded_for);
+        if self.allows(&client) {
+            Ok(())
+        } else {
+            Err(client)
+        }
+    }
+
+    /// Whether `client`, as [`SourceRules::client`] resolved it, may post:
+    /// for a caller that needs the client for more than this check and
+    /// resolves it once.
+    pub fn allows(&self, client: &Client) -> bool {
+        match (&self.allow, client) {
+            (None, _) => true,
+            (Some(allow), Client::Ip(ip)) => allow.iter().any(|c| c.contains(*ip)),
+            (Some(_), Client::Unparsable(_)) => false,
         }
     }
 
@@ -392,6 +405,31 @@ mod tests {
             r.check(ip("10.0.0.1"), ["198.51.100.1:443"].into_iter()),
             Err(Client::Ip(ip("198.51.100.1")))
         );
+    }
+
+    #[test]
+    fn a_client_resolved_once_is_allowed_exactly_when_check_allows_it() {
+        let cases: [(&str, &[&str]); 6] = [
+            ("192.0.2.5", &[]),
+            ("198.51.100.1", &["192.0.2.5"]),
+            ("10.0.0.1", &["192.0.2.5"]),
+            ("10.0.0.1", &["192.0.2.5, 198.51.100.7"]),
+            ("10.0.0.1", &["not-an-ip"]),
+            ("10.0.0.1", &[]),
+        ];
+        for r in [
+            rules(Some(&["192.0.2.0/24"]), &["10.0.0.0/8"]),
+            rules(None, &["10.0.0.0/8"]),
+        ] {
+            for (peer, xff) in cases {
+                let client = r.client(ip(peer), xff.iter().copied());
+                assert_eq!(
+                    r.allows(&client),
+                    r.check(ip(peer), xff.iter().copied()).is_ok(),
+                    "{peer} {xff:?}"
+                );
+            }
+        }
     }
 
     #[test]

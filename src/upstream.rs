@@ -436,10 +436,7 @@ impl Inner {
     }
 
     fn dropped(&self, reason: UpstreamDrop) {
-        self.metrics
-            .upstream_forward_dropped
-            .with_label_values(&[reason.as_str()])
-            .inc();
+        self.metrics.upstream_forward_dropped.get(reason).inc();
         let left_out = &self.metrics.log_lines_suppressed;
         if let Some(suppressed) = self.log.admit_or_count(left_out) {
             tracing::warn!(
@@ -548,7 +545,7 @@ fn forwarded_headers(incoming: &HeaderMap, client: Option<IpAddr>, https: bool) 
         }
     }
     if let Some(client) = client
-        && let Ok(v) = HeaderValue::from_str(&client.to_canonical().to_string())
+        && let Some(v) = address_value(client.to_canonical())
     {
         out.insert("x-forwarded-for", v);
         // The scheme of the hop into the gateway; a proxy's own TLS in front
@@ -557,6 +554,17 @@ fn forwarded_headers(incoming: &HeaderMap, client: Option<IpAddr>, https: bool) 
         out.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
     out
+}
+
+/// `ip` as a header value, written on the stack rather than into a String
+/// first (an address is at most 45 characters).
+fn address_value(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    write!(out, "{ip}").ok()?;
+    let len = out.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 /// The client's error with its root cause ("cannot connect: Connection
@@ -680,6 +688,20 @@ mod tests {
         );
         assert_eq!(out["x-forwarded-for"], "10.1.2.3");
         assert!(forwarded_headers(&HeaderMap::new(), None, false).is_empty());
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_display() {
+        for ip in [
+            "192.0.2.7",
+            "255.255.255.255",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:192.0.2.7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(address_value(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[tokio::test]

@@ -29,12 +29,22 @@ pub enum AuthError {
     BadSign,
 }
 
+/// The length of a Sign: a SHA-256 in hex.
+const SIGN_LEN: usize = 64;
+
 /// The lower-case hex Sign Tencent computes for `token` and `request_time`.
 pub fn sign(token: &str, request_time: &str) -> String {
+    String::from_utf8(sign_bytes(token, request_time).to_vec()).expect("hex is ASCII")
+}
+
+/// [`sign`] on the stack: checking a callback allocates nothing.
+fn sign_bytes(token: &str, request_time: &str) -> [u8; SIGN_LEN] {
     let mut h = Sha256::new();
     h.update(token.as_bytes());
     h.update(request_time.as_bytes());
-    hex::encode(h.finalize())
+    let mut out = [0u8; SIGN_LEN];
+    hex::encode_to_slice(h.finalize(), &mut out).expect("a SHA-256 is 32 bytes");
+    out
 }
 
 /// Checks `Sign` and `RequestTime` against the app's token and `now` (Unix seconds).
@@ -85,9 +95,16 @@ pub fn verify_rotating(
         return Err(AuthError::Stale(skew));
     }
     // Tencent sends lower-case hex; accept upper case too rather than fail a
-    // correct signature on its spelling.
-    let given = sign_param.to_ascii_lowercase();
-    let matches = |token: &str| sign(token, request_time).as_bytes().ct_eq(given.as_bytes());
+    // correct signature on its spelling. Lower-cased on the stack; a Sign
+    // of any other length matches nothing (its length is no secret).
+    let mut given = [0u8; SIGN_LEN];
+    let well_formed = sign_param.len() == SIGN_LEN;
+    if well_formed {
+        given.copy_from_slice(sign_param.as_bytes());
+        given.make_ascii_lowercase();
+    }
+    let well_formed = subtle::Choice::from(u8::from(well_formed));
+    let matches = |token: &str| sign_bytes(token, request_time)[..].ct_eq(&given[..]) & well_formed;
     let current = matches(token);
     let old = previous.map_or(subtle::Choice::from(0), matches);
     if bool::from(current) {
@@ -162,6 +179,18 @@ mod tests {
             verify("xxxxyyyy", Some(VECTOR_SIGN), Some("yesterday"), t),
             Err(AuthError::BadRequestTime)
         );
+    }
+
+    #[test]
+    fn signs_of_another_length_or_value_match_nothing() {
+        let t = 1669872112;
+        for sign in [format!("{VECTOR_SIGN}0"), String::new(), "0".repeat(64)] {
+            assert_eq!(
+                verify("xxxxyyyy", Some(&sign), Some("1669872112"), t),
+                Err(AuthError::BadSign),
+                "{sign}"
+            );
+        }
     }
 
     #[test]
