@@ -54,7 +54,7 @@ use pump::{Live, Pump};
 /// to keep a broker busy (the drain runs at over 100k records/s), few enough
 /// that a backlog waits on disk rather than in memory: each in-flight
 /// record also pins the spool read window it came from.
-pub const MAX_IN_FLIGHT: usize = 4096;
+pub const MAX_IN_FLIGHT: usize = 2048;
 
 /// A record on its way to Kafka: which spool record it is, and its bytes in
 /// case it has to be sent again.
