@@ -65,11 +65,15 @@ impl Seen {
     }
 
     /// Remembers `key` as accepted at `at_ms`; false when it already was.
-    /// Callers make room first ([`Seen::oldest`], [`Seen::pop_oldest`]):
-    /// the count bound is theirs to keep.
+    /// Callers expire by time first ([`Seen::oldest`], [`Seen::pop_oldest`]);
+    /// at `max_entries` the oldest id makes room here, so that even one
+    /// request with more ids than that cannot grow the set past it.
     pub(super) fn insert(&mut self, key: u64, at_ms: u64) -> bool {
         if self.contains(key) {
             return false;
+        }
+        while self.ring.len() >= self.max_entries.max(1) {
+            self.pop_oldest();
         }
         let key = stored(key);
         self.reserve_one();
@@ -148,7 +152,7 @@ impl Seen {
         }
         // Double, but stop at the size the configured count needs, so a full
         // set sits at three quarters of its table rather than at a third.
-        let cap = (self.max_entries.max(1) * 4 / 3 + 1).max(MIN_SLOTS);
+        let cap = (self.max_entries.max(1).saturating_mul(4) / 3 + 1).max(MIN_SLOTS);
         let size = (self.slots.len() * 2).max(MIN_SLOTS).min(cap).max(needed);
         let old = std::mem::replace(&mut self.slots, vec![EMPTY; size]);
         for key in old.into_iter().filter(|&k| k != EMPTY) {
@@ -221,6 +225,17 @@ mod tests {
             assert!(seen.ring.capacity() <= max.max(16), "ring grew past max");
             assert!(seen.slots.len() <= (max * 4 / 3 + 1).max(MIN_SLOTS));
         }
+    }
+
+    #[test]
+    fn more_ids_at_once_than_the_set_holds_keep_it_at_its_size() {
+        let mut seen = Seen::new(10);
+        for key in 0..1000u64 {
+            assert!(seen.insert(key * 7919, 1));
+        }
+        assert_eq!(seen.len(), 10);
+        assert!(seen.contains(999 * 7919) && !seen.contains(989 * 7919));
+        assert!(seen.slots.len() <= MIN_SLOTS && seen.ring.capacity() <= 16);
     }
 
     #[test]

@@ -13,10 +13,12 @@
 //!   once the current one has passed `segment_bytes`; old segments are
 //!   deleted as soon as every record in them was delivered, which is how
 //!   disk space comes back.
-//! * **One writer thread, group commit.** All appends go through one thread
-//!   (see `writer.rs`), which writes everything queued since its last write
-//!   in one system call and, in `Always` mode, covers it with a single
-//!   `fdatasync`. Ids are assigned there, in queue order.
+//! * **One writer, group commit.** All appends go through one writer under
+//!   one lock (see `writer.rs`). In `Always` mode its thread writes
+//!   everything queued since its last write in one system call and covers
+//!   it with a single `fdatasync`; in the other modes, where no append
+//!   waits for a sync, the caller writes its own records under that lock.
+//!   Ids are assigned there, in call order.
 //! * **Acks.** Delivery confirmations are kept as one bit per record in
 //!   memory and appended, buffered, to a sidecar `<first_id>.acks` file per
 //!   segment, so a restart does not replay what Kafka already has. Losing
@@ -422,8 +424,12 @@ impl Spool {
         }
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::WriterStopped)?;
         if self.inner.inline {
-            writer::append_now(&self.inner.writer, tx, records, bytes)?;
-            return Ok(Queued::Done);
+            return Ok(
+                match writer::append_now(&self.inner.writer, tx, records, bytes)? {
+                    writer::Appended::Written => Queued::Done,
+                    writer::Appended::Queued(rx) => Queued::Waiting(rx),
+                },
+            );
         }
         let (reply, rx) = oneshot::channel();
         tx.send(Msg::Append {

@@ -1374,6 +1374,8 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
         let (_dir, mut c) = fresh();
         c.fsync = fsync;
         let (spool, mut reader, _) = open(&c);
+        // The first append starts the first segment, on the writer thread.
+        spool.append(vec![ev(0)]).await.expect("first append");
         let hooks = spool.hooks();
         // A paused writer thread answers nothing it is sent; these appends
         // must not need it.
@@ -1384,10 +1386,10 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
                 .expect("an append waited for the writer thread")
                 .expect("append");
         }
-        assert_eq!(spool.stats().counters.write_groups, 20, "{fsync:?}");
+        assert_eq!(spool.stats().counters.write_groups, 21, "{fsync:?}");
         assert_eq!(
-            ids(&read_n(&mut reader, 20).await),
-            (1..=20).collect::<Vec<_>>()
+            ids(&read_n(&mut reader, 21).await),
+            (1..=21).collect::<Vec<_>>()
         );
         hooks.resume();
         shut(spool, reader).await;
@@ -1621,5 +1623,45 @@ async fn a_batch_from_memory_comes_in_one_poll_and_a_dropped_wait_loses_nothing(
         }
     }
     assert_eq!(reads(&spool), (0, 2));
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn an_append_that_starts_a_segment_is_left_to_the_writer_thread() {
+    let (dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    c.segment_bytes = 200;
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![sized(1, 150)]).await.expect("append");
+    spool.append(vec![sized(2, 150)]).await.expect("append");
+    let hooks = spool.hooks();
+    // The segment is past its size: the next append rolls, and a roll
+    // syncs files, which no caller's thread may wait for.
+    hooks.pause();
+    let rolling = spool.append(vec![sized(3, 150)]);
+    let behind = spool.append(vec![sized(4, 150)]);
+    let both = async { (rolling.await, behind.await) };
+    tokio::pin!(both);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut both)
+            .await
+            .is_err(),
+        "the rolling append (or the one behind it) was written on the caller's thread"
+    );
+    hooks.resume();
+    let (a, b) = both.await;
+    a.expect("rolling append");
+    b.expect("append behind it");
+    assert!(seg_files(dir.path()).len() >= 2);
+    assert_eq!(ids(&read_n(&mut reader, 4).await), vec![1, 2, 3, 4]);
+    // The next append rolls again (3 and 4 filled the segment); after it,
+    // appends are written on the caller's thread again.
+    spool.append(vec![sized(5, 10)]).await.expect("append");
+    hooks.pause();
+    tokio::time::timeout(Duration::from_secs(2), spool.append(vec![sized(6, 10)]))
+        .await
+        .expect("appends stayed with the writer thread after the roll")
+        .expect("append");
+    hooks.resume();
     shut(spool, reader).await;
 }

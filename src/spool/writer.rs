@@ -1,4 +1,5 @@
-//! The writer thread: the only code that appends to segment files.
+//! The writer: the only code that appends to segment files, on its own
+//! thread or (see below) on the caller's, always under one lock.
 //!
 //! Group commit: the thread blocks for one request, then drains every
 //! request queued meanwhile, encodes them all into one reused buffer, writes
@@ -105,6 +106,11 @@ pub(crate) struct Writer {
     /// Set when an append on the caller's thread started a sync deadline
     /// that the writer thread, asleep on an older one, must be told of.
     tick_needed: bool,
+    /// A new segment is due: appends go to the writer thread until it has
+    /// started one (see [`append_now`]).
+    rolling: bool,
+    /// The writer thread has ended.
+    thread_gone: bool,
 }
 
 /// The writer, shared between its thread and (outside `Always` mode) the
@@ -125,17 +131,40 @@ pub(crate) fn writes_inline(fsync: FsyncMode) -> bool {
 /// `Interval`/`Never` modes: writes one request's records now, on the
 /// caller's thread, and returns the outcome. Wakes the writer thread when
 /// the write started a sync deadline it does not know of yet.
+///
+/// An append that starts a new segment is the exception: creating one
+/// syncs the segment it retires, the new file and the directory, which may
+/// take as long as the disk likes. It goes to the writer thread instead,
+/// and so does every append after it until the thread has rolled, so that
+/// no append overtakes one queued before it and no runtime thread waits
+/// for a disk.
 pub(crate) fn append_now(
     writer: &Mutex<Writer>,
-    ticks: &std::sync::mpsc::Sender<Msg>,
+    thread: &std::sync::mpsc::Sender<Msg>,
     records: Vec<Bytes>,
     bytes: u64,
-) -> Result<(), SpoolError> {
+) -> Result<Appended, SpoolError> {
     let (reply, mut rx) = oneshot::channel();
     let tick = {
         let mut w = lock(writer);
         if w.closed {
             return Err(SpoolError::Closed);
+        }
+        if w.thread_gone {
+            // Without the thread nothing syncs or flushes acks: refuse
+            // rather than answer for data only the page cache holds.
+            return Err(SpoolError::WriterStopped);
+        }
+        if w.rolling || w.must_roll(bytes) {
+            w.rolling = true;
+            thread
+                .send(Msg::Append {
+                    records,
+                    bytes,
+                    reply,
+                })
+                .map_err(|_| SpoolError::WriterStopped)?;
+            return Ok(Appended::Queued(rx));
         }
         w.group.push(Request {
             records,
@@ -145,17 +174,36 @@ pub(crate) fn append_now(
         w.commit();
         std::mem::take(&mut w.tick_needed)
     };
-    if tick {
-        // The thread may be gone only at the very end; the sync then
-        // happens at close.
-        let _ = ticks.send(Msg::Tick);
+    if tick && thread.send(Msg::Tick).is_err() {
+        return Err(SpoolError::WriterStopped);
     }
-    rx.try_recv().unwrap_or(Err(SpoolError::WriterStopped))
+    rx.try_recv()
+        .unwrap_or(Err(SpoolError::WriterStopped))
+        .map(|()| Appended::Written)
+}
+
+/// What [`append_now`] did with an append.
+pub(crate) enum Appended {
+    /// Written, as the fsync mode promises.
+    Written,
+    /// Left to the writer thread, which answers here.
+    Queued(oneshot::Receiver<Result<(), SpoolError>>),
+}
+
+/// Marks the writer as without its thread when the thread ends, however it
+/// ends (a panic included), so that appends on callers' threads stop.
+struct ThreadGone(SharedWriter);
+
+impl Drop for ThreadGone {
+    fn drop(&mut self) {
+        lock(&self.0).thread_gone = true;
+    }
 }
 
 /// Thread body. Ends when every `Spool` handle is gone, after a final sync,
 /// so dropping the spool never loses appended data.
 pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
+    let _gone = ThreadGone(writer.clone());
     let mut msgs = Vec::new();
     #[cfg(test)]
     let shared = lock(&writer).shared.clone();
@@ -163,14 +211,17 @@ pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
         #[cfg(test)]
         shared.hooks.wait_while_paused();
         msgs.push(first);
+        let mut w = lock(&writer);
+        // Drained under the lock: appends queue only while holding it, so
+        // once `rolling` is cleared below nothing queued is left behind.
         while let Ok(m) = rx.try_recv() {
             msgs.push(m);
         }
-        let mut w = lock(&writer);
         for m in msgs.drain(..) {
             w.handle(m);
         }
         w.commit();
+        w.rolling = false;
     }
     if let Err(e) = lock(&writer).close() {
         tracing::error!(error = %e, "final spool sync failed; data appended since the last sync may be lost if the machine crashes");
@@ -292,6 +343,8 @@ impl Writer {
             },
             closed: false,
             tick_needed: false,
+            rolling: false,
+            thread_gone: false,
         }
     }
 
@@ -523,26 +576,6 @@ impl Writer {
         }
     }
 
-    /// Before a roll: the segment being retired must reach the disk. In
-    /// `Interval` mode an idle syncer thread takes that sync (the appends
-    /// that roll run on a caller's thread, which must not wait for a
-    /// disk); otherwise it runs here.
-    fn sync_retiring(&mut self) -> io::Result<()> {
-        if self.dirty
-            && let (Some(syncer), Some(a)) = (self.syncer.as_ref(), self.active.as_ref())
-            && let Some(jobs) = syncer.jobs.as_ref()
-        {
-            let path = segment_path(&self.shared.dir, a.first_id);
-            if let Ok(file) = a.file.try_clone()
-                && jobs.try_send((file, path)).is_ok()
-            {
-                self.dirty = false;
-                return Ok(());
-            }
-        }
-        self.sync_active()
-    }
-
     /// fdatasync of the active segment if it has unsynced writes.
     fn sync_active(&mut self) -> io::Result<()> {
         if !self.dirty {
@@ -647,7 +680,16 @@ impl Writer {
     /// delivered while the spool is out of room (deleting it is the only way
     /// to get that room back).
     fn ensure_segment(&mut self, needed: u64) -> io::Result<()> {
-        let must_roll = match &self.active {
+        if self.must_roll(needed) {
+            self.roll()
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether writing `needed` more bytes starts a new segment first.
+    fn must_roll(&self, needed: u64) -> bool {
+        match &self.active {
             None => true,
             Some(a) => {
                 self.roll_needed
@@ -660,8 +702,7 @@ impl Writer {
                             && st.bytes + needed > self.max_bytes
                     })
             }
-        };
-        if must_roll { self.roll() } else { Ok(()) }
+        }
     }
 
     fn roll(&mut self) -> io::Result<()> {
@@ -669,7 +710,7 @@ impl Writer {
         let durable = !matches!(self.fsync, FsyncMode::Never);
         let file = create_segment(&self.shared, first_id, durable)?;
         if durable {
-            if let Err(e) = self.sync_retiring() {
+            if let Err(e) = self.sync_active() {
                 Counters::add(&self.shared.counters.io_errors, 1);
                 tracing::error!(error = %e, "sync of the previous spool segment failed; its recent events may be lost if the machine crashes");
             }
