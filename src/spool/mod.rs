@@ -424,12 +424,7 @@ impl Spool {
         }
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::WriterStopped)?;
         if self.inner.inline {
-            return Ok(
-                match writer::append_now(&self.inner.writer, tx, records, bytes)? {
-                    writer::Appended::Written => Queued::Done,
-                    writer::Appended::Queued(rx) => Queued::Waiting(rx),
-                },
-            );
+            return writer::append_now(&self.inner.writer, tx, records, bytes);
         }
         let (reply, rx) = oneshot::channel();
         tx.send(Msg::Append {
@@ -514,7 +509,7 @@ impl Spool {
 }
 
 /// Where an append stands once its call returns.
-enum Queued {
+pub(crate) enum Queued {
     /// Written (or nothing to write).
     Done,
     /// Queued for the writer thread, which answers here.

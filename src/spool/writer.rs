@@ -36,7 +36,7 @@ use super::segment::{
     HEADER_LEN, RECORD_HEADER_LEN, acks_path, encode_header, encode_record, segment_path,
 };
 use super::state::{Counters, SAMPLE_EVERY, Sample, SegMeta, now_ms};
-use super::{FsyncMode, Shared, SpoolError, io_context};
+use super::{FsyncMode, Queued, Shared, SpoolError, io_context};
 
 /// Acks still buffered are flushed to their files at least this often.
 /// Under load they are written within milliseconds anyway (see
@@ -143,7 +143,7 @@ pub(crate) fn append_now(
     thread: &std::sync::mpsc::Sender<Msg>,
     records: Vec<Bytes>,
     bytes: u64,
-) -> Result<Appended, SpoolError> {
+) -> Result<Queued, SpoolError> {
     let (reply, mut rx) = oneshot::channel();
     let tick = {
         let mut w = lock(writer);
@@ -164,7 +164,7 @@ pub(crate) fn append_now(
                     reply,
                 })
                 .map_err(|_| SpoolError::WriterStopped)?;
-            return Ok(Appended::Queued(rx));
+            return Ok(Queued::Waiting(rx));
         }
         w.group.push(Request {
             records,
@@ -179,15 +179,7 @@ pub(crate) fn append_now(
     }
     rx.try_recv()
         .unwrap_or(Err(SpoolError::WriterStopped))
-        .map(|()| Appended::Written)
-}
-
-/// What [`append_now`] did with an append.
-pub(crate) enum Appended {
-    /// Written, as the fsync mode promises.
-    Written,
-    /// Left to the writer thread, which answers here.
-    Queued(oneshot::Receiver<Result<(), SpoolError>>),
+        .map(|()| Queued::Done)
 }
 
 /// Marks the writer as without its thread when the thread ends, however it
