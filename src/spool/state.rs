@@ -1,4 +1,4 @@
-//! In-memory bookkeeping shared by the writer thread, the reader and `ack`.
+//! In-memory bookkeeping shared by the writer, the reader and `ack`.
 //!
 //! Per segment it keeps only what is needed to answer "what is still
 //! pending, and since when": a bitmap of delivered records (one bit per
