@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ use super::*;
 pub(crate) struct TestHooks {
     paused: Mutex<bool>,
     resumed: Condvar,
+    /// The writer thread is waiting in `wait_while_paused`.
+    parked: AtomicBool,
     fail_writes: AtomicU32,
     fail_syncs: AtomicU32,
     fail_truncates: AtomicU32,
@@ -43,11 +45,13 @@ impl TestHooks {
     pub(crate) fn wait_while_paused(&self) {
         let mut paused = self.paused.lock().unwrap_or_else(PoisonError::into_inner);
         while *paused {
+            self.parked.store(true, Ordering::SeqCst);
             paused = self
                 .resumed
                 .wait(paused)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        self.parked.store(false, Ordering::SeqCst);
     }
 
     pub(crate) fn take_write_failure(&self) -> bool {
@@ -112,6 +116,23 @@ impl Spool {
     /// The writer's fault injection and flow control.
     fn hooks(&self) -> &TestHooks {
         &self.inner.shared.hooks
+    }
+
+    /// Pauses the writer thread and returns once it waits without holding
+    /// the writer's lock, so that nothing it does can race the appends that
+    /// follow.
+    async fn park_writer(&self) {
+        self.hooks().pause();
+        let tx = self.inner.tx.as_ref().expect("writer thread");
+        tx.send(Msg::Tick).expect("writer thread alive");
+        let parked = async {
+            while !self.hooks().parked.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, parked)
+            .await
+            .expect("the writer thread never paused");
     }
 
     /// Empties the in-memory tail and sets its caps; `(0, 0)` keeps
@@ -1379,7 +1400,7 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
         let hooks = spool.hooks();
         // A paused writer thread answers nothing it is sent; these appends
         // must not need it.
-        hooks.pause();
+        spool.park_writer().await;
         for i in 1..=20 {
             tokio::time::timeout(Duration::from_secs(2), spool.append(vec![ev(i)]))
                 .await
@@ -1394,6 +1415,43 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
         hooks.resume();
         shut(spool, reader).await;
     }
+}
+
+#[tokio::test]
+async fn an_append_that_finds_the_writer_busy_is_handed_to_the_writer_thread() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(0)]).await.expect("first append");
+    // Another append (or the writer thread) is in the middle of a write.
+    let busy = writer::lock(&spool.inner.writer);
+    // Waiting for that lock would stall a runtime thread: the append must
+    // come back at once, queued for the writer thread.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let appender = std::thread::spawn({
+        let spool = spool.clone();
+        move || {
+            let queued = spool.enqueue(vec![ev(1)]);
+            let _ = tx.send(());
+            queued
+        }
+    });
+    let returned = rx.recv_timeout(Duration::from_secs(2));
+    drop(busy);
+    assert!(
+        returned.is_ok(),
+        "the append blocked on the writer's lock instead of queueing"
+    );
+    let Ok(Queued::Waiting(answer)) = appender.join().expect("appender") else {
+        panic!("the append was not queued for the writer thread");
+    };
+    tokio::time::timeout(WAIT, answer)
+        .await
+        .expect("the writer thread never wrote the queued append")
+        .expect("writer alive")
+        .expect("append");
+    assert_eq!(ids(&read_n(&mut reader, 2).await), vec![1, 2]);
+    shut(spool, reader).await;
 }
 
 /// Records read so far from disk and from memory.
@@ -1657,7 +1715,7 @@ async fn an_append_that_starts_a_segment_is_left_to_the_writer_thread() {
     // The next append rolls again (3 and 4 filled the segment); after it,
     // appends are written on the caller's thread again.
     spool.append(vec![sized(5, 10)]).await.expect("append");
-    hooks.pause();
+    spool.park_writer().await;
     tokio::time::timeout(Duration::from_secs(2), spool.append(vec![sized(6, 10)]))
         .await
         .expect("appends stayed with the writer thread after the roll")

@@ -25,7 +25,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,11 @@ pub(crate) fn writes_inline(fsync: FsyncMode) -> bool {
 /// and so does every append after it until the thread has rolled, so that
 /// no append overtakes one queued before it and no runtime thread waits
 /// for a disk.
+///
+/// So does an append that finds the lock taken: the writer thread holds it
+/// through a roll's syncs, and another caller through its write. Waiting
+/// for it would stall this runtime thread and every connection on it; the
+/// writer thread instead writes whatever queued meanwhile as one group.
 pub(crate) fn append_now(
     writer: &Mutex<Writer>,
     thread: &std::sync::mpsc::Sender<Msg>,
@@ -146,7 +151,20 @@ pub(crate) fn append_now(
 ) -> Result<Queued, SpoolError> {
     let (reply, mut rx) = oneshot::channel();
     let tick = {
-        let mut w = lock(writer);
+        let mut w = match writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                thread
+                    .send(Msg::Append {
+                        records,
+                        bytes,
+                        reply,
+                    })
+                    .map_err(|_| SpoolError::WriterStopped)?;
+                return Ok(Queued::Waiting(rx));
+            }
+        };
         if w.closed {
             return Err(SpoolError::Closed);
         }
@@ -199,7 +217,12 @@ pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
     let mut msgs = Vec::new();
     #[cfg(test)]
     let shared = lock(&writer).shared.clone();
-    while let Some(first) = next_message(&writer, &rx) {
+    while let Some(first) = next_message(
+        &writer,
+        &rx,
+        #[cfg(test)]
+        &shared.hooks,
+    ) {
         #[cfg(test)]
         shared.hooks.wait_while_paused();
         msgs.push(first);
@@ -222,8 +245,17 @@ pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
 
 /// Blocks for the next message, running the periodic sync and ack flush
 /// when they fall due. None once every sender is gone.
-fn next_message(writer: &Mutex<Writer>, rx: &Receiver<Msg>) -> Option<Msg> {
+fn next_message(
+    writer: &Mutex<Writer>,
+    rx: &Receiver<Msg>,
+    #[cfg(test)] hooks: &super::tests::TestHooks,
+) -> Option<Msg> {
     loop {
+        // A paused writer thread takes no lock, timers included: a test can
+        // then tell appends written on the caller's thread from those
+        // handed to this one.
+        #[cfg(test)]
+        hooks.wait_while_paused();
         // Checked before every wait, so sustained load cannot starve the
         // periodic sync.
         let deadline = {
