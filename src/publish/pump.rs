@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, PurgeConfig};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{TryAcquireError, mpsc, watch};
 use tokio::time::Instant;
 
 use super::classify::{Action, classify};
@@ -45,6 +45,11 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 /// persists (a missing IdempotentWrite ACL) must not spin.
 const REBUILD_PAUSE: Duration = Duration::from_millis(500);
 const MAX_REBUILD_PAUSE: Duration = Duration::from_secs(30);
+
+/// Fresh records travel from the spool reader to the pump in batches of at
+/// most this many, and at most this many batches wait between them.
+const FRESH_BATCH: usize = 256;
+const FRESH_BATCHES: usize = 4;
 
 /// How long one call to librdkafka's poll lasts. rdkafka's
 /// `BaseProducer::poll` keeps polling until its deadline and waits on the
@@ -172,6 +177,8 @@ impl Backoff {
 
 enum Next {
     Send(InFlight),
+    /// Fresh records from the spool, in order.
+    SendFresh(Vec<InFlight>),
     Failed(InFlight),
     Due,
     /// Nothing to do but look again whether fresh records may be read.
@@ -212,23 +219,26 @@ impl Pump {
         // The spool reader runs in a task of its own feeding a small
         // channel: receiving from a channel is cancel-safe inside select!,
         // so no record can be dropped between the spool and the producer.
-        let (fresh_tx, mut fresh_rx) = mpsc::channel::<InFlight>(1024);
+        // It carries whole read batches: one wake-up and one pass through
+        // the select below per batch, not per record.
+        let (fresh_tx, mut fresh_rx) = mpsc::channel::<Vec<InFlight>>(FRESH_BATCHES);
         // Small batches: a batch's records share one read buffer, which
         // stays in memory until the last of them is delivered.
         let reader_task = tokio::spawn(async move {
-            while let Some(batch) = reader.next_batch(256, 128 << 10).await {
-                for r in batch {
-                    let item = InFlight {
+            while let Some(batch) = reader.next_batch(FRESH_BATCH, 128 << 10).await {
+                let items = batch
+                    .into_iter()
+                    .map(|r| InFlight {
                         spool_id: r.id,
                         appended_ms: r.append_time_ms,
                         data: r.payload,
                         dead_letter_copy: false,
                         attempts: 0,
                         alone: false,
-                    };
-                    if fresh_tx.send(item).await.is_err() {
-                        return;
-                    }
+                    })
+                    .collect();
+                if fresh_tx.send(items).await.is_err() {
+                    return;
                 }
             }
         });
@@ -239,8 +249,9 @@ impl Pump {
             }
             let mut fatal = self.live.generation.fatal.subscribe();
             let due = self.delayed.first_key_value().map(|((at, _), _)| *at);
-            // Waiting records are held in memory: past this many, the rest
-            // of the backlog waits in the spool.
+            // Waiting records are held in memory: past this many (plus at
+            // most one batch read before the count got there), the rest of
+            // the backlog waits in the spool.
             let hold_fresh =
                 self.delayed.len() + self.shared.dead_letters.parked() >= MAX_IN_FLIGHT;
             let next = tokio::select! {
@@ -250,13 +261,14 @@ impl Pump {
                 Some(failed) = self.retry_rx.recv() => Next::Failed(failed),
                 _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => Next::Due,
                 Some(copy) = self.copies_rx.recv() => Next::Send(copy),
-                Some(fresh) = fresh_rx.recv(), if !hold_fresh => Next::Send(fresh),
+                Some(fresh) = fresh_rx.recv(), if !hold_fresh => Next::SendFresh(fresh),
                 // Parked dead letters leave without telling the pump.
                 _ = tokio::time::sleep(Duration::from_millis(100)), if hold_fresh => Next::Look,
                 else => break,
             };
             let carry_on = match next {
                 Next::Send(item) => self.send(item).await,
+                Next::SendFresh(items) => self.send_all(items).await,
                 Next::Failed(item) => {
                     self.delay(item);
                     true
@@ -290,6 +302,17 @@ impl Pump {
         self.delayed.insert((at, item.spool_id), item);
     }
 
+    /// Sends `items` in order; false when told to stop meanwhile (the rest
+    /// is still in the spool).
+    async fn send_all(&mut self, items: Vec<InFlight>) -> bool {
+        for item in items {
+            if !self.send(item).await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Sends every record whose next attempt is due, in spool order. False
     /// when told to stop.
     async fn send_due(&mut self) -> bool {
@@ -298,13 +321,8 @@ impl Pump {
         let due = std::mem::replace(&mut self.delayed, later);
         let mut due: Vec<InFlight> = due.into_values().collect();
         due.sort_by_key(|item| item.spool_id);
-        for item in due {
-            if !self.send(item).await {
-                // The rest is still in the spool; nothing to hand back.
-                return false;
-            }
-        }
-        true
+        // Told to stop: the rest is still in the spool, nothing to hand back.
+        self.send_all(due).await
     }
 
     /// Replaces a fatally failed producer, pausing with backoff before each
@@ -379,21 +397,31 @@ impl Pump {
             return true;
         };
         // Bound what librdkafka holds; the permit returns with the report.
+        // While there is room (nearly always) no waiting is set up at all.
         let generation = self.live.generation.clone();
-        let mut fatal = generation.fatal.subscribe();
-        tokio::select! {
-            // A record that travels alone waits until every other record
-            // is reported on, and holds every slot until its own report.
-            p = generation.permits.acquire_many(item.permits() as u32) => match p {
-                Ok(p) => p.forget(),
-                Err(_) => return false,
-            },
-            // Its reports may never come: leave the record to the next one.
-            _ = fatal.wait_for(|f| *f) => {
-                let _ = self.shared.retry.send(item);
-                return true;
+        let wanted = item.permits() as u32;
+        match generation.permits.try_acquire_many(wanted) {
+            Ok(p) => p.forget(),
+            Err(TryAcquireError::Closed) => return false,
+            Err(TryAcquireError::NoPermits) => {
+                let mut fatal = generation.fatal.subscribe();
+                tokio::select! {
+                    // A record that travels alone waits until every other
+                    // record is reported on, and holds every slot until its
+                    // own report.
+                    p = generation.permits.acquire_many(wanted) => match p {
+                        Ok(p) => p.forget(),
+                        Err(_) => return false,
+                    },
+                    // Its reports may never come: leave the record to the
+                    // next producer.
+                    _ = fatal.wait_for(|f| *f) => {
+                        let _ = self.shared.retry.send(item);
+                        return true;
+                    }
+                    _ = self.stop.changed() => return false,
+                }
             }
-            _ = self.stop.changed() => return false,
         }
         let base = BaseRecord::with_opaque_to(topic, Box::new(item))
             .key(record.key)
