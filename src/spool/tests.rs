@@ -21,6 +21,8 @@ pub(crate) struct TestHooks {
     resumed: Condvar,
     /// The writer thread is waiting in `wait_while_paused`.
     parked: AtomicBool,
+    /// The deadline the writer thread last went to sleep with.
+    sleeping_until: Mutex<Option<std::time::Instant>>,
     fail_writes: AtomicU32,
     fail_syncs: AtomicU32,
     fail_truncates: AtomicU32,
@@ -52,6 +54,14 @@ impl TestHooks {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         self.parked.store(false, Ordering::SeqCst);
+    }
+
+    /// Called by the writer thread as it waits for its next message.
+    pub(crate) fn sleeps_until(&self, deadline: std::time::Instant) {
+        *self
+            .sleeping_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(deadline);
     }
 
     pub(crate) fn take_write_failure(&self) -> bool {
@@ -1451,6 +1461,55 @@ async fn an_append_that_finds_the_writer_busy_is_handed_to_the_writer_thread() {
         .expect("writer alive")
         .expect("append");
     assert_eq!(ids(&read_n(&mut reader, 2).await), vec![1, 2]);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn an_append_on_the_callers_thread_wakes_the_writer_thread_for_its_sync() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_millis(20));
+    let (spool, reader, _) = open(&c);
+    spool.append(vec![ev(0)]).await.expect("first append");
+    let synced = |n: u64| {
+        let spool = spool.clone();
+        async move {
+            while spool.stats().counters.syncs < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, synced(1))
+        .await
+        .expect("the first append was never synced");
+    // Nothing else would wake the writer thread for an hour: its next ack
+    // flush is put that far away, and it is asleep on that deadline.
+    let far = std::time::Instant::now() + Duration::from_secs(3600);
+    writer::lock(&spool.inner.writer).set_acks_due(far);
+    let tx = spool.inner.tx.as_ref().expect("writer thread");
+    tx.send(Msg::Tick).expect("writer thread alive");
+    let asleep = async {
+        loop {
+            let until = *spool
+                .hooks()
+                .sleeping_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if until.is_some_and(|u| u >= far) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, asleep)
+        .await
+        .expect("the writer thread never slept on the far deadline");
+    let before = spool.stats().counters.syncs;
+    // Written on this thread; its sync is due in 20 ms, and only the
+    // writer thread's timers run it.
+    spool.append(vec![ev(1)]).await.expect("append");
+    tokio::time::timeout(WAIT, synced(before + 1))
+        .await
+        .expect("the writer thread slept through the sync an append on the caller's thread set");
     shut(spool, reader).await;
 }
 

@@ -264,6 +264,8 @@ fn next_message(
             w.tick_needed = false;
             w.sync_due.map_or(w.acks_due, |d| d.min(w.acks_due))
         };
+        #[cfg(test)]
+        hooks.sleeps_until(deadline);
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Msg::Tick) => {}
             Ok(m) => return Some(m),
@@ -397,6 +399,13 @@ impl Writer {
             }
             Msg::Tick => {}
         }
+    }
+
+    /// Moves the next ack flush, so that a test can tell what else wakes
+    /// the writer thread.
+    #[cfg(test)]
+    pub(crate) fn set_acks_due(&mut self, at: Instant) {
+        self.acks_due = at;
     }
 
     fn on_timer(&mut self) {
