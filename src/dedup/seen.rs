@@ -16,7 +16,14 @@
 //! slot would let it build long probe runs.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+/// Keys the slot hash: randomly per process, except in this module's tests,
+/// which use fixed keys so that a failure replays from its seed.
+#[cfg(not(test))]
+type SlotHasher = std::hash::RandomState;
+#[cfg(test)]
+type SlotHasher = std::hash::BuildHasherDefault<std::hash::DefaultHasher>;
 
 /// An empty slot. The id 0 is stored as 1: two ids in 2^64 share a slot
 /// name, which costs one dropped duplicate-looking event at worst.
@@ -30,7 +37,7 @@ pub(super) struct Seen {
     ring: VecDeque<(u64, u64)>,
     /// Open addressing, linear probing; `EMPTY` marks a free slot.
     slots: Vec<u64>,
-    hasher: RandomState,
+    hasher: SlotHasher,
     /// The most ids the ring and table are sized for.
     max_entries: usize,
 }
@@ -40,7 +47,7 @@ impl Seen {
         Seen {
             ring: VecDeque::new(),
             slots: Vec::new(),
-            hasher: RandomState::new(),
+            hasher: SlotHasher::default(),
             max_entries,
         }
     }
