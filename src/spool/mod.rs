@@ -17,8 +17,9 @@
 //!   one lock (see `writer.rs`). In `Always` mode its thread writes
 //!   everything queued since its last write in one system call and covers
 //!   it with a single `fdatasync`; in the other modes, where no append
-//!   waits for a sync, the caller writes its own records under that lock.
-//!   Ids are assigned there, in call order.
+//!   waits for a sync, the caller writes its own records under that lock
+//!   (or, when the lock is busy, hands them to the thread). Ids are
+//!   assigned there, in the order appends reach the writer.
 //! * **Acks.** Delivery confirmations are kept as one bit per record in
 //!   memory and appended, buffered, to a sidecar `<first_id>.acks` file per
 //!   segment, so a restart does not replay what Kafka already has. Losing
@@ -69,7 +70,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -285,6 +286,9 @@ pub(crate) struct Shared {
     pub(crate) data_ready: Notify,
     pub(crate) counters: Counters,
     closing: AtomicBool,
+    /// Bytes of appends handed to the writer thread because its lock was
+    /// busy, not yet taken by it (see `writer::MAX_HANDED_OVER`).
+    pub(crate) handed_over: AtomicU64,
     /// Holds the directory lock for as long as anything uses the spool.
     _lock: File,
     #[cfg(test)]
@@ -348,6 +352,7 @@ impl Spool {
             // Records recovery had to skip are the first ones lost.
             counters: Counters::starting_lost(recovered.report.records_skipped),
             closing: AtomicBool::new(false),
+            handed_over: AtomicU64::new(0),
             _lock: lock,
             #[cfg(test)]
             hooks: tests::TestHooks::default(),
@@ -381,8 +386,11 @@ impl Spool {
     /// resolves once they are in the file as the fsync mode promises.
     ///
     /// The request is queued when this is *called*, not when the future is
-    /// first polled: ids follow call order, and dropping the future does not
-    /// cancel the append. Errors: [`SpoolError::Full`] when `max_bytes` would
+    /// first polled: one caller's appends, each awaited before the next, get
+    /// ids in call order (in `Always` mode all appends do), and dropping the
+    /// future does not cancel the append. In the other modes an append that
+    /// found the writer busy is handed to its thread, and one called after
+    /// it may be written first. Errors: [`SpoolError::Full`] when `max_bytes` would
     /// be exceeded, [`SpoolError::Io`] when the write failed (nothing of the
     /// batch stays visible and later appends are tried normally),
     /// [`SpoolError::RecordTooLarge`], [`SpoolError::RequestTooLarge`] (the
@@ -424,13 +432,14 @@ impl Spool {
         }
         let tx = self.inner.tx.as_ref().ok_or(SpoolError::WriterStopped)?;
         if self.inner.inline {
-            return writer::append_now(&self.inner.writer, tx, records, bytes);
+            return writer::append_now(&self.inner.writer, &self.inner.shared, tx, records, bytes);
         }
         let (reply, rx) = oneshot::channel();
         tx.send(Msg::Append {
             records,
             bytes,
             reply,
+            handed_over: false,
         })
         .map_err(|_| SpoolError::WriterStopped)?;
         Ok(Queued::Waiting(rx))

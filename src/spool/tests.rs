@@ -1465,6 +1465,51 @@ async fn an_append_that_finds_the_writer_busy_is_handed_to_the_writer_thread() {
 }
 
 #[tokio::test]
+async fn appends_waiting_for_a_stalled_writer_are_bounded_in_memory() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    c.segment_bytes = 1 << 30;
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(0)]).await.expect("first append");
+    // The writer is stuck, as behind a roll's sync on a stalled disk.
+    let busy = writer::lock(&spool.inner.writer);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let appender = std::thread::spawn({
+        let spool = spool.clone();
+        move || {
+            let mut answers = Vec::new();
+            for i in 1..=20 {
+                answers.push(spool.enqueue(vec![sized(i, 1 << 20)]));
+                let _ = tx.send(i);
+            }
+            answers
+        }
+    });
+    // The appends that fit in MAX_HANDED_OVER come back at once, queued;
+    // the next one waits for the lock.
+    let mut returned = 0;
+    while let Ok(i) = rx.recv_timeout(Duration::from_millis(500)) {
+        returned = i;
+    }
+    let fits = writer::MAX_HANDED_OVER / record_size(1 << 20);
+    drop(busy);
+    assert_eq!(returned, fits, "appends queued before one waited");
+    for answer in appender.join().expect("appender") {
+        match answer.expect("append") {
+            Queued::Done => {}
+            Queued::Waiting(rx) => tokio::time::timeout(WAIT, rx)
+                .await
+                .expect("a queued append was never written")
+                .expect("writer alive")
+                .expect("append"),
+        }
+    }
+    assert_eq!(read_n(&mut reader, 21).await.len(), 21);
+    assert_eq!(spool.inner.shared.handed_over.load(Ordering::Relaxed), 0);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
 async fn an_append_on_the_callers_thread_wakes_the_writer_thread_for_its_sync() {
     let (_dir, mut c) = fresh();
     c.fsync = FsyncMode::Interval(Duration::from_millis(20));
@@ -1478,7 +1523,9 @@ async fn an_append_on_the_callers_thread_wakes_the_writer_thread_for_its_sync() 
             }
         }
     };
-    tokio::time::timeout(WAIT, synced(1))
+    // Two syncs: the new segment's, then the first append's periodic one,
+    // which must be counted before `before` is read below.
+    tokio::time::timeout(WAIT, synced(2))
         .await
         .expect("the first append was never synced");
     // Nothing else would wake the writer thread for an hour: its next ack

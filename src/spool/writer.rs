@@ -24,6 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError, TryLockError};
 use std::thread::JoinHandle;
@@ -42,6 +43,12 @@ use super::{FsyncMode, Queued, Shared, SpoolError, io_context};
 /// Under load they are written within milliseconds anyway (see
 /// `state::ACK_MAX_AGE`); this covers the last acks before a quiet spell.
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Bytes of appends that may wait for the writer thread because its lock
+/// was busy. Past this the disk is stalled (a roll's syncs, writeback that
+/// cannot keep up), and an append waits for the lock instead: that holds
+/// back new callbacks rather than queueing them in memory without end.
+pub(crate) const MAX_HANDED_OVER: u64 = 16 << 20;
+
 /// The group buffer keeps its capacity between groups (no allocation per
 /// group) but gives back anything above this after an unusually large one.
 const BUF_KEEP: usize = 16 << 20;
@@ -55,6 +62,9 @@ pub(crate) enum Msg {
         records: Vec<Bytes>,
         bytes: u64,
         reply: Reply,
+        /// Sent because the writer's lock was busy: counted in
+        /// `Shared::handed_over` until the thread takes it.
+        handed_over: bool,
     },
     /// Sync everything, flush acks, refuse further appends.
     Close { reply: Reply },
@@ -145,6 +155,7 @@ pub(crate) fn writes_inline(fsync: FsyncMode) -> bool {
 /// writer thread instead writes whatever queued meanwhile as one group.
 pub(crate) fn append_now(
     writer: &Mutex<Writer>,
+    shared: &Shared,
     thread: &std::sync::mpsc::Sender<Msg>,
     records: Vec<Bytes>,
     bytes: u64,
@@ -154,16 +165,20 @@ pub(crate) fn append_now(
         let mut w = match writer.try_lock() {
             Ok(w) => w,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => {
-                thread
-                    .send(Msg::Append {
-                        records,
-                        bytes,
-                        reply,
-                    })
-                    .map_err(|_| SpoolError::WriterStopped)?;
+            Err(TryLockError::WouldBlock) if reserve_hand_over(shared, bytes) => {
+                let m = Msg::Append {
+                    records,
+                    bytes,
+                    reply,
+                    handed_over: true,
+                };
+                if thread.send(m).is_err() {
+                    shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+                    return Err(SpoolError::WriterStopped);
+                }
                 return Ok(Queued::Waiting(rx));
             }
+            Err(TryLockError::WouldBlock) => lock(writer),
         };
         if w.closed {
             return Err(SpoolError::Closed);
@@ -180,6 +195,7 @@ pub(crate) fn append_now(
                     records,
                     bytes,
                     reply,
+                    handed_over: false,
                 })
                 .map_err(|_| SpoolError::WriterStopped)?;
             return Ok(Queued::Waiting(rx));
@@ -198,6 +214,17 @@ pub(crate) fn append_now(
     rx.try_recv()
         .unwrap_or(Err(SpoolError::WriterStopped))
         .map(|()| Queued::Done)
+}
+
+/// Counts `bytes` as waiting for the writer thread, unless that would pass
+/// [`MAX_HANDED_OVER`].
+fn reserve_hand_over(shared: &Shared, bytes: u64) -> bool {
+    let before = shared.handed_over.fetch_add(bytes, Ordering::Relaxed);
+    if before.saturating_add(bytes) <= MAX_HANDED_OVER {
+        return true;
+    }
+    shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+    false
 }
 
 /// Marks the writer as without its thread when the thread ends, however it
@@ -227,8 +254,11 @@ pub(crate) fn run(writer: SharedWriter, rx: Receiver<Msg>) {
         shared.hooks.wait_while_paused();
         msgs.push(first);
         let mut w = lock(&writer);
-        // Drained under the lock: appends queue only while holding it, so
-        // once `rolling` is cleared below nothing queued is left behind.
+        // Drained under the lock: appends queued behind a roll are queued
+        // only while holding it, so once `rolling` is cleared below none
+        // of them is left behind. (One handed over because the lock was
+        // busy may still arrive; it overtakes nothing it was not
+        // concurrent with.)
         while let Ok(m) = rx.try_recv() {
             msgs.push(m);
         }
@@ -376,6 +406,14 @@ impl Writer {
 
     /// One message taken from the queue by the thread.
     fn handle(&mut self, m: Msg) {
+        if let Msg::Append {
+            bytes,
+            handed_over: true,
+            ..
+        } = m
+        {
+            self.shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+        }
         match m {
             Msg::Append { reply, .. } if self.closed => {
                 let _ = reply.send(Err(SpoolError::Closed));
@@ -384,6 +422,7 @@ impl Writer {
                 records,
                 bytes,
                 reply,
+                ..
             } => {
                 self.group.push(Request {
                     records,
