@@ -306,7 +306,9 @@ impl Pump {
     /// is still in the spool).
     async fn send_all(&mut self, items: Vec<InFlight>) -> bool {
         for item in items {
-            if !self.send(item).await {
+            // A batch takes its slots without waiting, so stop is looked
+            // at here (the rest stays in the spool).
+            if *self.stop.borrow() || !self.send(item).await {
                 return false;
             }
         }
@@ -399,6 +401,12 @@ impl Pump {
         // Bound what librdkafka holds; the permit returns with the report.
         // While there is room (nearly always) no waiting is set up at all.
         let generation = self.live.generation.clone();
+        if generation.is_fatal() {
+            // Refused anyway: leave the record to the next producer rather
+            // than count a fatal error for each record of a batch.
+            let _ = self.shared.retry.send(item);
+            return true;
+        }
         let wanted = item.permits() as u32;
         match generation.permits.try_acquire_many(wanted) {
             Ok(p) => p.forget(),
