@@ -18,8 +18,8 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-/// Keys the slot hash: randomly per process, except in this module's tests,
-/// which use fixed keys so that a failure replays from its seed.
+/// Keys the slot hash: randomly per process, except in the crate's unit
+/// tests, which use fixed keys so that a failure replays from its seed.
 #[cfg(not(test))]
 type SlotHasher = std::hash::RandomState;
 #[cfg(test)]
