@@ -401,12 +401,7 @@ impl Spool {
         records: Vec<Bytes>,
     ) -> impl Future<Output = Result<(), SpoolError>> + Send + use<> {
         let queued = self.enqueue(records);
-        async move {
-            match queued? {
-                Queued::Done => Ok(()),
-                Queued::Waiting(rx) => rx.await.unwrap_or(Err(SpoolError::WriterStopped)),
-            }
-        }
+        async move { queued?.finish().await }
     }
 
     fn enqueue(&self, records: Vec<Bytes>) -> Result<Queued, SpoolError> {
@@ -434,15 +429,7 @@ impl Spool {
         if self.inner.inline {
             return writer::append_now(&self.inner.writer, &self.inner.shared, tx, records, bytes);
         }
-        let (reply, rx) = oneshot::channel();
-        tx.send(Msg::Append {
-            records,
-            bytes,
-            reply,
-            handed_over: false,
-        })
-        .map_err(|_| SpoolError::WriterStopped)?;
-        Ok(Queued::Waiting(rx))
+        writer::queue_append(tx, records, bytes, false)
     }
 
     /// Records that `id` was positively delivered to Kafka, so it is never
@@ -523,6 +510,16 @@ pub(crate) enum Queued {
     Done,
     /// Queued for the writer thread, which answers here.
     Waiting(oneshot::Receiver<Result<(), SpoolError>>),
+}
+
+impl Queued {
+    /// The append's outcome, once the writer has it.
+    async fn finish(self) -> Result<(), SpoolError> {
+        match self {
+            Queued::Done => Ok(()),
+            Queued::Waiting(rx) => rx.await.unwrap_or(Err(SpoolError::WriterStopped)),
+        }
+    }
 }
 
 /// How long a failed append (Full or I/O error) keeps the spool reported

@@ -1427,6 +1427,29 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
     }
 }
 
+/// A thread's calls to `enqueue`, with what each returned.
+type Appender = std::thread::JoinHandle<Vec<Result<Queued, SpoolError>>>;
+
+/// Calls `enqueue` for each batch in turn on a thread of its own, telling
+/// the channel how many calls have returned, so that a test holding the
+/// writer's lock can tell an append that blocks from one that is queued.
+fn enqueue_on_a_thread(
+    spool: &Spool,
+    batches: Vec<Vec<Bytes>>,
+) -> (std::sync::mpsc::Receiver<usize>, Appender) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spool = spool.clone();
+    let appender = std::thread::spawn(move || {
+        let mut answers = Vec::new();
+        for batch in batches {
+            answers.push(spool.enqueue(batch));
+            let _ = tx.send(answers.len());
+        }
+        answers
+    });
+    (rx, appender)
+}
+
 #[tokio::test]
 async fn an_append_that_finds_the_writer_busy_is_handed_to_the_writer_thread() {
     let (_dir, mut c) = fresh();
@@ -1437,28 +1460,21 @@ async fn an_append_that_finds_the_writer_busy_is_handed_to_the_writer_thread() {
     let busy = writer::lock(&spool.inner.writer);
     // Waiting for that lock would stall a runtime thread: the append must
     // come back at once, queued for the writer thread.
-    let (tx, rx) = std::sync::mpsc::channel();
-    let appender = std::thread::spawn({
-        let spool = spool.clone();
-        move || {
-            let queued = spool.enqueue(vec![ev(1)]);
-            let _ = tx.send(());
-            queued
-        }
-    });
-    let returned = rx.recv_timeout(Duration::from_secs(2));
+    let (returns, appender) = enqueue_on_a_thread(&spool, vec![vec![ev(1)]]);
+    let returned = returns.recv_timeout(Duration::from_secs(2));
     drop(busy);
     assert!(
         returned.is_ok(),
         "the append blocked on the writer's lock instead of queueing"
     );
-    let Ok(Queued::Waiting(answer)) = appender.join().expect("appender") else {
-        panic!("the append was not queued for the writer thread");
-    };
-    tokio::time::timeout(WAIT, answer)
+    let queued = appender.join().expect("appender").remove(0);
+    assert!(
+        matches!(queued, Ok(Queued::Waiting(_))),
+        "the append was not queued for the writer thread"
+    );
+    tokio::time::timeout(WAIT, queued.expect("append").finish())
         .await
         .expect("the writer thread never wrote the queued append")
-        .expect("writer alive")
         .expect("append");
     assert_eq!(ids(&read_n(&mut reader, 2).await), vec![1, 2]);
     shut(spool, reader).await;
@@ -1473,36 +1489,22 @@ async fn appends_waiting_for_a_stalled_writer_are_bounded_in_memory() {
     spool.append(vec![ev(0)]).await.expect("first append");
     // The writer is stuck, as behind a roll's sync on a stalled disk.
     let busy = writer::lock(&spool.inner.writer);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let appender = std::thread::spawn({
-        let spool = spool.clone();
-        move || {
-            let mut answers = Vec::new();
-            for i in 1..=20 {
-                answers.push(spool.enqueue(vec![sized(i, 1 << 20)]));
-                let _ = tx.send(i);
-            }
-            answers
-        }
-    });
+    let batches = (1..=20).map(|i| vec![sized(i, 1 << 20)]).collect();
+    let (returns, appender) = enqueue_on_a_thread(&spool, batches);
     // The appends that fit in MAX_HANDED_OVER come back at once, queued;
     // the next one waits for the lock.
     let mut returned = 0;
-    while let Ok(i) = rx.recv_timeout(Duration::from_millis(500)) {
-        returned = i;
+    while let Ok(n) = returns.recv_timeout(Duration::from_millis(500)) {
+        returned = n as u64;
     }
     let fits = writer::MAX_HANDED_OVER / record_size(1 << 20);
     drop(busy);
     assert_eq!(returned, fits, "appends queued before one waited");
-    for answer in appender.join().expect("appender") {
-        match answer.expect("append") {
-            Queued::Done => {}
-            Queued::Waiting(rx) => tokio::time::timeout(WAIT, rx)
-                .await
-                .expect("a queued append was never written")
-                .expect("writer alive")
-                .expect("append"),
-        }
+    for queued in appender.join().expect("appender") {
+        tokio::time::timeout(WAIT, queued.expect("append").finish())
+            .await
+            .expect("a queued append was never written")
+            .expect("append");
     }
     assert_eq!(read_n(&mut reader, 21).await.len(), 21);
     assert_eq!(spool.inner.shared.handed_over.load(Ordering::Relaxed), 0);

@@ -160,60 +160,64 @@ pub(crate) fn append_now(
     records: Vec<Bytes>,
     bytes: u64,
 ) -> Result<Queued, SpoolError> {
-    let (reply, mut rx) = oneshot::channel();
-    let tick = {
-        let mut w = match writer.try_lock() {
-            Ok(w) => w,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) if reserve_hand_over(shared, bytes) => {
-                let m = Msg::Append {
-                    records,
-                    bytes,
-                    reply,
-                    handed_over: true,
-                };
-                if thread.send(m).is_err() {
-                    shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
-                    return Err(SpoolError::WriterStopped);
-                }
-                return Ok(Queued::Waiting(rx));
-            }
-            Err(TryLockError::WouldBlock) => lock(writer),
-        };
-        if w.closed {
-            return Err(SpoolError::Closed);
+    let mut w = match writer.try_lock() {
+        Ok(w) => w,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) if reserve_hand_over(shared, bytes) => {
+            return queue_append(thread, records, bytes, true).inspect_err(|_| {
+                shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+            });
         }
-        if w.thread_gone {
-            // Without the thread nothing syncs or flushes acks: refuse
-            // rather than answer for data only the page cache holds.
-            return Err(SpoolError::WriterStopped);
-        }
-        if w.rolling || w.must_roll(bytes) {
-            w.rolling = true;
-            thread
-                .send(Msg::Append {
-                    records,
-                    bytes,
-                    reply,
-                    handed_over: false,
-                })
-                .map_err(|_| SpoolError::WriterStopped)?;
-            return Ok(Queued::Waiting(rx));
-        }
-        w.group.push(Request {
-            records,
-            bytes,
-            reply,
-        });
-        w.commit();
-        std::mem::take(&mut w.tick_needed)
+        Err(TryLockError::WouldBlock) => lock(writer),
     };
+    if w.closed {
+        return Err(SpoolError::Closed);
+    }
+    if w.thread_gone {
+        // Without the thread nothing syncs or flushes acks: refuse
+        // rather than answer for data only the page cache holds.
+        return Err(SpoolError::WriterStopped);
+    }
+    if w.rolling || w.must_roll(bytes) {
+        // Queued while holding the lock (see `run`).
+        w.rolling = true;
+        return queue_append(thread, records, bytes, false);
+    }
+    let (reply, mut rx) = oneshot::channel();
+    w.group.push(Request {
+        records,
+        bytes,
+        reply,
+    });
+    w.commit();
+    let tick = std::mem::take(&mut w.tick_needed);
+    drop(w);
     if tick && thread.send(Msg::Tick).is_err() {
         return Err(SpoolError::WriterStopped);
     }
     rx.try_recv()
         .unwrap_or(Err(SpoolError::WriterStopped))
         .map(|()| Queued::Done)
+}
+
+/// Queues one append for the writer thread, which answers on the returned
+/// [`Queued::Waiting`].
+pub(crate) fn queue_append(
+    thread: &std::sync::mpsc::Sender<Msg>,
+    records: Vec<Bytes>,
+    bytes: u64,
+    handed_over: bool,
+) -> Result<Queued, SpoolError> {
+    let (reply, rx) = oneshot::channel();
+    thread
+        .send(Msg::Append {
+            records,
+            bytes,
+            reply,
+            handed_over,
+        })
+        .map_err(|_| SpoolError::WriterStopped)?;
+    Ok(Queued::Waiting(rx))
 }
 
 /// Counts `bytes` as waiting for the writer thread, unless that would pass
