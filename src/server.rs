@@ -759,11 +759,7 @@ impl Routes {
             return self.reject_unread(&query, r, started, true);
         }
         // Refuse on the declared length before reading a byte of it.
-        let declared = head
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = declared_length(&head.headers);
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
             return self.reject_unread(&query, self.too_large(), started, true);
         }
@@ -951,6 +947,14 @@ impl Routes {
         };
         text(status, "application/json", body)
     }
+}
+
+/// The body length a request declares, when it declares a readable one.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 /// 403 when the client (`None`: not resolved, since `server.allow_from`
