@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -229,6 +230,19 @@ pub fn start_materializer(dir: &Path, name: &str, config: &str) -> GatewayProces
 /// Starts `cmd` (stderr piped), collects its log lines, and waits for the
 /// line containing `listening`, whose `addr=` field is where it serves.
 fn spawn_until_listening(mut cmd: Command, listening: &str) -> GatewayProcess {
+    // Dropping the handle kills the process, but a test run that aborts
+    // (a librdkafka assertion, SIGKILL) skips drop, and the gateway would
+    // run on, holding its port and spool. The kernel ends it with the
+    // thread that started it: the test's own, which outlives the handle.
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
