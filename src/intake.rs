@@ -556,6 +556,13 @@ impl Intake {
                     RejectKind::Overloaded,
                     "spool is full: Kafka is not keeping up; retry later",
                 ),
+                // A stalled disk refuses every request until it recovers:
+                // the rejection log (rate-limited) says so, not one error
+                // line per request.
+                SpoolError::Behind { .. } => Rejection::new(
+                    RejectKind::Overloaded,
+                    "spool disk is not keeping up; retry later",
+                ),
                 // Retrying cannot help: the answer is 413, and the spool's
                 // room and readiness are untouched.
                 SpoolError::RecordTooLarge { .. } | SpoolError::RequestTooLarge { .. } => {

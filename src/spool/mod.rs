@@ -192,6 +192,17 @@ pub enum SpoolError {
         /// The spool's limit.
         max_bytes: u64,
     },
+    /// The disk is not keeping up: appends of `waiting` bytes already
+    /// wait for the writer thread (a stalled fdatasync, a roll on a slow
+    /// disk). Queueing more would hold them in memory without end, for an
+    /// answer the sender stopped waiting for.
+    #[error(
+        "spool disk is not keeping up: {waiting} bytes of appends already wait for it; refuse the request so it is retried, and check the disk under spool.dir"
+    )]
+    Behind {
+        /// Bytes of appends waiting for the writer thread.
+        waiting: u64,
+    },
     /// `close` was called: the gateway is shutting down.
     #[error("spool is closed because timbridge is shutting down; the sender should retry later")]
     Closed,
@@ -286,9 +297,9 @@ pub(crate) struct Shared {
     pub(crate) data_ready: Notify,
     pub(crate) counters: Counters,
     closing: AtomicBool,
-    /// Bytes of appends handed to the writer thread because its lock was
-    /// busy, not yet taken by it (see `writer::MAX_HANDED_OVER`).
-    pub(crate) handed_over: AtomicU64,
+    /// Bytes of appends queued for the writer thread and not yet taken by
+    /// it (see `writer::MAX_QUEUED`).
+    pub(crate) queued_bytes: AtomicU64,
     /// Holds the directory lock for as long as anything uses the spool.
     _lock: File,
     #[cfg(test)]
@@ -352,7 +363,7 @@ impl Spool {
             // Records recovery had to skip are the first ones lost.
             counters: Counters::starting_lost(recovered.report.records_skipped),
             closing: AtomicBool::new(false),
-            handed_over: AtomicU64::new(0),
+            queued_bytes: AtomicU64::new(0),
             _lock: lock,
             #[cfg(test)]
             hooks: tests::TestHooks::default(),
@@ -429,7 +440,7 @@ impl Spool {
         if self.inner.inline {
             return writer::append_now(&self.inner.writer, &self.inner.shared, tx, records, bytes);
         }
-        writer::queue_append(tx, records, bytes, false)
+        writer::queue_bounded(&self.inner.shared, tx, records, bytes)
     }
 
     /// Records that `id` was positively delivered to Kafka, so it is never

@@ -1491,13 +1491,13 @@ async fn appends_waiting_for_a_stalled_writer_are_bounded_in_memory() {
     let busy = writer::lock(&spool.inner.writer);
     let batches = (1..=20).map(|i| vec![sized(i, 1 << 20)]).collect();
     let (returns, appender) = enqueue_on_a_thread(&spool, batches);
-    // The appends that fit in MAX_HANDED_OVER come back at once, queued;
+    // The appends that fit in MAX_QUEUED come back at once, queued;
     // the next one waits for the lock.
     let mut returned = 0;
     while let Ok(n) = returns.recv_timeout(Duration::from_millis(500)) {
         returned = n as u64;
     }
-    let fits = writer::MAX_HANDED_OVER / record_size(1 << 20);
+    let fits = writer::MAX_QUEUED / record_size(1 << 20);
     drop(busy);
     assert_eq!(returned, fits, "appends queued before one waited");
     for queued in appender.join().expect("appender") {
@@ -1507,7 +1507,67 @@ async fn appends_waiting_for_a_stalled_writer_are_bounded_in_memory() {
             .expect("append");
     }
     assert_eq!(read_n(&mut reader, 21).await.len(), 21);
-    assert_eq!(spool.inner.shared.handed_over.load(Ordering::Relaxed), 0);
+    assert_eq!(spool.inner.shared.queued_bytes.load(Ordering::Relaxed), 0);
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Always;
+    c.segment_bytes = 1 << 30;
+    let (spool, mut reader, _) = open(&c);
+    spool.append(vec![ev(0)]).await.expect("first append");
+    // The writer thread is stuck, as in an fdatasync on a stalled disk.
+    spool.park_writer().await;
+    let fits = writer::MAX_QUEUED / record_size(1 << 20);
+    let mut queued = Vec::new();
+    for i in 1..=fits {
+        queued.push(spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"));
+    }
+    // The next one would only add to memory that waits for the disk.
+    let refused = spool.enqueue(vec![sized(fits + 1, 1 << 20)]);
+    let unready = spool.is_full();
+    spool.hooks().resume();
+    let refused = match refused {
+        Err(SpoolError::Behind { .. }) => true,
+        Ok(q) => {
+            queued.push(q);
+            false
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(refused, "an append past the bound was queued");
+    assert!(unready, "readiness did not drop while the disk lagged");
+    for q in queued {
+        tokio::time::timeout(WAIT, q.finish())
+            .await
+            .expect("a queued append was never written")
+            .expect("append");
+    }
+    assert_eq!(spool.inner.shared.queued_bytes.load(Ordering::Relaxed), 0);
+    // Once the disk is back, appends are taken again.
+    spool
+        .append(vec![ev(fits + 2)])
+        .await
+        .expect("append after");
+    assert_eq!(
+        read_n(&mut reader, fits as usize + 2).await.len(),
+        fits as usize + 2
+    );
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn one_append_larger_than_the_bound_is_taken_when_none_waits() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Always;
+    c.segment_bytes = 1 << 30;
+    let (spool, mut reader, _) = open(&c);
+    let big: Vec<Bytes> = (0..20).map(|i| sized(i, 1 << 20)).collect();
+    assert!(big.iter().map(|r| record_size(r.len())).sum::<u64>() > writer::MAX_QUEUED);
+    spool.append(big).await.expect("a large append alone");
+    assert_eq!(read_n(&mut reader, 20).await.len(), 20);
     shut(spool, reader).await;
 }
 

@@ -43,11 +43,14 @@ use super::{FsyncMode, Queued, Shared, SpoolError, io_context};
 /// Under load they are written within milliseconds anyway (see
 /// `state::ACK_MAX_AGE`); this covers the last acks before a quiet spell.
 const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
-/// Bytes of appends that may wait for the writer thread because its lock
-/// was busy. Past this the disk is stalled (a roll's syncs, writeback that
-/// cannot keep up), and an append waits for the lock instead: that holds
-/// back new callbacks rather than queueing them in memory without end.
-pub(crate) const MAX_HANDED_OVER: u64 = 16 << 20;
+/// Bytes of appends that may wait for the writer thread. Past this the
+/// disk is stalled (a roll's syncs, an fdatasync, writeback that cannot
+/// keep up), and nothing more is queued in memory: an append that found
+/// the lock busy waits for it instead, which holds back new callbacks on
+/// that runtime thread; one that must go to the thread (`Always` mode, a
+/// roll) is refused with [`SpoolError::Behind`]. One append is always
+/// taken when none waits, whatever its size.
+pub(crate) const MAX_QUEUED: u64 = 16 << 20;
 
 /// The group buffer keeps its capacity between groups (no allocation per
 /// group) but gives back anything above this after an unusually large one.
@@ -62,9 +65,6 @@ pub(crate) enum Msg {
         records: Vec<Bytes>,
         bytes: u64,
         reply: Reply,
-        /// Sent because the writer's lock was busy: counted in
-        /// `Shared::handed_over` until the thread takes it.
-        handed_over: bool,
     },
     /// Sync everything, flush acks, refuse further appends.
     Close { reply: Reply },
@@ -163,10 +163,8 @@ pub(crate) fn append_now(
     let mut w = match writer.try_lock() {
         Ok(w) => w,
         Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(TryLockError::WouldBlock) if reserve_hand_over(shared, bytes) => {
-            return queue_append(thread, records, bytes, true).inspect_err(|_| {
-                shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
-            });
+        Err(TryLockError::WouldBlock) if reserve_queue_room(shared, bytes) => {
+            return queue_append(shared, thread, records, bytes);
         }
         Err(TryLockError::WouldBlock) => lock(writer),
     };
@@ -181,7 +179,7 @@ pub(crate) fn append_now(
     if w.rolling || w.must_roll(bytes) {
         // Queued while holding the lock (see `run`).
         w.rolling = true;
-        return queue_append(thread, records, bytes, false);
+        return queue_bounded(shared, thread, records, bytes);
     }
     let (reply, mut rx) = oneshot::channel();
     w.group.push(Request {
@@ -200,13 +198,13 @@ pub(crate) fn append_now(
         .map(|()| Queued::Done)
 }
 
-/// Queues one append for the writer thread, which answers on the returned
-/// [`Queued::Waiting`].
-pub(crate) fn queue_append(
+/// Queues one append, already counted in `Shared::queued_bytes`, for the
+/// writer thread, which answers on the returned [`Queued::Waiting`].
+fn queue_append(
+    shared: &Shared,
     thread: &std::sync::mpsc::Sender<Msg>,
     records: Vec<Bytes>,
     bytes: u64,
-    handed_over: bool,
 ) -> Result<Queued, SpoolError> {
     let (reply, rx) = oneshot::channel();
     thread
@@ -214,20 +212,41 @@ pub(crate) fn queue_append(
             records,
             bytes,
             reply,
-            handed_over,
         })
-        .map_err(|_| SpoolError::WriterStopped)?;
+        .map_err(|_| {
+            shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            SpoolError::WriterStopped
+        })?;
     Ok(Queued::Waiting(rx))
 }
 
+/// Queues an append that only the writer thread can write, unless
+/// [`MAX_QUEUED`] bytes already wait for it: then the disk is stalled
+/// and the append is refused (and the spool reads as full for a moment, so
+/// that readiness sends traffic elsewhere).
+pub(crate) fn queue_bounded(
+    shared: &Shared,
+    thread: &std::sync::mpsc::Sender<Msg>,
+    records: Vec<Bytes>,
+    bytes: u64,
+) -> Result<Queued, SpoolError> {
+    if !reserve_queue_room(shared, bytes) {
+        shared.lock_state().refused_at = Some(Instant::now());
+        return Err(SpoolError::Behind {
+            waiting: shared.queued_bytes.load(Ordering::Relaxed),
+        });
+    }
+    queue_append(shared, thread, records, bytes)
+}
+
 /// Counts `bytes` as waiting for the writer thread, unless that would pass
-/// [`MAX_HANDED_OVER`].
-fn reserve_hand_over(shared: &Shared, bytes: u64) -> bool {
-    let before = shared.handed_over.fetch_add(bytes, Ordering::Relaxed);
-    if before.saturating_add(bytes) <= MAX_HANDED_OVER {
+/// [`MAX_QUEUED`] with something already waiting.
+fn reserve_queue_room(shared: &Shared, bytes: u64) -> bool {
+    let before = shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+    if before == 0 || before.saturating_add(bytes) <= MAX_QUEUED {
         return true;
     }
-    shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+    shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     false
 }
 
@@ -410,13 +429,8 @@ impl Writer {
 
     /// One message taken from the queue by the thread.
     fn handle(&mut self, m: Msg) {
-        if let Msg::Append {
-            bytes,
-            handed_over: true,
-            ..
-        } = m
-        {
-            self.shared.handed_over.fetch_sub(bytes, Ordering::Relaxed);
+        if let Msg::Append { bytes, .. } = m {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
         match m {
             Msg::Append { reply, .. } if self.closed => {
