@@ -107,13 +107,14 @@ fn check_config_warns_on_an_expired_certificate() {
     std::fs::write(s.dir.path().join("server.key"), key.serialize_pem()).unwrap();
     let path = s.dir.path().join("config.toml");
     std::fs::write(&path, tls_config(&s)).unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env_remove("TIMBRIDGE_BROKERS")
-        .env_remove("TIMBRIDGE_LISTEN")
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env_remove("TIMBRIDGE_BROKERS")
+            .env_remove("TIMBRIDGE_LISTEN"),
+    )
+    .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(

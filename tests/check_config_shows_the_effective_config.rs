@@ -21,7 +21,7 @@ fn check_config(dir: &std::path::Path, tweak: impl FnOnce(&mut Command)) -> (boo
         .env_remove("TIMBRIDGE_LISTEN")
         .env_remove("TIMBRIDGE_REQUIRE_TOPICS");
     tweak(&mut cmd);
-    let out = cmd.output().unwrap();
+    let out = common::fork::output(&mut cmd).unwrap();
     let text = output_text(&out);
     (out.status.success(), text)
 }

@@ -10,10 +10,10 @@ use common::process::{BIN, GatewayProcess, SHIPPED_CONFIG, check_config, write_f
 
 #[test]
 fn version_and_help() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = common::fork::output(Command::new(BIN).arg("--version")).unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
-    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let out = common::fork::output(Command::new(BIN).arg("--help")).unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for cmd in ["serve", "check-config", "send", "spool"] {
         assert!(help.contains(cmd), "{help}");
@@ -58,11 +58,12 @@ fn check_config_names_an_unknown_key_and_fails() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_byte"), "{err}");
     // TIMBRIDGE_CONFIG stands in for --config.
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .env("TIMBRIDGE_CONFIG", &cfg)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .arg("check-config")
+            .env("TIMBRIDGE_CONFIG", &cfg),
+    )
+    .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_byte"));
     let out = check_config("/nonexistent/timbridge.toml".as_ref());
     assert!(!out.status.success());
@@ -93,19 +94,20 @@ fn send_against_the_shipped_config_shows_a_delivery() {
     );
     let url = format!("http://{}/callback", served.addr);
     // The shipped app and token.
-    let out = Command::new(BIN)
-        .args([
-            "send",
-            "--url",
-            &url,
-            "--sdkappid",
-            "1400000000",
-            "--token",
-            "change-me",
-        ])
-        .arg(&body)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args([
+                "send",
+                "--url",
+                &url,
+                "--sdkappid",
+                "1400000000",
+                "--token",
+                "change-me",
+            ])
+            .arg(&body),
+    )
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -124,11 +126,12 @@ fn send_against_the_shipped_config_shows_a_delivery() {
     assert!(line.contains("@TGS#cli"), "{line}");
 
     // Without the token: 401, and send exits non-zero.
-    let out = Command::new(BIN)
-        .args(["send", "--url", &url, "--sdkappid", "1400000000"])
-        .arg(&body)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args(["send", "--url", &url, "--sdkappid", "1400000000"])
+            .arg(&body),
+    )
+    .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("401"));
 }

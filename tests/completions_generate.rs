@@ -10,10 +10,7 @@ use common::process::BIN;
 #[test]
 fn every_shell_gets_a_script_naming_the_subcommands() {
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
-        let out = Command::new(BIN)
-            .args(["completions", shell])
-            .output()
-            .unwrap();
+        let out = common::fork::output(Command::new(BIN).args(["completions", shell])).unwrap();
         assert!(
             out.status.success(),
             "{shell}: {}",
@@ -31,28 +28,23 @@ fn every_shell_gets_a_script_naming_the_subcommands() {
             assert!(script.contains(word), "{shell} script lacks {word}");
         }
     }
-    let out = Command::new(BIN)
-        .args(["completions", "tcsh"])
-        .output()
-        .unwrap();
+    let out = common::fork::output(Command::new(BIN).args(["completions", "tcsh"])).unwrap();
     assert!(!out.status.success());
 }
 
 #[test]
 fn bash_accepts_the_script() {
-    let out = Command::new(BIN)
-        .args(["completions", "bash"])
-        .output()
-        .unwrap();
+    let out = common::fork::output(Command::new(BIN).args(["completions", "bash"])).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("timbridge.bash");
     std::fs::write(&path, &out.stdout).unwrap();
     // Sourcing defines the completion function and registers it.
-    let check = Command::new("bash")
-        .arg("-c")
-        .arg(format!(". {} && complete -p timbridge", path.display()))
-        .output()
-        .unwrap();
+    let check = common::fork::output(
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(". {} && complete -p timbridge", path.display())),
+    )
+    .unwrap();
     assert!(
         check.status.success(),
         "{}",

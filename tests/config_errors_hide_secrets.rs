@@ -14,14 +14,15 @@ use common::process::{BIN, output_text, write_file as write};
 /// Runs `timbridge <args>` to its end (at most 20 s); returns exit success
 /// and everything it printed.
 fn run(args: &[&str], path: &std::path::Path) -> (bool, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = common::fork::spawn(
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {

@@ -15,7 +15,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_answers_503_and_recovers() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let Some(_tmpfs) = Tmpfs::mount_or_skip(s.dir.path(), "64k") else {
         return;
     };

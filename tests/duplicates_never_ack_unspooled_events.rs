@@ -34,7 +34,7 @@ async fn post_copies(addr: std::net::SocketAddr, body: &str, n: usize) -> Vec<u1
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_copies_while_the_spool_is_full_are_all_refused() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     // The real binary, with its own threads, as Tencent's retries meet it.
     let text = s.config_text(&[("spool", "max_bytes = 16384\nsegment_bytes = 4096")]);
     let gw = GatewayProcess::start(s.dir.path(), &text);

@@ -9,10 +9,12 @@ use common::process::BIN;
 
 #[test]
 fn a_missing_config_file_is_one_clear_line() {
-    let out = Command::new(BIN)
-        .args(["check-config", "--config", "/nonexistent/timbridge.toml"])
-        .output()
-        .unwrap();
+    let out = common::fork::output(Command::new(BIN).args([
+        "check-config",
+        "--config",
+        "/nonexistent/timbridge.toml",
+    ]))
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/timbridge.toml"), "{err}");

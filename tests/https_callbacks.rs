@@ -25,14 +25,15 @@ async fn callbacks_over_https_and_a_certificate_swapped_on_sighup() {
     // curl, trusting the test CA only.
     std::fs::write(s.dir.path().join("ca1.pem"), &first.pem).unwrap();
     let url = format!("https://127.0.0.1:{}{}", addr.port(), group_callback());
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(s.dir.path().join("ca1.pem"))
-        .args(["-H", "content-type: application/json", "--data-binary"])
-        .arg(group_body("curl", 1))
-        .arg(&url)
-        .output()
-        .expect("curl runs");
+    let out = common::fork::output(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(s.dir.path().join("ca1.pem"))
+            .args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(group_body("curl", 1))
+            .arg(&url),
+    )
+    .expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -115,7 +115,7 @@ async fn brokers_going_away_and_coming_back_cost_nothing() {
     let gw = s.gateway(&[]).await;
     wait_kafka_up(&gw).await;
     for b in 1..=3 {
-        s.cluster.broker_down(b).unwrap();
+        common::broker_down(&s.cluster, b);
     }
     let groups = post_groups(gw.local_addr(), "g-away", 0..50).await;
     let metrics = gw.metrics().clone();

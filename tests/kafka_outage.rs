@@ -42,7 +42,7 @@ async fn accepted_callbacks_survive_sigkill_during_an_outage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_message_timeout_loses_nothing() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let gw = s
         .gateway(&[("kafka.properties", "\"message.timeout.ms\" = 1000")])
         .await;
@@ -77,7 +77,7 @@ async fn kafka_away_does_not_make_the_gateway_unready() {
         metrics.kafka_up.get() == 1
     })
     .await;
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     wait_until("kafka down", Duration::from_secs(30), || {
         metrics.kafka_up.get() == 0
     })

@@ -19,7 +19,7 @@ async fn a_20_second_outage_is_a_handful_of_lines() {
     gw.wait_for_log("connected to Kafka", Duration::from_secs(20));
     let before = gw.log.lock().unwrap().len();
 
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     // Traffic during the outage: the producer keeps trying to deliver it.
     let groups = post_groups(gw.addr, "g-quiet", 0..20).await;
     let down_at = Instant::now();

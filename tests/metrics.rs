@@ -236,7 +236,7 @@ async fn counters_follow_the_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_gauges_show_an_outage_and_its_end() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let gw = Gateway::start(config(&s.bootstrap, s.dir.path(), "fsync = \"always\""))
         .await
         .unwrap();
@@ -277,12 +277,13 @@ async fn spool_gauges_show_an_outage_and_its_end() {
 /// note) where promtool is not installed; CI installs it.
 fn promtool_check(text: &str) -> Result<(), String> {
     use std::io::Write;
-    let child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
+    let child = common::fork::spawn(
+        std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     let Ok(mut child) = child else {
         eprintln!("SKIPPED promtool check: promtool is not installed (apt-get install prometheus)");
         return Ok(());

@@ -69,12 +69,13 @@ fn with_require_topics_a_missing_topic_stops_the_start() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("NO_COLOR", "1"),
+    )
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("require_topics"), "{err}");
@@ -84,17 +85,18 @@ fn with_require_topics_a_missing_topic_stops_the_start() {
     // The flag does the same for a config without the key.
     let cfg = dir.path().join("plain.toml");
     std::fs::write(&cfg, config_text(&bootstrap, &dir.path().join("b"), &[])).unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "serve",
-            "--require-topics",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args([
+                "serve",
+                "--require-topics",
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(&cfg),
+    )
+    .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains(C2C_TOPIC));
 

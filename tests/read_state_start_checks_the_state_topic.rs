@@ -13,12 +13,13 @@ use common::*;
 fn materialize(dir: &std::path::Path, config: &str) -> Output {
     let path = dir.join("materialize.toml");
     std::fs::write(&path, config).unwrap();
-    Command::new(BIN)
-        .args(["materialize", "--config"])
-        .arg(&path)
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap()
+    common::fork::output(
+        Command::new(BIN)
+            .args(["materialize", "--config"])
+            .arg(&path)
+            .env("NO_COLOR", "1"),
+    )
+    .unwrap()
 }
 
 fn config(bootstrap: &str, dir: &std::path::Path) -> String {

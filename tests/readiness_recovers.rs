@@ -52,7 +52,7 @@ async fn a_request_larger_than_the_spool_is_413_and_readiness_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_returns_without_traffic_once_a_refusal_is_over() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let gw = s
         .gateway(&[
             ("spool", "max_bytes = 65536\nsegment_bytes = 4096"),
@@ -88,7 +88,7 @@ async fn readiness_returns_without_traffic_once_a_refusal_is_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_returns_by_itself_after_a_transient_disk_full() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let Some(_tmpfs) = Tmpfs::mount_or_skip(s.dir.path(), "256k") else {
         return;
     };

@@ -20,7 +20,7 @@ fn send(url: &str, body: &std::path::Path, args: &[&str], env: &[(&str, &str)]) 
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
+    let out = common::fork::output(&mut cmd).unwrap();
     let text = output_text(&out);
     (out.status.code().unwrap(), text)
 }

@@ -13,11 +13,12 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn spool_stat(config: &std::path::Path) -> String {
-    let out = Command::new(BIN)
-        .args(["spool", "stat", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args(["spool", "stat", "--config"])
+            .arg(config),
+    )
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -29,7 +30,7 @@ fn spool_stat(config: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_and_keeps_the_undelivered() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let text = s.config_text(&[("server", "shutdown_timeout = \"2s\"")]);
     let mut gw = GatewayProcess::start(s.dir.path(), &text);
     let mut groups = post_groups(gw.addr, "g-term", 0..10).await;
@@ -117,7 +118,7 @@ async fn during_the_drain_delay_readyz_is_503_and_callbacks_are_still_taken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once_and_loses_nothing() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let text = s.config_text(&[("server", "shutdown_timeout = \"60s\"")]);
     let mut gw = GatewayProcess::start(s.dir.path(), &text);
     let groups = post_groups(gw.addr, "g-twice", 0..5).await;

@@ -11,7 +11,7 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_answers_503_and_recovers_when_kafka_drains_it() {
     let s = setup();
-    s.cluster.broker_down(1).unwrap();
+    common::broker_down(&s.cluster, 1);
     let gw = s
         .gateway(&[("spool", "max_bytes = 16384\nsegment_bytes = 4096")])
         .await;

@@ -9,11 +9,12 @@ use common::process::{BIN, GatewayProcess};
 use common::*;
 
 fn spool_stat(config: &std::path::Path) -> (bool, String, String) {
-    let out = Command::new(BIN)
-        .args(["spool", "stat", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
+    let out = common::fork::output(
+        Command::new(BIN)
+            .args(["spool", "stat", "--config"])
+            .arg(config),
+    )
+    .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

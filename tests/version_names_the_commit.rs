@@ -9,7 +9,7 @@ use common::process::BIN;
 
 #[test]
 fn version_has_the_package_version_and_the_commit() {
-    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let out = common::fork::output(Command::new(BIN).arg("--version")).unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -23,13 +23,14 @@ fn version_has_the_package_version_and_the_commit() {
         .unwrap()
         .trim_end_matches("-dirty");
     // Built from a git checkout here: the short hash of HEAD.
-    let head = Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    let head = common::fork::output(
+        Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR")),
+    )
+    .ok()
+    .filter(|o| o.status.success())
+    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
     match head {
         Some(head) => assert!(
             head.starts_with(commit) && commit.len() >= 7,

@@ -461,11 +461,14 @@ pub fn group_body(group: &str, seq: u64) -> String {
 }
 pub mod cases;
 pub mod faults;
+pub mod fork;
 pub mod process;
 pub mod reload;
 pub mod rng;
 pub mod tmpfs;
 pub mod upstream;
+
+pub use fork::broker_down;
 
 // Not every test binary checks a table of cases.
 #[allow(unused_imports)]

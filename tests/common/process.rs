@@ -27,13 +27,14 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// `timbridge check-config --config PATH`, run to its end, on the file
 /// alone (no `TIMBRIDGE_*` override from the environment of the test run).
 pub fn check_config(path: &Path) -> Output {
-    Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(path)
-        .env_remove("TIMBRIDGE_BROKERS")
-        .env_remove("TIMBRIDGE_LISTEN")
-        .output()
-        .unwrap()
+    super::fork::output(
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(path)
+            .env_remove("TIMBRIDGE_BROKERS")
+            .env_remove("TIMBRIDGE_LISTEN"),
+    )
+    .unwrap()
 }
 
 /// What a finished command printed, stdout then stderr.
@@ -133,13 +134,18 @@ impl GatewayProcess {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// Sends the named signal (`"TERM"`, `"HUP"`, ...).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
+        let sig = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            "HUP" => libc::SIGHUP,
+            "KILL" => libc::SIGKILL,
+            other => panic!("no signal named {other} in the tests"),
+        };
+        // SAFETY: a plain system call on our own child's pid.
+        let sent = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(sent, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// SIGKILL: no chance to flush or sync anything.
@@ -243,7 +249,7 @@ fn spawn_until_listening(mut cmd: Command, listening: &str) -> GatewayProcess {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = super::fork::spawn(&mut cmd).unwrap();
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
@@ -273,7 +279,7 @@ impl super::Setup {
         prefix: &str,
         range: std::ops::Range<u64>,
     ) -> Vec<String> {
-        self.cluster.broker_down(1).unwrap();
+        super::broker_down(&self.cluster, 1);
         let gw = GatewayProcess::start(self.dir.path(), config);
         let groups = super::post_groups(gw.addr, prefix, range).await;
         gw.kill9();

@@ -9,12 +9,13 @@ pub struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        let ok = super::fork::status(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        )
+        .map(|s| s.success())
+        .unwrap_or(false);
         ok.then(|| Tmpfs(dir.to_owned()))
     }
 }
@@ -33,6 +34,6 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = super::fork::status(Command::new("umount").arg("-l").arg(&self.0));
     }
 }
