@@ -556,9 +556,9 @@ impl Intake {
                     RejectKind::Overloaded,
                     "spool is full: Kafka is not keeping up; retry later",
                 ),
-                // A stalled disk refuses every request until it recovers:
+                // While a disk stalls, many callbacks in a row get this:
                 // the rejection log (rate-limited) says so, not one error
-                // line per request.
+                // line each.
                 SpoolError::Behind { .. } => Rejection::new(
                     RejectKind::Overloaded,
                     "spool disk is not keeping up; retry later",

@@ -363,6 +363,7 @@ struct SpoolCollector {
     bytes: IntGauge,
     oldest_event_age_seconds: Gauge,
     segments: IntGauge,
+    queued_bytes: IntGauge,
     syncs: IntCounter,
     records_lost: IntCounter,
     records_read: IntCounterVec,
@@ -396,6 +397,10 @@ impl SpoolCollector {
         )
         .expect("valid metric");
         let segments = gauge("timbridge_spool_segments", "Spool segment files on disk.");
+        let queued_bytes = gauge(
+            "timbridge_spool_queued_bytes",
+            "Bytes of callbacks waiting in memory for the spool's disk (at most 16 MiB; past it callbacks get 503): above zero for long, the disk under spool.dir is not keeping up.",
+        );
         let syncs = counter(
             "timbridge_spool_syncs_total",
             "fdatasync calls the spool has made (one per group commit with fsync = always).",
@@ -422,6 +427,7 @@ impl SpoolCollector {
             Box::new(max_bytes_gauge.clone()),
             Box::new(oldest_event_age_seconds.clone()),
             Box::new(segments.clone()),
+            Box::new(queued_bytes.clone()),
             Box::new(syncs.clone()),
             Box::new(records_lost.clone()),
             Box::new(records_read.clone()),
@@ -432,6 +438,7 @@ impl SpoolCollector {
             bytes,
             oldest_event_age_seconds,
             segments,
+            queued_bytes,
             syncs,
             records_lost,
             records_read,
@@ -451,6 +458,7 @@ impl Collector for SpoolCollector {
         self.events.set(s.pending_events as i64);
         self.bytes.set(s.bytes as i64);
         self.segments.set(s.segments as i64);
+        self.queued_bytes.set(s.queued_bytes as i64);
         self.oldest_event_age_seconds
             .set(s.oldest_pending_age.map(|d| d.as_secs_f64()).unwrap_or(0.0));
         {

@@ -250,6 +250,8 @@ async fn spool_gauges_show_an_outage_and_its_end() {
         "fsync = always syncs"
     );
     assert!(must(&text, "timbridge_spool_segments") >= 1.0);
+    // Kafka away is not a slow disk: nothing waits for the disk.
+    assert_eq!(must(&text, "timbridge_spool_queued_bytes"), 0.0);
     let metrics = gw.metrics().clone();
     wait_until("the oldest event ages", Duration::from_secs(10), || {
         sample(

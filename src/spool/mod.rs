@@ -74,7 +74,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
@@ -254,6 +254,8 @@ pub struct SpoolCounters {
     pub dir_syncs: u64,
     /// Appends refused with [`SpoolError::Full`].
     pub full_rejections: u64,
+    /// Appends refused with [`SpoolError::Behind`].
+    pub behind_rejections: u64,
     /// Failed writes or syncs.
     pub io_errors: u64,
     /// Distinct records acked.
@@ -286,6 +288,9 @@ pub struct SpoolStats {
     pub segments: u64,
     /// Activity counters (zero for [`stat_dir`]).
     pub counters: SpoolCounters,
+    /// Bytes of appends waiting in memory for the writer thread (zero for
+    /// [`stat_dir`]); near `writer::MAX_QUEUED`, the disk is not keeping up.
+    pub queued_bytes: u64,
 }
 
 /// State shared by the handle, the writer thread and the reader.
@@ -300,6 +305,10 @@ pub(crate) struct Shared {
     /// Bytes of appends queued for the writer thread and not yet taken by
     /// it (see `writer::MAX_QUEUED`).
     pub(crate) queued_bytes: AtomicU64,
+    /// When an append was last refused with [`SpoolError::Behind`]. Not in
+    /// `state`, whose lock is held while ack files are written: a refusal
+    /// must not wait for the disk it is refused for.
+    pub(crate) behind_at: Mutex<Option<Instant>>,
     /// Holds the directory lock for as long as anything uses the spool.
     _lock: File,
     #[cfg(test)]
@@ -364,6 +373,7 @@ impl Spool {
             counters: Counters::starting_lost(recovered.report.records_skipped),
             closing: AtomicBool::new(false),
             queued_bytes: AtomicU64::new(0),
+            behind_at: Mutex::new(None),
             _lock: lock,
             #[cfg(test)]
             hooks: tests::TestHooks::default(),
@@ -406,7 +416,8 @@ impl Spool {
     /// batch stays visible and later appends are tried normally),
     /// [`SpoolError::RecordTooLarge`], [`SpoolError::RequestTooLarge`] (the
     /// batch exceeds `max_bytes` itself; nothing else changes),
-    /// [`SpoolError::Closed`].
+    /// [`SpoolError::Behind`] (appends already waiting for a stalled disk
+    /// fill `writer::MAX_QUEUED`), [`SpoolError::Closed`].
     pub fn append(
         &self,
         records: Vec<Bytes>,
@@ -480,13 +491,16 @@ impl Spool {
     /// Current figures for metrics and health checks; never blocks on I/O.
     pub fn stats(&self) -> SpoolStats {
         let shared = &self.inner.shared;
-        shared.lock_state().stats(shared.counters.snapshot())
+        let mut stats = shared.lock_state().stats(shared.counters.snapshot());
+        stats.queued_bytes = shared.queued_bytes.load(Ordering::Relaxed);
+        stats
     }
 
     /// True while the gateway should not be sent new work, judged from the
     /// spool's actual room: the space not taken by undelivered data is below
     /// [`room_margin`] of `max_bytes`, or an append failed (Full or I/O)
-    /// within the last [`REFUSAL_HOLD`]. Turns false by itself: when
+    /// within the last [`REFUSAL_HOLD`], or was refused because the disk
+    /// is not keeping up ([`Spool::is_behind`]). Turns false by itself: when
     /// deliveries free room, when a write succeeds, and in any case
     /// `REFUSAL_HOLD` after the last failure, so that neither a one-off disk
     /// error nor one oversized request can hold a drained spool unready.
@@ -499,6 +513,21 @@ impl Spool {
         let room = shared.max_bytes.saturating_sub(used);
         room < room_margin(shared.max_bytes)
             || st.refused_at.is_some_and(|at| at.elapsed() < REFUSAL_HOLD)
+            || self.is_behind()
+    }
+
+    /// True for [`REFUSAL_HOLD`] after an append was refused because the
+    /// disk was not keeping up ([`SpoolError::Behind`]). Only time clears
+    /// it: on a disk that stalls now and then, one write getting through
+    /// does not make the gateway ready.
+    pub fn is_behind(&self) -> bool {
+        let at = *self
+            .inner
+            .shared
+            .behind_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        at.is_some_and(|at| at.elapsed() < REFUSAL_HOLD)
     }
 
     /// Shutdown: refuses new appends, waits for the writer to finish the

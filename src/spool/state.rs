@@ -464,6 +464,7 @@ impl State {
                 .map(|ts| Duration::from_millis(now.saturating_sub(ts))),
             segments: self.segments.len() as u64,
             counters,
+            queued_bytes: 0,
         }
     }
 }
@@ -477,6 +478,7 @@ pub(crate) struct Counters {
     pub syncs: AtomicU64,
     pub dir_syncs: AtomicU64,
     pub full_rejections: AtomicU64,
+    pub behind_rejections: AtomicU64,
     pub io_errors: AtomicU64,
     pub records_acked: AtomicU64,
     pub segments_deleted: AtomicU64,
@@ -506,6 +508,7 @@ impl Counters {
             syncs: g(&self.syncs),
             dir_syncs: g(&self.dir_syncs),
             full_rejections: g(&self.full_rejections),
+            behind_rejections: g(&self.behind_rejections),
             io_errors: g(&self.io_errors),
             records_acked: g(&self.records_acked),
             segments_deleted: g(&self.segments_deleted),

@@ -1427,6 +1427,16 @@ async fn interval_and_never_appends_are_written_without_the_writer_thread() {
     }
 }
 
+/// Resumes a parked writer thread when dropped, so that a test failing
+/// while the thread is parked fails instead of hanging in the spool's drop.
+struct Unpark<'a>(&'a Spool);
+
+impl Drop for Unpark<'_> {
+    fn drop(&mut self) {
+        self.0.hooks().resume();
+    }
+}
+
 /// A thread's calls to `enqueue`, with what each returned.
 type Appender = std::thread::JoinHandle<Vec<Result<Queued, SpoolError>>>;
 
@@ -1520,15 +1530,17 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
     spool.append(vec![ev(0)]).await.expect("first append");
     // The writer thread is stuck, as in an fdatasync on a stalled disk.
     spool.park_writer().await;
+    let unpark = Unpark(&spool);
     let fits = writer::MAX_QUEUED / record_size(1 << 20);
     let mut queued = Vec::new();
     for i in 1..=fits {
         queued.push(spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"));
     }
+    assert_eq!(spool.stats().queued_bytes, fits * record_size(1 << 20));
     // The next one would only add to memory that waits for the disk.
     let refused = spool.enqueue(vec![sized(fits + 1, 1 << 20)]);
-    let unready = spool.is_full();
-    spool.hooks().resume();
+    let unready = spool.is_full() && spool.is_behind();
+    drop(unpark);
     let refused = match refused {
         Err(SpoolError::Behind { .. }) => true,
         Ok(q) => {
@@ -1539,18 +1551,21 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
     };
     assert!(refused, "an append past the bound was queued");
     assert!(unready, "readiness did not drop while the disk lagged");
+    assert_eq!(spool.stats().counters.behind_rejections, 1);
     for q in queued {
         tokio::time::timeout(WAIT, q.finish())
             .await
             .expect("a queued append was never written")
             .expect("append");
     }
-    assert_eq!(spool.inner.shared.queued_bytes.load(Ordering::Relaxed), 0);
-    // Once the disk is back, appends are taken again.
+    assert_eq!(spool.stats().queued_bytes, 0);
+    // Once the disk is back, appends are taken again; readiness returns
+    // only with time, not with the first write that gets through.
     spool
         .append(vec![ev(fits + 2)])
         .await
         .expect("append after");
+    assert!(spool.is_behind(), "one write made a lagging disk ready");
     assert_eq!(
         read_n(&mut reader, fits as usize + 2).await.len(),
         fits as usize + 2

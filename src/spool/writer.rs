@@ -221,33 +221,42 @@ fn queue_append(
 }
 
 /// Queues an append that only the writer thread can write, unless
-/// [`MAX_QUEUED`] bytes already wait for it: then the disk is stalled
-/// and the append is refused (and the spool reads as full for a moment, so
-/// that readiness sends traffic elsewhere).
+/// [`MAX_QUEUED`] bytes already wait for it: then the disk is stalled, and
+/// the append is refused (and readiness drops for a while, so that a load
+/// balancer sends elsewhere).
 pub(crate) fn queue_bounded(
     shared: &Shared,
     thread: &std::sync::mpsc::Sender<Msg>,
     records: Vec<Bytes>,
     bytes: u64,
 ) -> Result<Queued, SpoolError> {
-    if !reserve_queue_room(shared, bytes) {
-        shared.lock_state().refused_at = Some(Instant::now());
-        return Err(SpoolError::Behind {
-            waiting: shared.queued_bytes.load(Ordering::Relaxed),
-        });
+    if reserve_queue_room(shared, bytes) {
+        return queue_append(shared, thread, records, bytes);
     }
-    queue_append(shared, thread, records, bytes)
+    // A thread that died leaves its queue counted: say so, not "behind".
+    if thread.send(Msg::Tick).is_err() {
+        return Err(SpoolError::WriterStopped);
+    }
+    *shared
+        .behind_at
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    Counters::add(&shared.counters.behind_rejections, 1);
+    Err(SpoolError::Behind {
+        waiting: shared.queued_bytes.load(Ordering::Relaxed),
+    })
 }
 
 /// Counts `bytes` as waiting for the writer thread, unless that would pass
 /// [`MAX_QUEUED`] with something already waiting.
 fn reserve_queue_room(shared: &Shared, bytes: u64) -> bool {
-    let before = shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-    if before == 0 || before.saturating_add(bytes) <= MAX_QUEUED {
-        return true;
-    }
-    shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-    false
+    shared
+        .queued_bytes
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |before| {
+            (before == 0 || before.saturating_add(bytes) <= MAX_QUEUED)
+                .then(|| before.saturating_add(bytes))
+        })
+        .is_ok()
 }
 
 /// Marks the writer as without its thread when the thread ends, however it
