@@ -924,6 +924,8 @@ impl Routes {
         let ready = !spool_full && !draining;
         let reason = if draining {
             "shutting down"
+        } else if spool_full && self.handles.spool.writer_stopped() {
+            "spool writer stopped; restart timbridge"
         } else if spool_full && self.handles.spool.is_behind() {
             "spool disk is not keeping up"
         } else if spool_full {

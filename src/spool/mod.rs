@@ -309,6 +309,9 @@ pub(crate) struct Shared {
     /// `state`, whose lock is held while ack files are written: a refusal
     /// must not wait for the disk it is refused for.
     pub(crate) behind_at: Mutex<Option<Instant>>,
+    /// The writer thread has ended while the spool is in use (a panic): no
+    /// append can succeed until a restart.
+    pub(crate) writer_gone: AtomicBool,
     /// Holds the directory lock for as long as anything uses the spool.
     _lock: File,
     #[cfg(test)]
@@ -374,6 +377,7 @@ impl Spool {
             closing: AtomicBool::new(false),
             queued_bytes: AtomicU64::new(0),
             behind_at: Mutex::new(None),
+            writer_gone: AtomicBool::new(false),
             _lock: lock,
             #[cfg(test)]
             hooks: tests::TestHooks::default(),
@@ -500,7 +504,8 @@ impl Spool {
     /// spool's actual room: the space not taken by undelivered data is below
     /// [`room_margin`] of `max_bytes`, or an append failed (Full or I/O)
     /// within the last [`REFUSAL_HOLD`], or was refused because the disk
-    /// is not keeping up ([`Spool::is_behind`]). Turns false by itself: when
+    /// is not keeping up ([`Spool::is_behind`]), or the writer thread has
+    /// stopped ([`Spool::writer_stopped`], for good). Turns false by itself: when
     /// deliveries free room, when a write succeeds, and in any case
     /// `REFUSAL_HOLD` after the last failure, so that neither a one-off disk
     /// error nor one oversized request can hold a drained spool unready.
@@ -514,6 +519,14 @@ impl Spool {
         room < room_margin(shared.max_bytes)
             || st.refused_at.is_some_and(|at| at.elapsed() < REFUSAL_HOLD)
             || self.is_behind()
+            || self.writer_stopped()
+    }
+
+    /// True once the writer thread has ended under a running gateway (it
+    /// panicked: a bug). Every append fails with
+    /// [`SpoolError::WriterStopped`] from then on; only a restart helps.
+    pub fn writer_stopped(&self) -> bool {
+        self.inner.shared.writer_gone.load(Ordering::Relaxed)
     }
 
     /// True for [`REFUSAL_HOLD`] after an append was refused because the

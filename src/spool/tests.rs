@@ -30,6 +30,8 @@ pub(crate) struct TestHooks {
     syncs_held: Mutex<bool>,
     syncs_released: Condvar,
     background_syncs_started: AtomicU32,
+    /// The writer thread panics when it next wakes, as a bug would make it.
+    crash: AtomicBool,
 }
 
 impl TestHooks {
@@ -62,6 +64,10 @@ impl TestHooks {
             .sleeping_until
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(deadline);
+    }
+
+    pub(crate) fn take_crash(&self) -> bool {
+        self.crash.swap(false, Ordering::SeqCst)
     }
 
     pub(crate) fn take_write_failure(&self) -> bool {
@@ -1571,6 +1577,37 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
         fits as usize + 2
     );
     shut(spool, reader).await;
+}
+
+#[tokio::test]
+async fn a_writer_thread_that_died_makes_the_spool_unready_for_good() {
+    for fsync in [
+        FsyncMode::Always,
+        FsyncMode::Interval(Duration::from_secs(3600)),
+    ] {
+        let (_dir, mut c) = fresh();
+        c.fsync = fsync;
+        let (spool, _reader, _) = open(&c);
+        spool.append(vec![ev(0)]).await.expect("first append");
+        assert!(!spool.is_full());
+        spool.hooks().crash.store(true, Ordering::SeqCst);
+        let tx = spool.inner.tx.as_ref().expect("writer thread");
+        tx.send(Msg::Tick).expect("writer thread alive");
+        let stopped = async {
+            while !spool.writer_stopped() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(WAIT, stopped)
+            .await
+            .expect("the writer thread never ended");
+        assert!(spool.is_full(), "{fsync:?}: ready without a writer thread");
+        let refused = spool.append(vec![ev(1)]).await;
+        assert!(
+            matches!(refused, Err(SpoolError::WriterStopped)),
+            "{fsync:?}: {refused:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -260,12 +260,15 @@ fn reserve_queue_room(shared: &Shared, bytes: u64) -> bool {
 }
 
 /// Marks the writer as without its thread when the thread ends, however it
-/// ends (a panic included), so that appends on callers' threads stop.
+/// ends (a panic included), so that appends on callers' threads stop and
+/// readiness says the gateway cannot take callbacks.
 struct ThreadGone(SharedWriter);
 
 impl Drop for ThreadGone {
     fn drop(&mut self) {
-        lock(&self.0).thread_gone = true;
+        let mut w = lock(&self.0);
+        w.thread_gone = true;
+        w.shared.writer_gone.store(true, Ordering::Relaxed);
     }
 }
 
@@ -318,6 +321,10 @@ fn next_message(
         // handed to this one.
         #[cfg(test)]
         hooks.wait_while_paused();
+        #[cfg(test)]
+        if hooks.take_crash() {
+            panic!("injected spool writer panic");
+        }
         // Checked before every wait, so sustained load cannot starve the
         // periodic sync.
         let deadline = {
