@@ -1580,6 +1580,49 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
 }
 
 #[tokio::test]
+async fn appends_behind_a_stalled_roll_are_bounded_too() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_secs(3600));
+    c.segment_bytes = 1 << 20;
+    let (spool, mut reader, _) = open(&c);
+    // A full segment: the next append must start a new one.
+    spool
+        .append(vec![sized(0, 1 << 20)])
+        .await
+        .expect("first append");
+    // The writer thread is stuck in a roll's syncs: every append that needs
+    // a new segment, and every one after it, waits for the thread.
+    spool.park_writer().await;
+    let unpark = Unpark(&spool);
+    let fits = writer::MAX_QUEUED / record_size(1 << 20);
+    let mut queued = Vec::new();
+    for i in 1..=fits {
+        queued.push(spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"));
+    }
+    let refused = spool.enqueue(vec![sized(fits + 1, 1 << 20)]);
+    drop(unpark);
+    assert!(
+        matches!(refused, Err(SpoolError::Behind { .. })),
+        "an append behind the roll was queued past the bound"
+    );
+    for q in queued {
+        tokio::time::timeout(WAIT, q.finish())
+            .await
+            .expect("a queued append was never written")
+            .expect("append");
+    }
+    spool
+        .append(vec![ev(fits + 2)])
+        .await
+        .expect("append after");
+    assert_eq!(
+        read_n(&mut reader, fits as usize + 2).await.len(),
+        fits as usize + 2
+    );
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
 async fn a_writer_thread_that_died_makes_the_spool_unready_for_good() {
     for fsync in [
         FsyncMode::Always,
