@@ -119,8 +119,6 @@ pub(crate) struct Writer {
     /// A new segment is due: appends go to the writer thread until it has
     /// started one (see [`append_now`]).
     rolling: bool,
-    /// The writer thread has ended.
-    thread_gone: bool,
 }
 
 /// The writer, shared between its thread and (outside `Always` mode) the
@@ -171,7 +169,7 @@ pub(crate) fn append_now(
     if w.closed {
         return Err(SpoolError::Closed);
     }
-    if w.thread_gone {
+    if shared.writer_gone.load(Ordering::Relaxed) {
         // Without the thread nothing syncs or flushes acks: refuse
         // rather than answer for data only the page cache holds.
         return Err(SpoolError::WriterStopped);
@@ -234,7 +232,7 @@ pub(crate) fn queue_bounded(
         return queue_append(shared, thread, records, bytes);
     }
     // A thread that died leaves its queue counted: say so, not "behind".
-    if thread.send(Msg::Tick).is_err() {
+    if shared.writer_gone.load(Ordering::Relaxed) {
         return Err(SpoolError::WriterStopped);
     }
     *shared
@@ -266,8 +264,9 @@ struct ThreadGone(SharedWriter);
 
 impl Drop for ThreadGone {
     fn drop(&mut self) {
-        let mut w = lock(&self.0);
-        w.thread_gone = true;
+        // Under the lock: an append on a caller's thread, which holds it,
+        // sees the thread either alive or gone for the whole append.
+        let w = lock(&self.0);
         w.shared.writer_gone.store(true, Ordering::Relaxed);
     }
 }
@@ -439,7 +438,6 @@ impl Writer {
             closed: false,
             tick_needed: false,
             rolling: false,
-            thread_gone: false,
         }
     }
 
