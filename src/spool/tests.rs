@@ -1443,6 +1443,27 @@ impl Drop for Unpark<'_> {
     }
 }
 
+/// Enqueues 1 MiB appends (ids from 1) for as long as they fit in
+/// `writer::MAX_QUEUED`, with the writer thread parked: each must be
+/// queued. Returns how many, and their answers to come.
+fn fill_the_queue(spool: &Spool) -> (u64, Vec<Queued>) {
+    let fits = writer::MAX_QUEUED / record_size(1 << 20);
+    let queued = (1..=fits)
+        .map(|i| spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"))
+        .collect();
+    (fits, queued)
+}
+
+/// Waits until the writer thread has written every one of `queued`.
+async fn all_written(queued: Vec<Queued>) {
+    for q in queued {
+        tokio::time::timeout(WAIT, q.finish())
+            .await
+            .expect("a queued append was never written")
+            .expect("append");
+    }
+}
+
 /// A thread's calls to `enqueue`, with what each returned.
 type Appender = std::thread::JoinHandle<Vec<Result<Queued, SpoolError>>>;
 
@@ -1516,12 +1537,8 @@ async fn appends_waiting_for_a_stalled_writer_are_bounded_in_memory() {
     let fits = writer::MAX_QUEUED / record_size(1 << 20);
     drop(busy);
     assert_eq!(returned, fits, "appends queued before one waited");
-    for queued in appender.join().expect("appender") {
-        tokio::time::timeout(WAIT, queued.expect("append").finish())
-            .await
-            .expect("a queued append was never written")
-            .expect("append");
-    }
+    let queued = appender.join().expect("appender");
+    all_written(queued.into_iter().map(|q| q.expect("append")).collect()).await;
     assert_eq!(read_n(&mut reader, 21).await.len(), 21);
     assert_eq!(spool.inner.shared.queued_bytes.load(Ordering::Relaxed), 0);
     shut(spool, reader).await;
@@ -1537,11 +1554,7 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
     // The writer thread is stuck, as in an fdatasync on a stalled disk.
     spool.park_writer().await;
     let unpark = Unpark(&spool);
-    let fits = writer::MAX_QUEUED / record_size(1 << 20);
-    let mut queued = Vec::new();
-    for i in 1..=fits {
-        queued.push(spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"));
-    }
+    let (fits, mut queued) = fill_the_queue(&spool);
     assert_eq!(spool.stats().queued_bytes, fits * record_size(1 << 20));
     // The next one would only add to memory that waits for the disk.
     let refused = spool.enqueue(vec![sized(fits + 1, 1 << 20)]);
@@ -1558,12 +1571,7 @@ async fn always_mode_refuses_appends_past_the_bound_while_the_disk_is_stalled() 
     assert!(refused, "an append past the bound was queued");
     assert!(unready, "readiness did not drop while the disk lagged");
     assert_eq!(spool.stats().counters.behind_rejections, 1);
-    for q in queued {
-        tokio::time::timeout(WAIT, q.finish())
-            .await
-            .expect("a queued append was never written")
-            .expect("append");
-    }
+    all_written(queued).await;
     assert_eq!(spool.stats().queued_bytes, 0);
     // Once the disk is back, appends are taken again; readiness returns
     // only with time, not with the first write that gets through.
@@ -1594,23 +1602,14 @@ async fn appends_behind_a_stalled_roll_are_bounded_too() {
     // a new segment, and every one after it, waits for the thread.
     spool.park_writer().await;
     let unpark = Unpark(&spool);
-    let fits = writer::MAX_QUEUED / record_size(1 << 20);
-    let mut queued = Vec::new();
-    for i in 1..=fits {
-        queued.push(spool.enqueue(vec![sized(i, 1 << 20)]).expect("queued"));
-    }
+    let (fits, queued) = fill_the_queue(&spool);
     let refused = spool.enqueue(vec![sized(fits + 1, 1 << 20)]);
     drop(unpark);
     assert!(
         matches!(refused, Err(SpoolError::Behind { .. })),
         "an append behind the roll was queued past the bound"
     );
-    for q in queued {
-        tokio::time::timeout(WAIT, q.finish())
-            .await
-            .expect("a queued append was never written")
-            .expect("append");
-    }
+    all_written(queued).await;
     spool
         .append(vec![ev(fits + 2)])
         .await
