@@ -400,7 +400,7 @@ impl Pump {
         };
         // Bound what librdkafka holds; the permit returns with the report.
         // While there is room (nearly always) no waiting is set up at all.
-        let generation = self.live.generation.clone();
+        let generation = &self.live.generation;
         if generation.is_fatal() {
             // Refused anyway: leave the record to the next producer rather
             // than count a fatal error for each record of a batch.
@@ -437,7 +437,7 @@ impl Pump {
             .headers(headers(&record));
         produce(
             &self.live.producer,
-            &generation,
+            generation,
             &self.shared,
             &mut self.stop,
             base,
