@@ -55,8 +55,9 @@ const FRESH_BATCHES: usize = 4;
 /// woke the reader and the pump (and often the other runtime thread) for a
 /// record or two; with it they wake about once per millisecond, and under
 /// wrk the gateway answered 9% more callbacks with 11% less CPU per
-/// callback. Records wait this much more on their way to Kafka, beside
-/// librdkafka's own 5 ms linger; answers do not wait at all.
+/// callback. Records wait 1-2 ms more on their way to Kafka (tokio's timer
+/// rounds up to its next millisecond), beside librdkafka's own 5 ms
+/// linger; answers do not wait at all.
 const GATHER: Duration = Duration::from_millis(1);
 
 /// How long one call to librdkafka's poll lasts. rdkafka's

@@ -112,7 +112,8 @@ impl SpoolReader {
         self.gather = gather;
     }
 
-    /// Waits until at least one undelivered record beyond the cursor exists,
+    /// Waits until at least one undelivered record beyond the cursor exists
+    /// (and, when it had to wait, for [`SpoolReader::gather_after_waiting`]),
     /// then returns up to `max_records` of them (and up to `max_bytes` of
     /// payload, but always at least one record) in id order. Records acked
     /// before a restart are skipped. Returns None once the spool is closed
