@@ -399,7 +399,7 @@ impl SpoolCollector {
         let segments = gauge("timbridge_spool_segments", "Spool segment files on disk.");
         let queued_bytes = gauge(
             "timbridge_spool_queued_bytes",
-            "Bytes of callbacks waiting in memory for the spool's disk (at most 16 MiB; past it callbacks get 503): above zero for long, the disk under spool.dir is not keeping up.",
+            "Bytes of callbacks waiting in memory for the spool's disk (at most 16 MiB; past it a callback gets 503 with fsync = always or behind a new segment, and otherwise waits for the disk): above zero for long, the disk under spool.dir is not keeping up.",
         );
         let syncs = counter(
             "timbridge_spool_syncs_total",
