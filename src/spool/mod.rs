@@ -495,9 +495,10 @@ impl Spool {
     /// Current figures for metrics and health checks; never blocks on I/O.
     pub fn stats(&self) -> SpoolStats {
         let shared = &self.inner.shared;
-        let mut stats = shared.lock_state().stats(shared.counters.snapshot());
-        stats.queued_bytes = shared.queued_bytes.load(Ordering::Relaxed);
-        stats
+        let queued = shared.queued_bytes.load(Ordering::Relaxed);
+        shared
+            .lock_state()
+            .stats(shared.counters.snapshot(), queued)
     }
 
     /// True while the gateway should not be sent new work, judged from the

@@ -688,7 +688,7 @@ pub(crate) fn stat_dir(dir: &Path) -> Result<SpoolStats, SpoolError> {
         }
     }
     state.segments = segments;
-    let mut stats = state.stats(SpoolCounters::default());
+    let mut stats = state.stats(SpoolCounters::default(), 0);
     stats.segments = files;
     Ok(stats)
 }

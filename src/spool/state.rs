@@ -453,8 +453,9 @@ impl State {
         }
     }
 
-    /// Pending/size figures, with the counters supplied by the caller.
-    pub(crate) fn stats(&self, counters: SpoolCounters) -> super::SpoolStats {
+    /// Pending/size figures, with the counters and the bytes queued for the
+    /// writer thread (kept outside the state) supplied by the caller.
+    pub(crate) fn stats(&self, counters: SpoolCounters, queued_bytes: u64) -> super::SpoolStats {
         let now = now_ms();
         super::SpoolStats {
             pending_events: self.pending(),
@@ -464,7 +465,7 @@ impl State {
                 .map(|ts| Duration::from_millis(now.saturating_sub(ts))),
             segments: self.segments.len() as u64,
             counters,
-            queued_bytes: 0,
+            queued_bytes,
         }
     }
 }
