@@ -50,6 +50,10 @@
 //! (`tls`). On SIGHUP, `reload` swaps in the apps, tokens, source rules,
 //! certificate and log settings of the file read again, without a restart.
 //!
+//! Each connection is served on one of the [`conn_threads`], a
+//! single-threaded runtime per core; the accept loops, the publisher and the
+//! rest run on the multi-threaded runtime `main.rs` starts.
+//!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 //!
 //! `timbridge materialize` ([`materialize`]) is a second process mode
@@ -58,6 +62,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod conn_threads;
 pub mod dedup;
 pub mod effective;
 pub mod embedded;

@@ -318,7 +318,7 @@ impl Connections {
         let _ = stream.set_nodelay(true);
         let timed_out = Arc::new(AtomicBool::new(false));
         let long_url = Arc::new(AtomicBool::new(false));
-        let io = AnswerDeadline::new(stream, self.write_timeout, timed_out.clone());
+        let write_timeout = self.write_timeout;
         let routes = self.routes.clone();
         // The peer goes to the route as an argument: in the request's
         // extensions it would cost an allocation per request.
@@ -333,7 +333,9 @@ impl Connections {
         );
         let (listener, handshake_within) = (self.listener, self.handshake_within);
         let label = listener.as_str();
-        tokio::spawn(async move {
+        // On a connection thread of its own (see `conn_threads`).
+        crate::conn_threads::spawn(stream, move |stream| async move {
+            let io = AnswerDeadline::new(stream, write_timeout, timed_out.clone());
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
             let io = match crate::tls::accept(tls.as_ref(), io, handshake_within).await {

@@ -1,0 +1,198 @@
+//! The threads that serve connections: one single-threaded tokio runtime per
+//! core, each connection served by one of them for its whole life.
+//!
+//! Everything else (the accept loops, the publisher, reloads) stays on the
+//! multi-threaded runtime of `main.rs`. Connections do not need its work
+//! stealing: HTTP/1 serves one request at a time per connection, and
+//! spreading the connections over the threads spreads the load. What the
+//! stealing cost them is measured: under wrk (32 keep-alive connections, 2
+//! cores) the workers woke and parked each other through futexes on every
+//! few requests (4% of the CPU samples in those wake-ups alone); served
+//! here, the same load took 21–22 µs of CPU per request against 25–27, and
+//! 56–58k against 50–53k requests a second (bench/README.md).
+//!
+//! A connection goes to the thread with the fewest open connections, so that
+//! one thread is not left with the long-lived ones while another idles. The
+//! threads live as long as the process; if they cannot be started, the
+//! connections are served on the caller's runtime, with a warning.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use tokio::net::TcpStream;
+use tokio::runtime::Handle;
+
+/// One connection thread: its runtime and how many connections it serves.
+struct Thread {
+    runtime: Handle,
+    open: Arc<AtomicUsize>,
+}
+
+/// Serves `serve(stream)` on the process's connection threads (see
+/// [`Pool::spawn`]), started on first use: one per CPU this process may use
+/// (`available_parallelism` reads the cgroup's CPU quota and the affinity
+/// mask).
+pub fn spawn<F, Fut>(stream: TcpStream, serve: F)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Pool::start(n).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot start the connection threads; serving connections on the main runtime");
+            Pool { threads: Vec::new() }
+        })
+    })
+    .spawn(stream, serve);
+}
+
+/// A set of connection threads.
+pub struct Pool {
+    threads: Vec<Thread>,
+}
+
+impl Pool {
+    /// Starts `n` threads, each running a single-threaded runtime until the
+    /// process ends.
+    pub fn start(n: usize) -> std::io::Result<Pool> {
+        let threads = (0..n).map(start_thread).collect::<std::io::Result<_>>()?;
+        Ok(Pool { threads })
+    }
+
+    /// Serves `serve(stream)` on the thread with the fewest connections; on
+    /// the caller's runtime if there is none. The stream moves there: its
+    /// socket is registered with that thread's reactor, so that its
+    /// wake-ups stay on the thread.
+    pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Some(thread) = self
+            .threads
+            .iter()
+            .min_by_key(|t| t.open.load(Ordering::Relaxed))
+        else {
+            tokio::spawn(serve(stream));
+            return;
+        };
+        // Deregistered from this reactor here, registered with the thread's
+        // there: one epoll_ctl each, once per connection.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot move a connection to its thread; dropped");
+                return;
+            }
+        };
+        let open = OpenConnection::enter(thread.open.clone());
+        thread.runtime.spawn(async move {
+            let _open = open;
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(stream).await,
+                Err(e) => tracing::debug!(error = %e, "cannot register a connection; dropped"),
+            }
+        });
+    }
+}
+
+/// Counts one connection on its thread while it lives, unwinding included.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn enter(open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn start_thread(i: usize) -> std::io::Result<Thread> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("timbridge-conn-{i}"))
+        // Runs the connections' tasks until the process ends.
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(Thread {
+        runtime: handle,
+        open: Arc::new(AtomicUsize::new(0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::{mpsc, oneshot};
+
+    /// Opens a connection, serves it with `spawn`, and returns the client
+    /// end with the name of the thread that ran the server end.
+    async fn connect(
+        pool: &Pool,
+        listener: &TcpListener,
+        release: oneshot::Receiver<()>,
+        names: mpsc::UnboundedSender<String>,
+    ) -> TcpStream {
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, client) = tokio::join!(listener.accept(), client);
+        let (server, _) = accepted.unwrap();
+        pool.spawn(server, move |mut stream| async move {
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            // Echo one line: the socket works on the thread it moved to.
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).await.unwrap();
+            stream.write_all(&buf).await.unwrap();
+            let _ = names.send(name);
+            let _ = release.await;
+        });
+        client.unwrap()
+    }
+
+    #[tokio::test]
+    async fn connections_go_to_the_least_busy_connection_thread() {
+        let pool = Pool::start(3).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (names_tx, mut names) = mpsc::unbounded_channel();
+        let mut open = Vec::new();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (release, wait) = oneshot::channel();
+            let mut client = connect(&pool, &listener, wait, names_tx.clone()).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut back = [0u8; 4];
+            client.read_exact(&mut back).await.unwrap();
+            assert_eq!(&back, b"ping");
+            seen.push(names.recv().await.unwrap());
+            open.push((client, release));
+            if seen.len() == 3 {
+                // Each thread has one; the second one's connection ends (round
+                // robin would give the next one to the first's thread).
+                let distinct: std::collections::HashSet<_> = seen.iter().collect();
+                assert_eq!(distinct.len(), 3, "served on {seen:?}");
+                assert!(seen.iter().all(|n| n.starts_with("timbridge-conn-")));
+                drop(open.remove(1));
+                while pool
+                    .threads
+                    .iter()
+                    .all(|t| t.open.load(Ordering::Relaxed) > 0)
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+        }
+        // The fourth went to the thread left idle, not onto a busy one.
+        assert_eq!(seen[3], seen[1], "served on {seen:?}");
+    }
+}
