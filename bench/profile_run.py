@@ -55,7 +55,7 @@ STAGES = [
      ("poll_write", "poll_flush", "write_vectored")),
     ("HTTP: read the request (recv + hyper parse)", "frame",
      ("poll_read", "Http1Transaction>::parse", "recv")),
-    ("tokio scheduler, epoll, timers, idle wake-ups", "comm", ("tokio-rt-worker",)),
+    ("tokio scheduler, epoll, timers, idle wake-ups", "comm", ("tokio-rt-worker", "conn-")),
 ]
 # What the sample was doing at its leaf, whatever the stage.
 LEAVES = [

@@ -121,7 +121,7 @@ fn start_thread(i: usize) -> std::io::Result<Thread> {
         .build()?;
     let handle = runtime.handle().clone();
     std::thread::Builder::new()
-        .name(format!("timbridge-conn-{i}"))
+        .name(format!("conn-{i}"))
         // Runs the connections' tasks until the process ends.
         .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
     Ok(Thread {
@@ -181,7 +181,7 @@ mod tests {
                 // robin would give the next one to the first's thread).
                 let distinct: std::collections::HashSet<_> = seen.iter().collect();
                 assert_eq!(distinct.len(), 3, "served on {seen:?}");
-                assert!(seen.iter().all(|n| n.starts_with("timbridge-conn-")));
+                assert!(seen.iter().all(|n| n.starts_with("conn-")));
                 drop(open.remove(1));
                 while pool
                     .threads
