@@ -380,10 +380,18 @@ impl Plan {
 
     /// Damage that ends a segment's usable data: the last segment is cut
     /// there (a torn tail from a crash), the rest of an older one ignored.
+    /// Zeros after the data (written ahead in `always` mode) are no damage:
+    /// the last segment is cut back to its data without a report, so that
+    /// the writer and the byte count start from it.
     fn report_tails(&mut self) {
         let last = self.good.len().checked_sub(1);
         for (i, g) in self.good.iter_mut().enumerate() {
             let Some((offset, damage)) = &g.scanned.damage else {
+                let data_len = g.scanned.meta.data_len;
+                if Some(i) == last && g.file_len > data_len {
+                    self.truncate = Some((g.path.clone(), data_len));
+                    g.scanned.meta.disk_len = data_len;
+                }
                 continue;
             };
             let action = if Some(i) == last {
@@ -543,6 +551,8 @@ fn open_active(g: &Good) -> Result<ActiveFile, SpoolError> {
         file,
         len: m.data_len,
         count: m.count,
+        // Any zeros written ahead were cut (`Plan::report_tails`).
+        preformatted_to: m.data_len,
     })
 }
 
@@ -566,7 +576,7 @@ fn set_aside(dir: &Path, s: &SetAside) -> Result<(), SpoolError> {
 }
 
 fn truncate(path: &Path, len: u64) -> Result<(), SpoolError> {
-    let ctx = |e| SpoolError::Io(io_context(e, "truncate damaged tail of", path));
+    let ctx = |e| SpoolError::Io(io_context(e, "truncate the tail of", path));
     let f = OpenOptions::new().write(true).open(path).map_err(ctx)?;
     f.set_len(len).map_err(ctx)?;
     f.sync_all().map_err(ctx)

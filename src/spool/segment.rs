@@ -299,6 +299,22 @@ pub(crate) fn scan_records<R: Read>(
         if n < head.len() {
             break Some(Damage::Torn);
         }
+        // A zero header where the next record would start: the end of the
+        // data, if zeros run to the end of the file (written ahead in
+        // `always` mode, see `writer::PREFORMAT_BYTES`). No record has one:
+        // the checksum of a zero id, time and payload is not zero.
+        if head.iter().all(|&b| b == 0) {
+            if zeros_to_end(r, &mut payload)? {
+                break None;
+            }
+            let header = RecordHeader::parse(&head);
+            break Some(
+                header
+                    .validate(first_id.saturating_add(idx))
+                    .err()
+                    .unwrap_or(Damage::BadCrc),
+            );
+        }
         if idx >= limit {
             break Some(Damage::Overlap);
         }
@@ -330,6 +346,20 @@ pub(crate) fn scan_records<R: Read>(
         Some(Damage::BadCrc)
     };
     Ok(out)
+}
+
+/// Whether everything left in `r` is zero bytes (reads it all).
+fn zeros_to_end<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<bool> {
+    buf.resize(64 << 10, 0);
+    loop {
+        let n = read_full(r, buf)?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
 }
 
 /// Like `read_exact`, but reports how much was read before end of file
@@ -442,6 +472,41 @@ mod tests {
             assert_eq!(s.valid_len, ends[whole as usize]);
             let at_boundary = ends.contains(&(cut as u64));
             assert_eq!(s.damage.is_some(), !at_boundary, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn scan_takes_zeros_to_the_end_of_the_file_as_the_end_of_the_data() {
+        // No record can have an all-zero header.
+        assert_ne!(record_crc(0, 0, b""), 0);
+        let data = encoded(5, &[b"alpha", b"", b"gamma-gamma"]);
+        for zeros in [RECORD_HEADER_LEN, 100, 200_000] {
+            let mut bytes = data.clone();
+            bytes.resize(data.len() + zeros, 0);
+            let s = scan(&bytes, 5, u64::MAX);
+            assert_eq!((s.records, s.damage), (3, None), "{zeros} zeros");
+            assert_eq!(s.valid_len, data.len() as u64);
+        }
+        // Fewer zeros than a header: a torn one, as before.
+        let mut bytes = data.clone();
+        bytes.resize(data.len() + 10, 0);
+        assert_eq!(scan(&bytes, 5, u64::MAX).damage, Some(Damage::Torn));
+        // Zeros with data after them are damage, wherever the data is.
+        for at in [RECORD_HEADER_LEN, 100_000] {
+            let mut bytes = data.clone();
+            bytes.resize(data.len() + 200_000, 0);
+            bytes[data.len() + at] = 1;
+            let s = scan(&bytes, 5, u64::MAX);
+            assert_eq!(s.records, 3);
+            assert_eq!(s.valid_len, data.len() as u64);
+            assert_eq!(
+                s.damage,
+                Some(Damage::UnexpectedId {
+                    expected: 8,
+                    found: 0
+                }),
+                "data at {at} past the zeros"
+            );
         }
     }
 

@@ -715,6 +715,85 @@ async fn group_commit_serves_many_appends_with_one_sync() {
 }
 
 #[tokio::test]
+async fn always_mode_writes_zeros_ahead_and_recovery_reads_them_as_the_end() {
+    let (dir, spool, reader) = fresh_open();
+    append_each(&spool, (1..=5).map(ev)).await;
+    let seg = segment_path(dir.path(), 1);
+    let data_len = record_at(5, ev(1).len());
+    let bytes = fs::read(&seg).expect("read");
+    assert!(
+        bytes.len() as u64 > data_len + (256 << 10),
+        "no zeros ahead of the data: {} bytes",
+        bytes.len()
+    );
+    assert!(bytes[data_len as usize..].iter().all(|&b| b == 0));
+    // Counted as what they will hold: room is checked for them up front.
+    assert_eq!(spool.stats().bytes, data_len);
+
+    // What a kill leaves: the files as they are while the spool runs.
+    let crashed = tempfile::tempdir().expect("tempdir");
+    let copy = crashed.path().join(seg.file_name().expect("name"));
+    fs::copy(&seg, &copy).expect("copy");
+    shut(spool, reader).await;
+    assert_eq!(file_len(&seg), data_len, "a clean stop leaves no zeros");
+
+    let c = cfg(crashed.path());
+    let (spool, mut reader, report) = open(&c);
+    assert!(
+        report.damaged.is_empty(),
+        "zeros reported as damage: {report:?}"
+    );
+    assert_eq!(report.records_pending, 5);
+    spool.append(vec![ev(6)]).await.expect("append");
+    spool.close().await.expect("close");
+    let replay = drain(&mut reader).await;
+    assert_eq!(ids(&replay), (1..=6).collect::<Vec<_>>());
+    assert_eq!(payloads(&replay), (1..=6).map(ev).collect::<Vec<_>>());
+    assert_eq!(file_len(&copy), record_at(6, ev(1).len()));
+}
+
+#[tokio::test]
+async fn zeros_ahead_stay_within_the_segment_and_the_spool() {
+    let (dir, mut c) = fresh();
+    c.segment_bytes = 64 << 10;
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=100).map(|i| sized(i, 1000))).await;
+    let segs = seg_files(dir.path());
+    assert!(segs.len() >= 2, "segments did not roll: {segs:?}");
+    for s in &segs {
+        let bytes = fs::read(s).expect("read");
+        assert!(
+            bytes.len() as u64 <= (64 << 10) + record_size(1000),
+            "{s:?}"
+        );
+        if s != segs.last().expect("last") {
+            // Retired: cut back to its last record ('x'-padded).
+            assert_eq!(bytes.last(), Some(&b'x'), "{s:?} keeps its zeros");
+        }
+    }
+    let on_disk: u64 = segs.iter().map(|s| file_len(s)).sum();
+    let zeros = on_disk - spool.stats().bytes;
+    assert!(
+        zeros > 0 && zeros <= writer::PREFORMAT_BYTES,
+        "{zeros} bytes of zeros"
+    );
+    shut(spool, reader).await;
+
+    // Data and zeros never pass max_bytes together: near it, none.
+    let (dir, mut c) = fresh();
+    c.max_bytes = 256 << 10;
+    c.segment_bytes = 64 << 10;
+    let (spool, reader, _) = open(&c);
+    append_each(&spool, (1..=200).map(|i| sized(i, 1000))).await;
+    let segs = seg_files(dir.path());
+    let on_disk: u64 = segs.iter().map(|s| file_len(s)).sum();
+    assert!(on_disk <= c.max_bytes, "{on_disk} bytes on disk");
+    let last = fs::read(segs.last().expect("last")).expect("read");
+    assert_eq!(last.last(), Some(&b'x'), "zeros written past the room left");
+    shut(spool, reader).await;
+}
+
+#[tokio::test]
 async fn always_mode_syncs_before_each_reply() {
     let (_dir, spool, reader) = fresh_open();
     spool.append(vec![ev(0)]).await.expect("warm-up append");
@@ -810,7 +889,7 @@ async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
     let (spool, mut reader, _) = open(&c);
     spool.append(vec![ev(1)]).await.expect("append");
     let seg = segment_path(dir.path(), 1);
-    let len_before = file_len(&seg);
+    let data_len = record_at(1, ev(1).len());
 
     spool.hooks().fail_writes(1);
     let err = spool
@@ -823,7 +902,8 @@ async fn failed_write_fails_append_leaves_nothing_and_later_appends_work() {
     }
     assert!(err.to_string().contains("free space"), "{err}");
     assert!(spool.is_full(), "is_full must report the failed append");
-    assert_eq!(file_len(&seg), len_before, "partial write was not cut back");
+    // Cut back to the data: the partial write, and any zeros written ahead.
+    assert_eq!(file_len(&seg), data_len, "partial write was not cut back");
     assert_eq!(spool.stats().counters.io_errors, 1);
 
     spool
@@ -1166,7 +1246,7 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
 
     // Damage that hides where the next record starts costs the rest of
     // what is written, but new appends are still delivered.
-    let rec7 = file_len(&seg);
+    let rec7 = record_at(6, ev(1).len());
     spool.append(vec![ev(7), ev(8)]).await.expect("append");
     poke(&seg, rec7, &u32::MAX.to_le_bytes());
     let next = tokio::spawn(async move { reader.next_batch(10, 1 << 20).await.map(|b| ids(&b)) });

@@ -52,6 +52,20 @@ const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// taken when none waits, whatever its size.
 pub(crate) const MAX_QUEUED: u64 = 16 << 20;
 
+/// `Always` mode writes this many zeros ahead of the data whenever fewer
+/// than [`PREFORMAT_LOW`] are left, so that each group's `fdatasync`
+/// overwrites blocks the file already has. Extending the file instead costs
+/// every sync a journal commit for the new size and blocks: 0.32 against
+/// 0.18 ms per sync on the benchmark's disk, and a group commit waits for
+/// its sync (PostgreSQL zero-fills its WAL segments for the same reason).
+/// Recovery reads zeros at a record boundary, running to the end of the
+/// file, as the end of the data; a roll cuts them off the segment it
+/// retires. Counted against `max_bytes` only once data fills them: they are
+/// written only while the spool has room for them too.
+pub(crate) const PREFORMAT_BYTES: u64 = 1 << 20;
+/// See [`PREFORMAT_BYTES`].
+const PREFORMAT_LOW: u64 = 256 << 10;
+
 /// The group buffer keeps its capacity between groups (no allocation per
 /// group) but gives back anything above this after an unusually large one.
 const BUF_KEEP: usize = 16 << 20;
@@ -80,6 +94,9 @@ pub(crate) struct ActiveFile {
     /// Length of the good data; the next write goes exactly here.
     pub len: u64,
     pub count: u64,
+    /// The file holds zeros from `len` up to here (`Always` mode writes
+    /// them ahead; see [`PREFORMAT_BYTES`]).
+    pub preformatted_to: u64,
 }
 
 struct Request {
@@ -629,6 +646,7 @@ impl Writer {
         match self.fsync {
             FsyncMode::Always => {
                 self.dirty = true;
+                self.preformat();
                 self.sync_active()
             }
             FsyncMode::Interval(d) => {
@@ -643,6 +661,56 @@ impl Writer {
             FsyncMode::Never => {
                 self.dirty = true;
                 Ok(())
+            }
+        }
+    }
+
+    /// `Always` mode, after a group's write: zeros ahead of the data (see
+    /// [`PREFORMAT_BYTES`]), synced with the group. Never past the
+    /// segment's size, where it rolls, nor past `max_bytes` with the data.
+    /// Best effort: a disk that cannot take them (full) leaves the appends
+    /// as they were.
+    fn preformat(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let end = a.len + self.buf.len() as u64;
+        let from = a.preformatted_to.max(end);
+        let to = (from + PREFORMAT_BYTES).min(self.segment_bytes);
+        if from >= end + PREFORMAT_LOW || to <= from {
+            return;
+        }
+        let used = self.shared.lock_state().bytes + self.buf.len() as u64;
+        if used + (to - end) > self.max_bytes {
+            return;
+        }
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(ZEROS.len() as u64) as usize;
+            if let Err(e) = a.file.write_all_at(&ZEROS[..n], at) {
+                tracing::debug!(error = %e, "cannot write zeros ahead of the spool's data; appends go on without");
+                break;
+            }
+            at += n as u64;
+        }
+        a.preformatted_to = at;
+    }
+
+    /// Cuts the zeros written ahead (see [`PREFORMAT_BYTES`]) off the active
+    /// segment: before it is retired, and at close. Best effort: recovery
+    /// cuts them too.
+    fn cut_preformatted(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if a.preformatted_to <= a.len {
+            return;
+        }
+        match a.file.set_len(a.len) {
+            Ok(()) => a.preformatted_to = a.len,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot cut the zeros off a spool segment")
             }
         }
     }
@@ -731,7 +799,7 @@ impl Writer {
         Counters::add(&self.shared.counters.io_errors, 1);
         self.roll_needed = true;
         self.shared.lock_state().refused_at = Some(Instant::now());
-        let Some(a) = &self.active else {
+        let Some(a) = self.active.as_mut() else {
             return;
         };
         #[cfg(test)]
@@ -742,6 +810,9 @@ impl Writer {
         };
         #[cfg(not(test))]
         let truncated = a.file.set_len(a.len);
+        if truncated.is_ok() {
+            a.preformatted_to = a.len;
+        }
         if let Err(e) = truncated {
             // Readers stop at the good length, but whole records that did
             // land carry the next ids in sequence: recovery would take them
@@ -813,6 +884,7 @@ impl Writer {
         let first_id = self.next_id;
         let durable = !matches!(self.fsync, FsyncMode::Never);
         let file = create_segment(&self.shared, first_id, durable)?;
+        self.cut_preformatted();
         if durable {
             if let Err(e) = self.sync_active() {
                 Counters::add(&self.shared.counters.io_errors, 1);
@@ -831,6 +903,7 @@ impl Writer {
             file,
             len: HEADER_LEN,
             count: 0,
+            preformatted_to: HEADER_LEN,
         });
         let deletions = {
             let mut st = self.shared.lock_state();
@@ -856,6 +929,8 @@ impl Writer {
         if self.syncer.is_some() && self.active.is_some() {
             self.dirty = true;
         }
+        // A clean stop leaves each file as long as its data.
+        self.cut_preformatted();
         let res = self
             .sync_retired()
             .and(self.sync_active())
