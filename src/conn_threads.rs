@@ -1,8 +1,10 @@
 //! The threads that serve connections: one single-threaded tokio runtime per
 //! core, each connection served by one of them for its whole life.
 //!
-//! Everything else (the accept loops, the publisher, reloads) stays on the
-//! multi-threaded runtime of `main.rs`. Connections do not need its work
+//! Everything else (the accept loops, the publisher, reloads, and the admin
+//! listener's connections, so that a connection thread held up by a stalled
+//! disk cannot fail the probes) stays on the multi-threaded runtime of
+//! `main.rs`. Connections do not need its work
 //! stealing: HTTP/1 serves one request at a time per connection, and
 //! spreading the connections over the threads spreads the load. What the
 //! stealing cost them is measured: under wrk (32 keep-alive connections, 2
@@ -13,8 +15,16 @@
 //!
 //! A connection goes to the thread with the fewest open connections, so that
 //! one thread is not left with the long-lived ones while another idles. The
-//! threads live as long as the process; if they cannot be started, the
-//! connections are served on the caller's runtime, with a warning.
+//! threads live as long as the process; those that cannot be started are
+//! said in a warning, and with none the connections are served on the
+//! caller's runtime.
+//!
+//! The price: a request that blocks its thread (an append waiting for the
+//! spool writer's lock, which it takes only once 16 MiB of appends wait for
+//! a stalled disk) holds up the other connections on that thread, where the
+//! multi-threaded runtime would have moved them to another worker. A
+//! proxied request may also use a pooled upstream connection that another
+//! thread opened and drives.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,23 +40,42 @@ struct Thread {
 }
 
 /// Serves `serve(stream)` on the process's connection threads (see
-/// [`Pool::spawn`]), started on first use: one per CPU this process may use
-/// (`available_parallelism` reads the cgroup's CPU quota and the affinity
-/// mask).
+/// [`Pool::spawn`]), started by [`start`] or on first use.
 pub fn spawn<F, Fut>(stream: TcpStream, serve: F)
 where
     F: FnOnce(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    pool().spawn(stream, serve);
+}
+
+/// Starts the process's connection threads, if not yet started: one per
+/// CPU the process may use (`available_parallelism` reads the cgroup's CPU
+/// quota and the affinity mask), or `TOKIO_WORKER_THREADS`, which sizes the
+/// main runtime too. Those that cannot be started are said in a warning;
+/// with none, connections are served on the main runtime.
+pub fn start() {
+    pool();
+}
+
+fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Pool::start(n).unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot start the connection threads; serving connections on the main runtime");
-            Pool { threads: Vec::new() }
-        })
+        let n = std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let pool = Pool::start(n);
+        if pool.threads.len() < n {
+            tracing::warn!(
+                started = pool.threads.len(),
+                wanted = n,
+                "cannot start every connection thread (a thread or file limit?); serving connections on those that started, or on the main runtime"
+            );
+        }
+        pool
     })
-    .spawn(stream, serve);
 }
 
 /// A set of connection threads.
@@ -56,10 +85,16 @@ pub struct Pool {
 
 impl Pool {
     /// Starts `n` threads, each running a single-threaded runtime until the
-    /// process ends.
-    pub fn start(n: usize) -> std::io::Result<Pool> {
-        let threads = (0..n).map(start_thread).collect::<std::io::Result<_>>()?;
-        Ok(Pool { threads })
+    /// process ends; fewer if some cannot be started (the error is logged).
+    pub fn start(n: usize) -> Pool {
+        let threads = (0..n)
+            .filter_map(|i| {
+                start_thread(i)
+                    .map_err(|e| tracing::warn!(error = %e, "cannot start connection thread {i}"))
+                    .ok()
+            })
+            .collect();
+        Pool { threads }
     }
 
     /// Serves `serve(stream)` on the thread with the fewest connections; on
@@ -84,7 +119,7 @@ impl Pool {
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot move a connection to its thread; dropped");
+                tracing::warn!(error = %e, "cannot move a connection to its thread; closed it");
                 return;
             }
         };
@@ -93,7 +128,7 @@ impl Pool {
             let _open = open;
             match TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream).await,
-                Err(e) => tracing::debug!(error = %e, "cannot register a connection; dropped"),
+                Err(e) => tracing::warn!(error = %e, "cannot register a connection with its thread; closed it"),
             }
         });
     }
@@ -115,17 +150,32 @@ impl Drop for OpenConnection {
     }
 }
 
+/// The runtime is built on its own thread: dropped on a runtime thread (a
+/// failed start), it would panic.
 fn start_thread(i: usize) -> std::io::Result<Thread> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let handle = runtime.handle().clone();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(format!("conn-{i}"))
-        // Runs the connections' tasks until the process ends.
-        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => {
+                    let _ = tx.send(Ok(runtime.handle().clone()));
+                    // Runs the connections' tasks until the process ends.
+                    runtime.block_on(std::future::pending::<()>());
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        })?;
+    let runtime = rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the thread ended before its runtime started"))??;
     Ok(Thread {
-        runtime: handle,
+        runtime,
         open: Arc::new(AtomicUsize::new(0)),
     })
 }
@@ -162,7 +212,8 @@ mod tests {
 
     #[tokio::test]
     async fn connections_go_to_the_least_busy_connection_thread() {
-        let pool = Pool::start(3).unwrap();
+        let pool = Pool::start(3);
+        assert_eq!(pool.threads.len(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (names_tx, mut names) = mpsc::unbounded_channel();
         let mut open = Vec::new();

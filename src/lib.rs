@@ -50,9 +50,10 @@
 //! (`tls`). On SIGHUP, `reload` swaps in the apps, tokens, source rules,
 //! certificate and log settings of the file read again, without a restart.
 //!
-//! Each connection is served on one of the [`conn_threads`], a
-//! single-threaded runtime per core; the accept loops, the publisher and the
-//! rest run on the multi-threaded runtime `main.rs` starts.
+//! Each callback connection is served on one of the [`conn_threads`], a
+//! single-threaded runtime per core; the accept loops, the admin listener's
+//! connections, the publisher and the rest run on the multi-threaded runtime
+//! `main.rs` starts.
 //!
 //! [`Gateway`] wires the stages together; `main.rs` is only the CLI.
 //!
@@ -400,6 +401,9 @@ impl Listening {
         } else {
             server::Role::Everything
         };
+        // Started before the first connection, so that a failure to start
+        // them is said at start.
+        conn_threads::start();
         let serve = |listener, role, handles, tls, stop| {
             let server_config = config.server.clone();
             tokio::spawn(async move {

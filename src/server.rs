@@ -333,8 +333,7 @@ impl Connections {
         );
         let (listener, handshake_within) = (self.listener, self.handshake_within);
         let label = listener.as_str();
-        // On a connection thread of its own (see `conn_threads`).
-        crate::conn_threads::spawn(stream, move |stream| async move {
+        let serve = move |stream| async move {
             let io = AnswerDeadline::new(stream, write_timeout, timed_out.clone());
             // The TLS handshake holds the connection's slot and counts as
             // its head: plain HTTP or silence on a TLS port ends it quickly.
@@ -364,7 +363,14 @@ impl Connections {
                 tracing::debug!(%peer, listener = label, limit = MAX_HEAD_BYTES, "answered 414: the request line passed the head limit");
             }
             drop(held);
-        });
+        };
+        // Callbacks on the connection threads (see `conn_threads`); the
+        // admin listener's probes on the main runtime, so that a connection
+        // thread held up by the disk cannot fail them.
+        match listener {
+            Listener::Admin => drop(tokio::spawn(serve(stream))),
+            Listener::Callback => crate::conn_threads::spawn(stream, serve),
+        }
     }
 }
 
