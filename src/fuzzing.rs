@@ -726,7 +726,9 @@ fn check_kept(data: &[u8], r: &RecoveredBytes, seg: &KeptSegment) -> Result<Vec<
     // Zeros from the kept data to the end, a header's worth at least, are
     // what `always` mode writes ahead: cut, but not reported as damage.
     let rest = &data[data_len as usize..];
-    let zeros = rest.len() >= SPOOL_RECORD_HEADER && rest.iter().all(|&b| b == 0);
+    let zeros = rest.len() >= SPOOL_RECORD_HEADER
+        && rest.len() as u64 <= crate::spool::PREFORMAT_BYTES
+        && rest.iter().all(|&b| b == 0);
     if cut != (data_len < len && !zeros).then_some((data_len, len - data_len)) {
         return Err(format!(
             "{seg:?} of {len} bytes, but the cut reported is {tail:?}"

@@ -445,6 +445,7 @@ fn log_recovery(dir: &std::path::Path, report: &spool::RecoveryReport) {
         segments = report.segments,
         records_pending = report.records_pending,
         bytes_skipped = report.bytes_skipped(),
+        zeros_cut = report.zeros_cut,
         "{what}"
     );
 }

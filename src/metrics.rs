@@ -384,7 +384,7 @@ impl SpoolCollector {
         );
         let bytes = gauge(
             "timbridge_spool_bytes",
-            "Bytes of spool segment files on disk.",
+            "Bytes of spool segment files on disk (with fsync = always, the zeros written ahead of the data, at most 1 MiB, count once data fills them).",
         );
         let max_bytes_gauge = gauge(
             "timbridge_spool_max_bytes",

@@ -83,6 +83,7 @@ pub use reader::{SpoolReader, SpooledRecord};
 pub use recovery::{DamageAction, DamagedSegment, RecoveryReport};
 pub(crate) use recovery::{KeptSegment, RecoveredBytes, SegmentBytes, recover_bytes};
 pub use segment::MAX_RECORD_LEN;
+pub(crate) use writer::PREFORMAT_BYTES;
 
 use segment::{HEADER_LEN, record_size};
 use state::{Counters, State};

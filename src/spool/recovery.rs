@@ -27,7 +27,7 @@ use super::segment::{
     read_full, scan_records, segment_path,
 };
 use super::state::{Sample, SegMeta, State};
-use super::writer::ActiveFile;
+use super::writer::{ActiveFile, PREFORMAT_BYTES};
 use super::{SpoolCounters, SpoolError, SpoolStats, io_context};
 
 /// Read buffer for scanning segments: large sequential reads.
@@ -57,6 +57,9 @@ pub struct RecoveryReport {
     /// records around them were intact (also listed in `damaged`); they
     /// will not be delivered.
     pub records_skipped: u64,
+    /// Zeros written ahead of the data (`fsync = always`) cut off the last
+    /// segment: no damage, only said in the log.
+    pub zeros_cut: u64,
 }
 
 impl RecoveryReport {
@@ -380,31 +383,45 @@ impl Plan {
 
     /// Damage that ends a segment's usable data: the last segment is cut
     /// there (a torn tail from a crash), the rest of an older one ignored.
-    /// Zeros after the data (written ahead in `always` mode) are no damage:
-    /// the last segment is cut back to its data without a report, so that
-    /// the writer and the byte count start from it.
+    ///
+    /// Zeros from the data to the end of the file end the scan without
+    /// damage. On the last segment, and no more of them than `always` mode
+    /// writes ahead, they are its zeros: cut without a report (counted in
+    /// `zeros_cut`), so that the writer and the byte count start from the
+    /// data. Anywhere else (an older segment, more zeros) they are what a
+    /// lost write or a zeroed block looks like, and reported as before.
     fn report_tails(&mut self) {
         let last = self.good.len().checked_sub(1);
         for (i, g) in self.good.iter_mut().enumerate() {
-            let Some((offset, damage)) = &g.scanned.damage else {
-                let data_len = g.scanned.meta.data_len;
-                if Some(i) == last && g.file_len > data_len {
-                    self.truncate = Some((g.path.clone(), data_len));
-                    g.scanned.meta.disk_len = data_len;
+            let meta = &g.scanned.meta;
+            let (offset, damage) = match &g.scanned.damage {
+                Some((offset, damage)) => (*offset, damage.clone()),
+                None if g.file_len <= meta.data_len => continue,
+                None if Some(i) == last && g.file_len - meta.data_len <= PREFORMAT_BYTES => {
+                    self.report.zeros_cut += g.file_len - meta.data_len;
+                    self.truncate = Some((g.path.clone(), meta.data_len));
+                    g.scanned.meta.disk_len = meta.data_len;
+                    continue;
                 }
-                continue;
+                None => (
+                    meta.data_len,
+                    Damage::UnexpectedId {
+                        expected: meta.end_id(),
+                        found: 0,
+                    },
+                ),
             };
             let action = if Some(i) == last {
-                self.truncate = Some((g.path.clone(), *offset));
-                g.scanned.meta.disk_len = *offset;
+                self.truncate = Some((g.path.clone(), offset));
+                g.scanned.meta.disk_len = offset;
                 DamageAction::Truncated
             } else {
                 DamageAction::SkippedRest
             };
             self.report.damaged.push(DamagedSegment {
                 file: g.path.clone(),
-                offset: *offset,
-                bytes_skipped: g.file_len.saturating_sub(*offset),
+                offset,
+                bytes_skipped: g.file_len.saturating_sub(offset),
                 reason: damage.to_string(),
                 action,
             });
@@ -692,7 +709,12 @@ pub(crate) fn stat_dir(dir: &Path) -> Result<SpoolStats, SpoolError> {
     let mut segments = BTreeMap::new();
     for s in survey.segments {
         files += 1;
-        state.bytes += s.file_len;
+        // Zeros written ahead of the data count as the gateway counts them:
+        // once data fills them.
+        state.bytes += match &s.content {
+            Ok(scanned) if scanned.damage.is_none() => scanned.meta.data_len,
+            _ => s.file_len,
+        };
         if let Ok(scanned) = s.content {
             segments.insert(s.first_id, scanned.meta);
         }
@@ -801,6 +823,63 @@ mod tests {
         let pending: Vec<&[u64]> = memory.segments.iter().map(|s| &s.pending[..]).collect();
         assert_eq!(pending, [&[7][..], &[20, 22]]);
         assert_eq!((memory.active, memory.reader_start), (None, 7));
+    }
+
+    /// Zeros after the data are the writer's own only on the last segment
+    /// and no longer than it writes them; anywhere else they are reported.
+    #[test]
+    fn zeros_after_the_data_are_cut_silently_only_where_the_writer_leaves_them() {
+        let with_zeros = |first_id, n, zeros: u64| {
+            let mut b = segment(first_id, n);
+            b.resize(b.len() + zeros as usize, 0);
+            b
+        };
+        let recover_one = |segs: &[(u64, Vec<u8>)]| {
+            let dir = tempfile::tempdir().unwrap();
+            let in_memory: Vec<SegmentBytes> = segs
+                .iter()
+                .map(|(first_id, data)| SegmentBytes {
+                    first_id: *first_id,
+                    data,
+                    acks: None,
+                })
+                .collect();
+            recover_bytes(dir.path(), &in_memory).unwrap()
+        };
+
+        // The last segment, with what `always` mode writes ahead: cut, said
+        // only in the log.
+        let r = recover_one(&[(1, with_zeros(1, 3, PREFORMAT_BYTES))]);
+        assert!(r.report.damaged.is_empty(), "{:?}", r.report);
+        assert_eq!(r.report.zeros_cut, PREFORMAT_BYTES);
+        assert_eq!(r.segments[0].disk_len, offset(1, 3) as u64);
+        assert_eq!((r.report.records_pending, r.report.next_id), (3, 4));
+
+        // More zeros than the writer writes ahead: reported and cut.
+        let r = recover_one(&[(1, with_zeros(1, 3, PREFORMAT_BYTES + 1))]);
+        assert_eq!(r.report.zeros_cut, 0);
+        let d = &r.report.damaged[..];
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            (d[0].offset, &d[0].action),
+            (offset(1, 3) as u64, &DamageAction::Truncated)
+        );
+        assert!(
+            d[0].reason.contains("record id 0 where 4 was expected"),
+            "{}",
+            d[0].reason
+        );
+
+        // Zeros on an older segment: reported, its records kept.
+        let r = recover_one(&[(1, with_zeros(1, 3, 4096)), (4, segment(4, 2))]);
+        assert_eq!(r.report.zeros_cut, 0);
+        let d = &r.report.damaged[..];
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert_eq!(
+            (d[0].offset, &d[0].action),
+            (offset(1, 3) as u64, &DamageAction::SkippedRest)
+        );
+        assert_eq!(r.report.records_pending, 5);
     }
 
     #[test]

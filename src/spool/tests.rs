@@ -744,6 +744,9 @@ async fn always_mode_writes_zeros_ahead_and_recovery_reads_them_as_the_end() {
         "zeros reported as damage: {report:?}"
     );
     assert_eq!(report.records_pending, 5);
+    assert_eq!(report.zeros_cut, bytes.len() as u64 - data_len);
+    assert_eq!(file_len(&copy), data_len, "recovery left the zeros");
+    assert_eq!(spool.stats().bytes, data_len);
     spool.append(vec![ev(6)]).await.expect("append");
     spool.close().await.expect("close");
     let replay = drain(&mut reader).await;

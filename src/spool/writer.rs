@@ -690,6 +690,10 @@ impl Writer {
             let n = (to - at).min(ZEROS.len() as u64) as usize;
             if let Err(e) = a.file.write_all_at(&ZEROS[..n], at) {
                 tracing::debug!(error = %e, "cannot write zeros ahead of the spool's data; appends go on without");
+                // Part of the block may have landed: cut that too later.
+                if let Ok(m) = a.file.metadata() {
+                    at = at.max(m.len());
+                }
                 break;
             }
             at += n as u64;
@@ -698,8 +702,10 @@ impl Writer {
     }
 
     /// Cuts the zeros written ahead (see [`PREFORMAT_BYTES`]) off the active
-    /// segment: before it is retired, and at close. Best effort: recovery
-    /// cuts them too.
+    /// segment: before it is retired, and at close. Best effort and not
+    /// synced: recovery cuts them too. (A segment normally rolls once its
+    /// data reaches `segment_bytes`, where the zeros stop; this covers the
+    /// other rolls.)
     fn cut_preformatted(&mut self) {
         let Some(a) = self.active.as_mut() else {
             return;
@@ -806,10 +812,13 @@ impl Writer {
         let truncated = if self.shared.hooks.take_truncate_failure() {
             Err(io::Error::other("injected truncate failure"))
         } else {
-            a.file.set_len(a.len)
+            a.file.set_len(a.len).and_then(|()| a.file.sync_data())
         };
+        // Synced: the zeros written ahead made the file's size durable
+        // already, so an unsynced cut could lose the cut and bring back
+        // the failed group's records (answered 503) after a power loss.
         #[cfg(not(test))]
-        let truncated = a.file.set_len(a.len);
+        let truncated = a.file.set_len(a.len).and_then(|()| a.file.sync_data());
         if truncated.is_ok() {
             a.preformatted_to = a.len;
         }
