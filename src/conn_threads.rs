@@ -39,8 +39,9 @@ struct Thread {
     open: Arc<AtomicUsize>,
 }
 
-/// Serves `serve(stream)` on the process's connection threads (see
-/// [`Pool::spawn`]), started by [`start`] or on first use.
+/// Serves `serve(stream)` on the process's connection threads, started by
+/// [`start`] or on first use: on the thread with the fewest connections,
+/// its socket registered with that thread's reactor.
 pub fn spawn<F, Fut>(stream: TcpStream, serve: F)
 where
     F: FnOnce(TcpStream) -> Fut + Send + 'static,
@@ -79,14 +80,14 @@ fn pool() -> &'static Pool {
 }
 
 /// A set of connection threads.
-pub struct Pool {
+struct Pool {
     threads: Vec<Thread>,
 }
 
 impl Pool {
     /// Starts `n` threads, each running a single-threaded runtime until the
     /// process ends; fewer if some cannot be started (the error is logged).
-    pub fn start(n: usize) -> Pool {
+    fn start(n: usize) -> Pool {
         let threads = (0..n)
             .filter_map(|i| {
                 start_thread(i)
@@ -101,7 +102,7 @@ impl Pool {
     /// the caller's runtime if there is none. The stream moves there: its
     /// socket is registered with that thread's reactor, so that its
     /// wake-ups stay on the thread.
-    pub fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
+    fn spawn<F, Fut>(&self, stream: TcpStream, serve: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -234,13 +235,18 @@ mod tests {
                 assert_eq!(distinct.len(), 3, "served on {seen:?}");
                 assert!(seen.iter().all(|n| n.starts_with("conn-")));
                 drop(open.remove(1));
-                while pool
-                    .threads
-                    .iter()
-                    .all(|t| t.open.load(Ordering::Relaxed) > 0)
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                }
+                let one_idle = async {
+                    while pool
+                        .threads
+                        .iter()
+                        .all(|t| t.open.load(Ordering::Relaxed) > 0)
+                    {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(10), one_idle)
+                    .await
+                    .expect("an ended connection is still counted on its thread");
             }
         }
         // The fourth went to the thread left idle, not onto a busy one.

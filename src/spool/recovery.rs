@@ -834,6 +834,12 @@ mod tests {
             b.resize(b.len() + zeros as usize, 0);
             b
         };
+        // The one damage reported: where, and what was done.
+        let only_damage = |r: &RecoveredBytes| {
+            let d = &r.report.damaged[..];
+            assert_eq!(d.len(), 1, "{d:?}");
+            (d[0].offset, d[0].action.clone(), d[0].reason.clone())
+        };
         let recover_one = |segs: &[(u64, Vec<u8>)]| {
             let dir = tempfile::tempdir().unwrap();
             let in_memory: Vec<SegmentBytes> = segs
@@ -858,26 +864,20 @@ mod tests {
         // More zeros than the writer writes ahead: reported and cut.
         let r = recover_one(&[(1, with_zeros(1, 3, PREFORMAT_BYTES + 1))]);
         assert_eq!(r.report.zeros_cut, 0);
-        let d = &r.report.damaged[..];
-        assert_eq!(d.len(), 1, "{d:?}");
-        assert_eq!(
-            (d[0].offset, &d[0].action),
-            (offset(1, 3) as u64, &DamageAction::Truncated)
-        );
+        let (at, action, reason) = only_damage(&r);
+        assert_eq!((at, action), (offset(1, 3) as u64, DamageAction::Truncated));
         assert!(
-            d[0].reason.contains("record id 0 where 4 was expected"),
-            "{}",
-            d[0].reason
+            reason.contains("record id 0 where 4 was expected"),
+            "{reason}"
         );
 
         // Zeros on an older segment: reported, its records kept.
         let r = recover_one(&[(1, with_zeros(1, 3, 4096)), (4, segment(4, 2))]);
         assert_eq!(r.report.zeros_cut, 0);
-        let d = &r.report.damaged[..];
-        assert_eq!(d.len(), 1, "{d:?}");
+        let (at, action, _) = only_damage(&r);
         assert_eq!(
-            (d[0].offset, &d[0].action),
-            (offset(1, 3) as u64, &DamageAction::SkippedRest)
+            (at, action),
+            (offset(1, 3) as u64, DamageAction::SkippedRest)
         );
         assert_eq!(r.report.records_pending, 5);
     }

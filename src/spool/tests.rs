@@ -770,7 +770,8 @@ async fn zeros_ahead_stay_within_the_segment_and_the_spool() {
             "{s:?}"
         );
         if s != segs.last().expect("last") {
-            // Retired: cut back to its last record ('x'-padded).
+            // Retired: it ends with its last record ('x'-padded), as the
+            // zeros stop at segment_bytes, where it rolls.
             assert_eq!(bytes.last(), Some(&b'x'), "{s:?} keeps its zeros");
         }
     }

@@ -58,10 +58,11 @@ pub(crate) const MAX_QUEUED: u64 = 16 << 20;
 /// every sync a journal commit for the new size and blocks: 0.32 against
 /// 0.18 ms per sync on the benchmark's disk, and a group commit waits for
 /// its sync (PostgreSQL zero-fills its WAL segments for the same reason).
-/// Recovery reads zeros at a record boundary, running to the end of the
-/// file, as the end of the data; a roll cuts them off the segment it
-/// retires. Counted against `max_bytes` only once data fills them: they are
-/// written only while the spool has room for them too.
+/// Recovery reads up to this many zeros, from a record boundary to the end
+/// of the last segment, as the end of the data, and cuts them; a clean stop
+/// and a roll cut them too. Counted against `max_bytes` only once data
+/// fills them: they are written only while the spool has room for them
+/// too.
 pub(crate) const PREFORMAT_BYTES: u64 = 1 << 20;
 /// See [`PREFORMAT_BYTES`].
 const PREFORMAT_LOW: u64 = 256 << 10;
