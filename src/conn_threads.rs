@@ -13,6 +13,9 @@
 //! here, the same load took 21–22 µs of CPU per request against 25–27, and
 //! 56–58k against 50–53k requests a second (bench/README.md).
 //!
+//! When the process has exactly as many CPUs as threads, each thread is
+//! pinned to one of them (see [`choose_cpus`] for why and when not).
+//!
 //! A connection goes to the thread with the fewest open connections, so that
 //! one thread is not left with the long-lived ones while another idles. The
 //! threads live as long as the process; those that cannot be started are
@@ -67,7 +70,7 @@ fn pool() -> &'static Pool {
             .and_then(|v| v.parse().ok())
             .filter(|&n: &usize| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let pool = Pool::start(n);
+        let pool = Pool::start(n, pin_plan(n));
         if pool.threads.len() < n {
             tracing::warn!(
                 started = pool.threads.len(),
@@ -87,10 +90,10 @@ struct Pool {
 impl Pool {
     /// Starts `n` threads, each running a single-threaded runtime until the
     /// process ends; fewer if some cannot be started (the error is logged).
-    fn start(n: usize) -> Pool {
+    fn start(n: usize, cpus: Option<Vec<usize>>) -> Pool {
         let threads = (0..n)
             .filter_map(|i| {
-                start_thread(i)
+                start_thread(i, cpus.as_ref().map(|c| c[i]))
                     .map_err(|e| tracing::warn!(error = %e, "cannot start connection thread {i}"))
                     .ok()
             })
@@ -152,12 +155,18 @@ impl Drop for OpenConnection {
 }
 
 /// The runtime is built on its own thread: dropped on a runtime thread (a
-/// failed start), it would panic.
-fn start_thread(i: usize) -> std::io::Result<Thread> {
+/// failed start), it would panic. With `cpu`, the thread runs on that CPU
+/// only (see [`pin_plan`]).
+fn start_thread(i: usize, cpu: Option<usize>) -> std::io::Result<Thread> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(format!("conn-{i}"))
         .spawn(move || {
+            if let Some(cpu) = cpu
+                && let Err(e) = pin_current_thread(cpu)
+            {
+                tracing::warn!(error = %e, "cannot pin connection thread {i} to CPU {cpu}; it runs wherever the kernel puts it");
+            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
@@ -181,9 +190,90 @@ fn start_thread(i: usize) -> std::io::Result<Thread> {
     })
 }
 
+/// The CPUs to pin the `n` connection threads to, one each, read from
+/// `TIMBRIDGE_PIN_THREADS` and the process's affinity mask (see
+/// [`choose_cpus`]). Anything unexpected is said in a warning, and the
+/// threads are then not pinned.
+fn pin_plan(n: usize) -> Option<Vec<usize>> {
+    let setting = std::env::var("TIMBRIDGE_PIN_THREADS").ok();
+    let allowed = allowed_cpus()
+        .map_err(|e| tracing::warn!(error = %e, "cannot read which CPUs this process may use; connection threads are not pinned"))
+        .ok()?;
+    match choose_cpus(n, setting.as_deref(), &allowed) {
+        Ok(Some(cpus)) => {
+            tracing::info!(
+                ?cpus,
+                "connection threads pinned, one to each CPU this process may use"
+            );
+            Some(cpus)
+        }
+        Ok(None) => None,
+        Err(why) => {
+            tracing::warn!("{why}; connection threads are not pinned");
+            None
+        }
+    }
+}
+
+/// Pins the `n` threads to the CPUs this process may run on (`allowed`)
+/// when there are exactly `n` of them, at least two: the process has CPUs
+/// of its own (a container given whole CPUs, or a machine the gateway is
+/// sized to). A process held to a CPU quota on a larger machine is left
+/// alone, for the kernel to move its threads to whichever CPU is idle, and
+/// so is one with `TIMBRIDGE_PIN_THREADS=off`.
+///
+/// Why: left free, the kernel's scheduler often ran both connection
+/// threads on one CPU, beside the thread that woke them, while the other
+/// CPU idled. Under wrk (32 keep-alive connections, 2 CPUs) a third of a
+/// CPU sat idle unpinned and a fifth pinned, and the gateway answered 3-6%
+/// more callbacks (bench/README.md).
+fn choose_cpus(
+    n: usize,
+    setting: Option<&str>,
+    allowed: &[usize],
+) -> Result<Option<Vec<usize>>, String> {
+    match setting {
+        None | Some("auto") => {}
+        Some("off") => return Ok(None),
+        Some(other) => {
+            return Err(format!(
+                "TIMBRIDGE_PIN_THREADS={other:?} is not \"auto\" (the default) or \"off\""
+            ));
+        }
+    }
+    Ok((n >= 2 && allowed.len() == n).then(|| allowed.to_vec()))
+}
+
+/// The CPUs the calling thread may run on (its affinity mask).
+fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed, and the kernel
+    // writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+/// Lets the calling thread run on `cpu` only.
+fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: as in `allowed_cpus`; CPU_SET ignores CPUs past the set's size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
     use tokio::sync::{mpsc, oneshot};
@@ -211,9 +301,49 @@ mod tests {
         client.unwrap()
     }
 
+    #[test]
+    fn threads_are_pinned_only_when_the_process_has_as_many_cpus_as_threads() {
+        assert_eq!(choose_cpus(2, None, &[4, 7]), Ok(Some(vec![4, 7])));
+        assert_eq!(choose_cpus(2, Some("auto"), &[0, 1]), Ok(Some(vec![0, 1])));
+        // A CPU quota on a larger machine: the kernel keeps placing them.
+        assert_eq!(choose_cpus(2, None, &[0, 1, 2, 3]), Ok(None));
+        assert_eq!(choose_cpus(4, None, &[0, 1]), Ok(None));
+        // One thread gains nothing from a fixed CPU.
+        assert_eq!(choose_cpus(1, None, &[3]), Ok(None));
+        assert_eq!(choose_cpus(2, Some("off"), &[0, 1]), Ok(None));
+        let err = choose_cpus(2, Some("yes"), &[0, 1]).unwrap_err();
+        assert!(err.contains("\"auto\"") && err.contains("\"off\""), "{err}");
+    }
+
+    /// Each pinned thread really runs on its one CPU only: read back from
+    /// the kernel on the thread itself.
+    #[tokio::test]
+    async fn a_pinned_connection_thread_runs_on_its_cpu_only() {
+        let allowed = allowed_cpus().unwrap();
+        let pool = Pool::start(allowed.len(), Some(allowed.clone()));
+        let mut masks = Vec::new();
+        for thread in &pool.threads {
+            let mask = thread.runtime.spawn(async { allowed_cpus().unwrap() });
+            masks.push(
+                tokio::time::timeout(Duration::from_secs(10), mask)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        let expected: Vec<Vec<usize>> = allowed.iter().map(|&cpu| vec![cpu]).collect();
+        assert_eq!(masks, expected);
+        // Unpinned, a thread keeps the whole mask.
+        let free = Pool::start(1, None);
+        let mask = free.threads[0]
+            .runtime
+            .spawn(async { allowed_cpus().unwrap() });
+        assert_eq!(mask.await.unwrap(), allowed);
+    }
+
     #[tokio::test]
     async fn connections_go_to_the_least_busy_connection_thread() {
-        let pool = Pool::start(3);
+        let pool = Pool::start(3, None);
         assert_eq!(pool.threads.len(), 3);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (names_tx, mut names) = mpsc::unbounded_channel();
