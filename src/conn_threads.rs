@@ -93,7 +93,7 @@ impl Pool {
     fn start(n: usize, cpus: Option<Vec<usize>>) -> Pool {
         let threads = (0..n)
             .filter_map(|i| {
-                start_thread(i, cpus.as_ref().map(|c| c[i]))
+                start_thread(i, cpus.as_ref().and_then(|c| c.get(i).copied()))
                     .map_err(|e| tracing::warn!(error = %e, "cannot start connection thread {i}"))
                     .ok()
             })
@@ -156,20 +156,29 @@ impl Drop for OpenConnection {
 
 /// The runtime is built on its own thread: dropped on a runtime thread (a
 /// failed start), it would panic. With `cpu`, the thread runs on that CPU
-/// only (see [`pin_plan`]).
+/// only (see [`pin_plan`]); the threads its runtime starts for blocking
+/// work (an upstream's DNS lookups) get the mask it had before, rather
+/// than inherit its one CPU.
 fn start_thread(i: usize, cpu: Option<usize>) -> std::io::Result<Thread> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name(format!("conn-{i}"))
         .spawn(move || {
-            if let Some(cpu) = cpu
-                && let Err(e) = pin_current_thread(cpu)
-            {
-                tracing::warn!(error = %e, "cannot pin connection thread {i} to CPU {cpu}; it runs wherever the kernel puts it");
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            if let Some(cpu) = cpu {
+                let before = allowed_cpus();
+                match set_affinity(&[cpu]) {
+                    Ok(()) => {
+                        if let Ok(before) = before {
+                            builder.on_thread_start(move || {
+                                let _ = set_affinity(&before);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot pin connection thread {i} to CPU {cpu}; it runs wherever the kernel puts it"),
+                }
             }
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
+            let runtime = builder.enable_all().build();
             match runtime {
                 Ok(runtime) => {
                     let _ = tx.send(Ok(runtime.handle().clone()));
@@ -190,21 +199,25 @@ fn start_thread(i: usize, cpu: Option<usize>) -> std::io::Result<Thread> {
     })
 }
 
-/// The CPUs to pin the `n` connection threads to, one each, read from
-/// `TIMBRIDGE_PIN_THREADS` and the process's affinity mask (see
+/// The CPUs to pin the `n` connection threads to, one each, as
+/// `TIMBRIDGE_PIN_THREADS` and the process's affinity mask say (see
 /// [`choose_cpus`]). Anything unexpected is said in a warning, and the
-/// threads are then not pinned.
+/// threads are then not pinned. Decided once, at start: CPUs a cpuset
+/// gains later are not used by the connection threads, and a thread whose
+/// CPU is taken away runs on the others.
 fn pin_plan(n: usize) -> Option<Vec<usize>> {
     let setting = std::env::var("TIMBRIDGE_PIN_THREADS").ok();
+    if setting.as_deref() == Some("off") {
+        return None;
+    }
     let allowed = allowed_cpus()
         .map_err(|e| tracing::warn!(error = %e, "cannot read which CPUs this process may use; connection threads are not pinned"))
         .ok()?;
-    match choose_cpus(n, setting.as_deref(), &allowed) {
+    // SAFETY: sysconf only reads a system value.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(0) as usize;
+    match choose_cpus(n, setting.as_deref(), &allowed, online) {
         Ok(Some(cpus)) => {
-            tracing::info!(
-                ?cpus,
-                "connection threads pinned, one to each CPU this process may use"
-            );
+            tracing::info!(?cpus, "connection threads pinned, one to each CPU");
             Some(cpus)
         }
         Ok(None) => None,
@@ -215,39 +228,53 @@ fn pin_plan(n: usize) -> Option<Vec<usize>> {
     }
 }
 
-/// Pins the `n` threads to the CPUs this process may run on (`allowed`)
-/// when there are exactly `n` of them, at least two: the process has CPUs
-/// of its own (a container given whole CPUs, or a machine the gateway is
-/// sized to). A process held to a CPU quota on a larger machine is left
-/// alone, for the kernel to move its threads to whichever CPU is idle, and
-/// so is one with `TIMBRIDGE_PIN_THREADS=off`.
+/// Where the `n` connection threads run, from `TIMBRIDGE_PIN_THREADS`, the
+/// CPUs the process may use (`allowed`) and the CPUs online:
 ///
-/// Why: left free, the kernel's scheduler often ran both connection
-/// threads on one CPU, beside the thread that woke them, while the other
-/// CPU idled. Under wrk (32 keep-alive connections, 2 CPUs) a third of a
-/// CPU sat idle unpinned and a fifth pinned, and the gateway answered 3-6%
-/// more callbacks (bench/README.md).
+/// - `auto` (the default) pins them only to CPUs the process was given for
+///   its own: an affinity mask narrower than the machine (a cpuset, as
+///   Kubernetes' static CPU manager gives a Guaranteed pod whole CPUs, or
+///   `docker --cpuset-cpus`, or taskset) holding exactly `n` CPUs, at
+///   least two. A process that may run anywhere, with a CPU quota or
+///   without (a sidecar on a shared node), is left to the kernel, which
+///   moves a thread off a CPU a neighbour keeps busy: a pinned thread could
+///   not move, and its connections would wait.
+/// - `on` pins thread `i` to the `i`-th allowed CPU (round again when there
+///   are fewer CPUs than threads): for a machine that runs the gateway and
+///   little else.
+/// - `off` never pins.
+///
+/// Why pin at all: left free, the kernel's scheduler often ran both
+/// connection threads on one CPU, beside the thread that woke them, while
+/// the other CPU idled. Under wrk (32 keep-alive connections, a machine of
+/// 2 CPUs, `on`) a third of a CPU sat idle unpinned and a fifth pinned,
+/// and the gateway answered 3-6% more callbacks (bench/README.md).
 fn choose_cpus(
     n: usize,
     setting: Option<&str>,
     allowed: &[usize],
+    online: usize,
 ) -> Result<Option<Vec<usize>>, String> {
-    match setting {
-        None | Some("auto") => {}
-        Some("off") => return Ok(None),
+    Ok(match setting {
+        None | Some("" | "auto") => {
+            (n >= 2 && allowed.len() == n && allowed.len() < online).then(|| allowed.to_vec())
+        }
+        Some("on") if !allowed.is_empty() => {
+            Some((0..n).map(|i| allowed[i % allowed.len()]).collect())
+        }
+        Some("on" | "off") => None,
         Some(other) => {
             return Err(format!(
-                "TIMBRIDGE_PIN_THREADS={other:?} is not \"auto\" (the default) or \"off\""
+                "TIMBRIDGE_PIN_THREADS={other:?} is not \"auto\" (the default), \"on\" or \"off\""
             ));
         }
-    }
-    Ok((n >= 2 && allowed.len() == n).then(|| allowed.to_vec()))
+    })
 }
 
 /// The CPUs the calling thread may run on (its affinity mask).
 fn allowed_cpus() -> std::io::Result<Vec<usize>> {
-    // SAFETY: cpu_set_t is plain data, valid when zeroed, and the kernel
-    // writes at most its size.
+    // SAFETY: cpu_set_t is plain data, valid when zeroed; the kernel writes
+    // at most `size` bytes into it, and CPU_ISSET reads within it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     let size = std::mem::size_of::<libc::cpu_set_t>();
     if unsafe { libc::sched_getaffinity(0, size, &mut set) } != 0 {
@@ -258,11 +285,18 @@ fn allowed_cpus() -> std::io::Result<Vec<usize>> {
         .collect())
 }
 
-/// Lets the calling thread run on `cpu` only.
-fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: as in `allowed_cpus`; CPU_SET ignores CPUs past the set's size.
+/// Lets the calling thread run on `cpus` only.
+fn set_affinity(cpus: &[usize]) -> std::io::Result<()> {
+    if let Some(&cpu) = cpus.iter().find(|&&c| c >= libc::CPU_SETSIZE as usize) {
+        return Err(std::io::Error::other(format!(
+            "CPU {cpu} is past the largest CPU set"
+        )));
+    }
+    // SAFETY: as in `allowed_cpus`; every CPU is within the set (above).
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    unsafe { libc::CPU_SET(cpu, &mut set) };
+    for &cpu in cpus {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
     let size = std::mem::size_of::<libc::cpu_set_t>();
     if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -302,43 +336,65 @@ mod tests {
     }
 
     #[test]
-    fn threads_are_pinned_only_when_the_process_has_as_many_cpus_as_threads() {
-        assert_eq!(choose_cpus(2, None, &[4, 7]), Ok(Some(vec![4, 7])));
-        assert_eq!(choose_cpus(2, Some("auto"), &[0, 1]), Ok(Some(vec![0, 1])));
-        // A CPU quota on a larger machine: the kernel keeps placing them.
-        assert_eq!(choose_cpus(2, None, &[0, 1, 2, 3]), Ok(None));
-        assert_eq!(choose_cpus(4, None, &[0, 1]), Ok(None));
-        // One thread gains nothing from a fixed CPU.
-        assert_eq!(choose_cpus(1, None, &[3]), Ok(None));
-        assert_eq!(choose_cpus(2, Some("off"), &[0, 1]), Ok(None));
-        let err = choose_cpus(2, Some("yes"), &[0, 1]).unwrap_err();
-        assert!(err.contains("\"auto\"") && err.contains("\"off\""), "{err}");
+    fn threads_are_pinned_by_default_only_to_cpus_of_the_process_own() {
+        // A cpuset of exactly as many CPUs as threads, narrower than the
+        // machine's 8.
+        assert_eq!(choose_cpus(2, None, &[4, 7], 8), Ok(Some(vec![4, 7])));
+        assert_eq!(
+            choose_cpus(2, Some("auto"), &[0, 1], 8),
+            Ok(Some(vec![0, 1]))
+        );
+        assert_eq!(choose_cpus(2, Some(""), &[0, 1], 8), Ok(Some(vec![0, 1])));
+        // The whole machine (a shared node): the kernel keeps placing them.
+        assert_eq!(choose_cpus(2, None, &[0, 1], 2), Ok(None));
+        // A cpuset of another size, and one thread, gain nothing.
+        assert_eq!(choose_cpus(2, None, &[0, 1, 2, 3], 8), Ok(None));
+        assert_eq!(choose_cpus(4, None, &[0, 1], 8), Ok(None));
+        assert_eq!(choose_cpus(1, None, &[3], 8), Ok(None));
+        // Asked for: one CPU each, round again past the last.
+        assert_eq!(choose_cpus(2, Some("on"), &[0, 1], 2), Ok(Some(vec![0, 1])));
+        assert_eq!(
+            choose_cpus(3, Some("on"), &[2, 5], 8),
+            Ok(Some(vec![2, 5, 2]))
+        );
+        assert_eq!(choose_cpus(2, Some("off"), &[0, 1], 8), Ok(None));
+        let err = choose_cpus(2, Some("yes"), &[0, 1], 8).unwrap_err();
+        assert!(err.contains("\"on\"") && err.contains("\"off\""), "{err}");
     }
 
-    /// Each pinned thread really runs on its one CPU only: read back from
-    /// the kernel on the thread itself.
+    /// Each pinned thread really runs on its one CPU only, read back from
+    /// the kernel on the thread itself, while the threads its runtime
+    /// starts for blocking work keep the whole mask.
     #[tokio::test]
     async fn a_pinned_connection_thread_runs_on_its_cpu_only() {
         let allowed = allowed_cpus().unwrap();
-        let pool = Pool::start(allowed.len(), Some(allowed.clone()));
+        if allowed.len() < 2 {
+            eprintln!("one CPU: nothing to tell a pinned thread from a free one");
+            return;
+        }
+        let cpus = allowed[..2].to_vec();
+        let pool = Pool::start(2, Some(cpus.clone()));
+        let within = |f| tokio::time::timeout(Duration::from_secs(10), f);
         let mut masks = Vec::new();
         for thread in &pool.threads {
             let mask = thread.runtime.spawn(async { allowed_cpus().unwrap() });
-            masks.push(
-                tokio::time::timeout(Duration::from_secs(10), mask)
+            masks.push(within(mask).await.unwrap().unwrap());
+            // Started from the pinned thread itself, as an upstream's DNS
+            // lookup is.
+            let blocking = thread.runtime.spawn(async {
+                tokio::task::spawn_blocking(|| allowed_cpus().unwrap())
                     .await
                     .unwrap()
-                    .unwrap(),
-            );
+            });
+            assert_eq!(within(blocking).await.unwrap().unwrap(), allowed);
         }
-        let expected: Vec<Vec<usize>> = allowed.iter().map(|&cpu| vec![cpu]).collect();
-        assert_eq!(masks, expected);
+        assert_eq!(masks, vec![vec![cpus[0]], vec![cpus[1]]]);
         // Unpinned, a thread keeps the whole mask.
         let free = Pool::start(1, None);
         let mask = free.threads[0]
             .runtime
             .spawn(async { allowed_cpus().unwrap() });
-        assert_eq!(mask.await.unwrap(), allowed);
+        assert_eq!(within(mask).await.unwrap().unwrap(), allowed);
     }
 
     #[tokio::test]

@@ -22,11 +22,13 @@
 //! The sets are hashed with a per-process random key: event ids derive
 //! from content an attacker chooses, and with a fixed hash they could be
 //! ground into long probe chains while the one lock is held. The hash is
-//! foldhash (already in the build through hashbrown): seeded per process
-//! like std's SipHash, a few times cheaper for a u64. Its limit, an
-//! attacker who studies the process until it can reconstruct the seed,
-//! does not apply: the keys are 64 bits of SHA-256 over content, and
-//! nothing the gateway answers depends on where an id sits.
+//! foldhash (already in the build through hashbrown), a few times cheaper
+//! than std's SipHash for a u64, keyed like std's from the system's random
+//! source ([`random_hasher`]) rather than from foldhash's own seed, which
+//! mixes addresses and the time. Its stated limit, an attacker who studies
+//! the process until it can reconstruct the key, would take timing single
+//! table probes over the network: the keys are 64 bits of SHA-256 over
+//! content, and no answer depends on where an id sits.
 //!
 //! This is a best effort on the way in; duplicates that can still happen
 //! (a replay after a crash) carry the same `event_id` for consumers to drop.
@@ -38,7 +40,8 @@ use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use foldhash::quality::RandomState;
+use foldhash::SharedSeed;
+use foldhash::quality::SeedableRandomState;
 use tokio::sync::watch;
 
 use crate::record::EventId;
@@ -83,7 +86,20 @@ struct Inner {
     seen: seen::Seen,
     /// Ids being written by some request, with the receiver that tells
     /// waiters when that request is done.
-    pending: HashMap<u64, watch::Receiver<()>, RandomState>,
+    pending: HashMap<u64, watch::Receiver<()>, SeedableRandomState>,
+}
+
+/// A foldhash hasher keyed from the system's random source: std's
+/// `RandomState` draws its keys there once per thread, and each new one
+/// hashes differently.
+fn random_hasher() -> SeedableRandomState {
+    use std::hash::BuildHasher;
+    use std::sync::LazyLock;
+    fn random() -> u64 {
+        std::hash::RandomState::new().hash_one(0u64)
+    }
+    static SHARED: LazyLock<SharedSeed> = LazyLock::new(|| SharedSeed::from_u64(random()));
+    SeedableRandomState::with_seed(random(), &SHARED)
 }
 
 fn compact(id: &EventId) -> u64 {
@@ -181,7 +197,7 @@ impl Dedup {
             inner: Arc::new(Mutex::new(Inner {
                 epoch: Instant::now(),
                 seen: seen::Seen::new(max_entries),
-                pending: HashMap::default(),
+                pending: HashMap::with_hasher(random_hasher()),
             })),
         }
     }

@@ -23,9 +23,17 @@ use std::hash::BuildHasher;
 /// Keys the slot hash: randomly per process, except in the crate's unit
 /// tests, which use fixed keys so that a failure replays from its seed.
 #[cfg(not(test))]
-type SlotHasher = foldhash::quality::RandomState;
+type SlotHasher = foldhash::quality::SeedableRandomState;
+#[cfg(not(test))]
+fn slot_hasher() -> SlotHasher {
+    super::random_hasher()
+}
 #[cfg(test)]
 type SlotHasher = foldhash::quality::FixedState;
+#[cfg(test)]
+fn slot_hasher() -> SlotHasher {
+    SlotHasher::default()
+}
 
 /// An empty slot. The id 0 is stored as 1: two ids in 2^64 share a slot
 /// name, which costs one dropped duplicate-looking event at worst.
@@ -49,7 +57,7 @@ impl Seen {
         Seen {
             ring: VecDeque::new(),
             slots: Vec::new(),
-            hasher: SlotHasher::default(),
+            hasher: slot_hasher(),
             max_entries,
         }
     }
