@@ -13,8 +13,9 @@
 //! here, the same load took 21–22 µs of CPU per request against 25–27, and
 //! 56–58k against 50–53k requests a second (bench/README.md).
 //!
-//! When the process has exactly as many CPUs as threads, each thread is
-//! pinned to one of them (see [`choose_cpus`] for why and when not).
+//! When the process was given CPUs of its own (a cpuset), exactly as many
+//! as threads, or `TIMBRIDGE_PIN_THREADS=on` says so, each thread is
+//! pinned to one CPU (see [`choose_cpus`] for why and when not).
 //!
 //! A connection goes to the thread with the fewest open connections, so that
 //! one thread is not left with the long-lived ones while another idles. The
