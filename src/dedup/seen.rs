@@ -14,8 +14,9 @@
 //! Slots are found by a hash with a per-process random key: ids derive
 //! from content an attacker chooses, and a predictable slot would let it
 //! build long probe runs. The hash is foldhash's (see `dedup.rs`), not
-//! std's SipHash: a removal rehashes every entry it moves back, and with
-//! SipHash the set took about 6% of the gateway's CPU under wrk.
+//! std's SipHash, several times slower for a u64: a removal rehashes every
+//! entry it moves back. What the set costs now is mostly cache misses on
+//! the table's slots (bench/README.md, sixth pass).
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
