@@ -812,13 +812,14 @@ impl Writer {
         let truncated = if self.shared.hooks.take_truncate_failure() {
             Err(io::Error::other("injected truncate failure"))
         } else {
-            a.file.set_len(a.len).and_then(|()| a.file.sync_data())
+            a.file.set_len(a.len)
         };
+        #[cfg(not(test))]
+        let truncated = a.file.set_len(a.len);
         // Synced: the zeros written ahead made the file's size durable
         // already, so an unsynced cut could lose the cut and bring back
         // the failed group's records (answered 503) after a power loss.
-        #[cfg(not(test))]
-        let truncated = a.file.set_len(a.len).and_then(|()| a.file.sync_data());
+        let truncated = truncated.and_then(|()| a.file.sync_data());
         if truncated.is_ok() {
             a.preformatted_to = a.len;
         }
