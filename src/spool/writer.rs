@@ -763,18 +763,15 @@ impl Writer {
             self.dirty = false;
             return Ok(());
         };
-        let path = segment_path(&self.shared.dir, a.first_id);
+        // As in `write_group`: the path only for an error. In `Always` mode
+        // this runs once per group on the writer thread, whose cycle sets
+        // the throughput.
+        let failed = |e| io_context(e, "sync", &segment_path(&self.shared.dir, a.first_id));
         #[cfg(test)]
         if self.shared.hooks.take_sync_failure() {
-            return Err(io_context(
-                io::Error::other("injected sync failure"),
-                "sync",
-                &path,
-            ));
+            return Err(failed(io::Error::other("injected sync failure")));
         }
-        a.file
-            .sync_data()
-            .map_err(|e| io_context(e, "sync", &path))?;
+        a.file.sync_data().map_err(failed)?;
         Counters::add(&self.shared.counters.syncs, 1);
         self.dirty = false;
         Ok(())
