@@ -233,6 +233,7 @@ impl Writer {
                 let _ = to_topic.send(InFlight {
                     dead_letter_copy: true,
                     alone: false,
+                    role: None,
                     ..inflight
                 });
             }

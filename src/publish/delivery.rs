@@ -131,11 +131,14 @@ impl ProducerContext for DeliveryContext {
                 }
                 shared.spool.ack(inflight.spool_id);
                 self.set_kafka_up(true);
-                shared
-                    .metrics
-                    .kafka_delivered
-                    .with_label_values(&[msg.topic()])
-                    .inc();
+                match inflight.role.and_then(|r| shared.delivered_counter(r)) {
+                    Some(counter) => counter.inc(),
+                    None => shared
+                        .metrics
+                        .kafka_delivered
+                        .with_label_values(&[msg.topic()])
+                        .inc(),
+                }
                 let age_ms = now_ms().saturating_sub(inflight.appended_ms);
                 shared
                     .metrics

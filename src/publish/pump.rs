@@ -245,6 +245,7 @@ impl Pump {
                         dead_letter_copy: false,
                         attempts: 0,
                         alone: false,
+                        role: None,
                     })
                     .collect();
                 if fresh_tx.send(items).await.is_err() {
@@ -441,6 +442,8 @@ impl Pump {
                 }
             }
         }
+        let mut item = item;
+        item.role = (!item.dead_letter_copy).then_some(record.topic);
         let base = BaseRecord::with_opaque_to(topic, Box::new(item))
             .key(record.key)
             .payload(record.value)
