@@ -391,9 +391,15 @@ impl Spool {
             recovered.next_id,
         )));
         let for_thread = writer.clone();
+        let fsync = cfg.fsync;
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer::run(for_thread, rx))
+            .spawn(move || {
+                if !writer::writes_inline(fsync) {
+                    writer::yield_to_callers();
+                }
+                writer::run(for_thread, rx)
+            })
             .map_err(|e| SpoolError::Io(io_context(e, "start writer thread for", &cfg.dir)))?;
         let reader = SpoolReader::new(shared.clone(), recovered.reader_start);
         let spool = Spool {
