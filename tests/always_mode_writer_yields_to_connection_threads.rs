@@ -27,9 +27,10 @@ fn stat_field(stat: &str, n: usize) -> i64 {
         .expect("number")
 }
 
-/// The nice value of each "spool-writer" thread that has blocked at least
-/// once, and so has run past the start of its body, where the priority is
-/// set (it blocks first when it waits for appends).
+/// The nice value of each "spool-writer" thread that has gone round its
+/// loop: it wakes every 100 ms to flush acks, so three voluntary switches
+/// are past the start of its body, where the priority is set (one could
+/// still happen inside the thread's own start-up).
 fn writer_nices() -> Vec<i64> {
     let mut nices = Vec::new();
     for task in fs::read_dir("/proc/self/task").expect("/proc/self/task") {
@@ -50,7 +51,7 @@ fn writer_nices() -> Vec<i64> {
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|v| v > 0);
+            .is_some_and(|v| v >= 3);
         if blocked {
             nices.push(stat_field(&stat, 19));
         }
@@ -69,10 +70,16 @@ fn process_nice() -> i64 {
 async fn the_spool_writer_runs_below_the_connection_threads_only_when_every_callback_waits_for_it()
 {
     let base = process_nice();
+    if base > 14 {
+        // nice +5 would be clamped at 19 and indistinguishable: nothing to
+        // tell apart at this priority.
+        eprintln!("skipped: the test runs at nice {base}; it needs 14 or less");
+        return;
+    }
     let s = setup();
 
     let gw = s.gateway(&[("spool", r#"fsync = "always""#)]).await;
-    let want = (base + 5).min(19);
+    let want = base + 5;
     wait_until(
         "the always-mode spool writer at nice +5",
         Duration::from_secs(10),

@@ -287,24 +287,30 @@ pub(crate) const ALWAYS_NICE: i32 = 5;
 /// turning the answers just sent into the next requests, and synced the
 /// few it had: about 8.5 callbacks per sync under wrk with 32 connections.
 /// At nice 5 it waits for that thread's turn to end, and the next group
-/// holds those requests too: 12-13 per sync, 1.5-2.8 us less CPU per
-/// callback and 3-10% more callbacks per second in three pairs (the
-/// writer at nice -10 instead synced groups of 5 and lost 5-11%). It
-/// cannot be starved: the connection threads run out of work as soon as
-/// every callback waits for it. Other modes keep the default, as there an
+/// holds those requests too: 12-13 per sync, 1.2-2.8 us less CPU per
+/// callback and 2-10% more callbacks per second in seven pairs (the
+/// writer at nice -10 instead synced groups of 5 and lost 5-11%).
+///
+/// Lower, not starved: under contention the scheduler still gives a nice-5
+/// thread about a third of a nice-0 thread's share, and a group needs tens
+/// of microseconds of CPU; threads waiting for a lock it holds sleep and
+/// leave it the CPU. Other modes keep the process's priority, as there an
 /// append handed to this thread holds up its callback until it runs.
 pub(crate) fn yield_to_callers() {
-    // SAFETY: nice(2) takes an integer and touches no memory of ours. On
-    // Linux it applies to the calling thread only (it sets PRIO_PROCESS
-    // for the caller's thread id). It returns the new value or -1 with
-    // errno set; -1 is also a valid nice value, hence the errno check.
-    let failed = unsafe {
-        *libc::__errno_location() = 0;
-        libc::nice(ALWAYS_NICE) == -1 && *libc::__errno_location() != 0
-    };
-    if failed {
-        // Only slower, never wrong: nothing to tell an operator to do.
-        tracing::debug!(error = %io::Error::last_os_error(), "cannot lower the spool writer thread's priority");
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: nice(2) takes an integer and touches no memory of ours;
+        // errno is this thread's. On Linux nice applies to the calling
+        // thread only. It returns the new value or -1 with errno set, and
+        // -1 is also a valid nice value, hence errno cleared first.
+        let failed = unsafe {
+            *libc::__errno_location() = 0;
+            libc::nice(ALWAYS_NICE) == -1 && *libc::__errno_location() != 0
+        };
+        if failed {
+            // Only slower, never wrong: nothing to tell an operator to do.
+            tracing::debug!(error = %io::Error::last_os_error(), "cannot lower the spool writer thread's priority");
+        }
     }
 }
 
