@@ -27,16 +27,15 @@ fn stat_field(stat: &str, n: usize) -> i64 {
         .expect("number")
 }
 
-/// The nice value of each "spool-writer" thread that has gone round its
-/// loop: it wakes every 100 ms to flush acks, so three voluntary switches
-/// are past the start of its body, where the priority is set (one could
-/// still happen inside the thread's own start-up).
-fn writer_nices() -> Vec<i64> {
-    let mut nices = Vec::new();
+/// Each "spool-writer" thread of this process: its nice value, and how
+/// many times it has blocked.
+fn writers() -> Vec<(i64, u64)> {
+    let mut found = Vec::new();
     for task in fs::read_dir("/proc/self/task").expect("/proc/self/task") {
         let dir = task.expect("task").path();
+        // A thread that ended meanwhile has no files left to read.
         let Ok(comm) = fs::read_to_string(dir.join("comm")) else {
-            continue; // the thread ended meanwhile
+            continue;
         };
         if comm.trim_end() != "spool-writer" {
             continue;
@@ -50,13 +49,23 @@ fn writer_nices() -> Vec<i64> {
         let blocked = status
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|v| v >= 3);
-        if blocked {
-            nices.push(stat_field(&stat, 19));
-        }
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        found.push((stat_field(&stat, 19), blocked));
     }
-    nices
+    found
+}
+
+/// The nice value of each writer thread that has gone round its loop: it
+/// wakes every 100 ms to flush acks, so three voluntary switches are past
+/// the start of its body, where the priority is set (one could still
+/// happen inside the thread's own start-up).
+fn writer_nices() -> Vec<i64> {
+    writers()
+        .into_iter()
+        .filter(|&(_, blocked)| blocked >= 3)
+        .map(|(nice, _)| nice)
+        .collect()
 }
 
 fn process_nice() -> i64 {
@@ -92,14 +101,7 @@ async fn the_spool_writer_runs_below_the_connection_threads_only_when_every_call
     assert_ok(&a);
     gw.shutdown().await.expect("shutdown");
     wait_until("the writer thread gone", Duration::from_secs(10), || {
-        writer_nices().is_empty()
-            && !fs::read_dir("/proc/self/task")
-                .expect("tasks")
-                .filter_map(Result::ok)
-                .any(|t| {
-                    fs::read_to_string(t.path().join("comm"))
-                        .is_ok_and(|c| c.trim_end() == "spool-writer")
-                })
+        writers().is_empty()
     })
     .await;
 

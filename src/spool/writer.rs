@@ -277,7 +277,7 @@ fn reserve_queue_room(shared: &Shared, bytes: u64) -> bool {
 
 /// How much lower than the rest of the process the writer thread runs in
 /// `Always` mode (a nice increment).
-pub(crate) const ALWAYS_NICE: i32 = 5;
+const ALWAYS_NICE: i32 = 5;
 
 /// `Always` mode: lowers the writer thread's priority by [`ALWAYS_NICE`].
 ///
