@@ -223,6 +223,14 @@ impl Dedup {
             return (ids.iter().map(|_| Admission::New).collect(), claim);
         }
         let mut inner = lock(&self.inner);
+        // Each lookup below, and each removal of an oldest id when the
+        // commit makes room, is a cache miss in a table of megabytes:
+        // started together, they overlap instead of queueing (under wrk
+        // they were half of the set's time, which was 5% of the CPU).
+        for id in ids {
+            inner.seen.prefetch(compact(id));
+        }
+        inner.seen.prefetch_oldest(ids.len());
         let now_ms = inner.now_ms(now);
         inner.expire(now_ms, window_ms, self.max_entries);
         let admissions = ids
