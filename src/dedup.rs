@@ -133,6 +133,15 @@ impl Claim {
         let mut inner = lock(&self.inner);
         let now_ms = inner.now_ms(Instant::now());
         let keys = std::mem::take(&mut self.keys);
+        // At capacity each id inserted removes the oldest one: the slots of
+        // both are misses, loaded together here (the ids' were loaded in
+        // `admit`, but the append since may have evicted them).
+        inner
+            .seen
+            .prefetch_oldest(keys.len().min(seen::PREFETCH_AHEAD));
+        for &key in keys.iter().take(seen::PREFETCH_AHEAD) {
+            inner.seen.prefetch(key);
+        }
         inner.expire(
             now_ms,
             self.window_ms,
@@ -223,14 +232,12 @@ impl Dedup {
             return (ids.iter().map(|_| Admission::New).collect(), claim);
         }
         let mut inner = lock(&self.inner);
-        // Each lookup below, and each removal of an oldest id when the
-        // commit makes room, is a cache miss in a table of megabytes:
-        // started together, they overlap instead of queueing (under wrk
-        // they were half of the set's time, which was 5% of the CPU).
-        for id in ids {
+        // Each lookup below is a cache miss in a table of megabytes:
+        // started together, they overlap instead of queueing (see
+        // `seen::PREFETCH_AHEAD`).
+        for id in ids.iter().take(seen::PREFETCH_AHEAD) {
             inner.seen.prefetch(compact(id));
         }
-        inner.seen.prefetch_oldest(ids.len());
         let now_ms = inner.now_ms(now);
         inner.expire(now_ms, window_ms, self.max_entries);
         let admissions = ids

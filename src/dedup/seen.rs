@@ -40,6 +40,11 @@ fn slot_hasher() -> SlotHasher {
 /// name, which costs one dropped duplicate-looking event at worst.
 const EMPTY: u64 = 0;
 
+/// How many slots a request loads ahead of probing them: enough for the
+/// usual one to a few ids per callback to overlap their misses; a request
+/// of hundreds would only evict its first lines before it reached them.
+pub(super) const PREFETCH_AHEAD: usize = 16;
+
 /// The smallest table, so that a few ids do not rehash at every step.
 const MIN_SLOTS: usize = 64;
 
@@ -212,7 +217,9 @@ impl Seen {
 }
 
 /// A hint to the CPU to bring `slot` into its cache; it never faults and
-/// changes nothing the program can see.
+/// changes nothing the program can see. Only on x86_64: elsewhere (aarch64
+/// has no stable prefetch intrinsic yet) it does nothing, and the lookups
+/// take their misses one after another as before.
 #[inline(always)]
 fn prefetch(slot: &u64) {
     #[cfg(target_arch = "x86_64")]
