@@ -106,9 +106,9 @@ fn random_hasher() -> SeedableRandomState {
 /// little-endian bytes. A digit's value without a branch: in ASCII, `0`-`9`
 /// have bit 6 clear and `a`-`f` (and `A`-`F`) set, and the low four bits
 /// plus 9 for a letter are its value. The ids are SHA-256 in hex, so each
-/// digit is a coin toss between the two kinds, and a decoder that branched
-/// on it (the `hex` crate's did) mispredicted about half of them: it was
-/// 0.8% of the CPU under wrk. Ids we make are always hex; anything else
+/// digit is a digit or a letter at random (10 to 6), and a decoder that
+/// branched on it (the `hex` crate's did) mispredicted a good share of
+/// them: it was 0.8% of the CPU under wrk. Ids we make are always hex; anything else
 /// still maps to one key, always the same.
 fn compact(id: &EventId) -> u64 {
     let mut key = 0u64;
