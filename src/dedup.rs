@@ -313,6 +313,14 @@ mod tests {
         EventId(b)
     }
 
+    /// A set remembering ids for `window_s` seconds, at most `max_entries`.
+    fn dedup(window_s: u64, max_entries: usize) -> Dedup {
+        Dedup::new(DedupSettings {
+            window: Duration::from_secs(window_s),
+            max_entries,
+        })
+    }
+
     /// Admits and commits at once, as a request whose append succeeded.
     fn accept(d: &Dedup, ids: &[EventId], t: Instant) -> Vec<bool> {
         let (adm, claim) = d.admit(ids, t);
@@ -322,10 +330,7 @@ mod tests {
 
     #[test]
     fn a_repeat_within_the_window_is_dropped() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 100,
-        });
+        let d = dedup(60, 100);
         let t = Instant::now();
         assert_eq!(accept(&d, &[id(1), id(2)], t), vec![true, true]);
         assert_eq!(accept(&d, &[id(2), id(3)], t), vec![false, true]);
@@ -359,10 +364,7 @@ mod tests {
     /// rest as they come: both must classify the same.
     #[test]
     fn a_request_of_many_ids_is_classified_past_the_prefetched_ones() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 1000,
-        });
+        let d = dedup(60, 1000);
         let t = Instant::now();
         let n = 3 * seen::PREFETCH_AHEAD;
         let mut ids: Vec<EventId> = (0..n as u8).map(id).collect();
@@ -378,10 +380,7 @@ mod tests {
 
     #[test]
     fn ids_expire_after_the_window() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 100,
-        });
+        let d = dedup(60, 100);
         let t = Instant::now();
         accept(&d, &[id(1)], t);
         assert_eq!(
@@ -396,10 +395,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_count() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(3600),
-            max_entries: 10,
-        });
+        let d = dedup(3600, 10);
         let t = Instant::now();
         for n in 0..100 {
             accept(&d, &[id(n)], t);
@@ -411,10 +407,7 @@ mod tests {
 
     #[test]
     fn a_released_claim_lets_the_ids_in_again() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 100,
-        });
+        let d = dedup(60, 100);
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         drop(claim);
@@ -424,10 +417,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_copy_of_a_pending_id_waits_for_the_original() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 100,
-        });
+        let d = dedup(60, 100);
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         let (mut adm, second) = d.admit(&[id(1)], t);
@@ -448,10 +438,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_arriving_after_the_release_is_not_stuck() {
-        let d = Dedup::new(DedupSettings {
-            window: Duration::from_secs(60),
-            max_entries: 100,
-        });
+        let d = dedup(60, 100);
         let t = Instant::now();
         let (_, claim) = d.admit(&[id(1)], t);
         let (mut adm, _) = d.admit(&[id(1)], t);
