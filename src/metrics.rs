@@ -29,7 +29,7 @@ use crate::labels::{
     RecordKind, ReloadResult, TimeoutStage, UpstreamDrop, UpstreamOutcome,
 };
 use crate::limits::Limit;
-use crate::spool::Spool;
+use crate::spool::{SYNC_BUCKETS, Spool, SyncDurations};
 
 /// Buckets for a callback's time to answer: 100 µs to 5 s (Tencent waits 2 s).
 const CALLBACK_BUCKETS: &[f64] = &[
@@ -369,6 +369,9 @@ struct SpoolCollector {
     records_read: IntCounterVec,
     /// Concurrent scrapes must not both add the same increase to a counter.
     syncs_seen: Mutex<()>,
+    /// `timbridge_spool_sync_duration_seconds`, built from the spool's own
+    /// counts at each scrape (a prometheus `Histogram` cannot be set).
+    sync_durations: Desc,
     /// The series above (sharing their values), listed once for both
     /// `desc` and `collect`.
     all: Vec<Box<dyn Collector>>,
@@ -443,6 +446,13 @@ impl SpoolCollector {
             records_lost,
             records_read,
             syncs_seen: Mutex::new(()),
+            sync_durations: Desc::new(
+                SYNC_DURATIONS.into(),
+                "Time each fdatasync of a spool segment took. With fsync = always every callback waits for one, so a slow or stalling disk shows here first.".into(),
+                vec![],
+                Default::default(),
+            )
+            .expect("valid metric"),
             all,
         }
     }
@@ -450,7 +460,11 @@ impl SpoolCollector {
 
 impl Collector for SpoolCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.all.iter().flat_map(|c| c.desc()).collect()
+        self.all
+            .iter()
+            .flat_map(|c| c.desc())
+            .chain([&self.sync_durations])
+            .collect()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
@@ -477,8 +491,44 @@ impl Collector for SpoolCollector {
                 c.inc_by(total.saturating_sub(c.get()));
             }
         }
-        self.all.iter().flat_map(|c| c.collect()).collect()
+        let mut families: Vec<MetricFamily> = self.all.iter().flat_map(|c| c.collect()).collect();
+        families.push(sync_histogram(
+            &self.sync_durations,
+            &s.counters.sync_durations,
+        ));
+        families
     }
+}
+
+const SYNC_DURATIONS: &str = "timbridge_spool_sync_duration_seconds";
+
+/// The spool's sync durations as a Prometheus histogram family.
+fn sync_histogram(desc: &Desc, d: &SyncDurations) -> MetricFamily {
+    use prometheus::proto::{Bucket, Histogram, Metric, MetricType};
+    let mut cumulative = 0;
+    let buckets = SYNC_BUCKETS
+        .iter()
+        .zip(d.counts)
+        .map(|(&le, n)| {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_bucket(buckets);
+    h.set_sample_count(d.counts.iter().sum());
+    h.set_sample_sum(d.sum_micros as f64 / 1e6);
+    let mut m = Metric::default();
+    m.set_histogram(h);
+    let mut f = MetricFamily::default();
+    f.set_name(desc.fq_name.clone());
+    f.set_help(desc.help.clone());
+    f.set_field_type(MetricType::HISTOGRAM);
+    f.set_metric(vec![m]);
+    f
 }
 
 #[cfg(test)]

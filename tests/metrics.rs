@@ -245,10 +245,22 @@ async fn spool_gauges_show_an_outage_and_its_end() {
     let (_, text) = get_text(addr, "/metrics").await;
     assert_eq!(must(&text, "timbridge_spool_events"), 5.0);
     assert_eq!(must(&text, "timbridge_kafka_up"), 0.0);
-    assert!(
-        must(&text, "timbridge_spool_syncs_total") >= 1.0,
-        "fsync = always syncs"
+    let syncs = must(&text, "timbridge_spool_syncs_total");
+    assert!(syncs >= 1.0, "fsync = always syncs");
+    // Each of those syncs is timed, in buckets Prometheus can read.
+    assert_eq!(
+        must(&text, "timbridge_spool_sync_duration_seconds_count"),
+        syncs
     );
+    assert_eq!(
+        must(
+            &text,
+            r#"timbridge_spool_sync_duration_seconds_bucket{le="+Inf"}"#
+        ),
+        syncs
+    );
+    assert!(must(&text, "timbridge_spool_sync_duration_seconds_sum") > 0.0);
+    promtool_check(&text).unwrap();
     assert!(must(&text, "timbridge_spool_segments") >= 1.0);
     // Kafka away is not a slow disk: nothing waits for the disk.
     assert_eq!(must(&text, "timbridge_spool_queued_bytes"), 0.0);

@@ -251,6 +251,8 @@ pub struct SpoolCounters {
     pub write_groups: u64,
     /// fdatasync calls on segment files (including new-segment headers).
     pub syncs: u64,
+    /// How long those calls took.
+    pub sync_durations: SyncDurations,
     /// fsyncs of the directory, made when a segment is created.
     pub dir_syncs: u64,
     /// Appends refused with [`SpoolError::Full`].
@@ -273,6 +275,23 @@ pub struct SpoolCounters {
     /// Records the reader returned from the in-memory tail of the newest
     /// writes, while it was caught up.
     pub records_read_memory: u64,
+}
+
+/// Upper bounds, in seconds, of the buckets [`SyncDurations`] counts in:
+/// from an SSD's tens of microseconds to a disk stalled for seconds. With
+/// `fsync = always` every callback waits for one of these syncs, so its
+/// answer time can be no better than this histogram.
+pub const SYNC_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5,
+];
+
+/// A histogram of segment fdatasync durations: how many took at most each
+/// of [`SYNC_BUCKETS`] (not cumulative; the last count is those above the
+/// last bound), and their sum.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncDurations {
+    pub counts: [u64; SYNC_BUCKETS.len() + 1],
+    pub sum_micros: u64,
 }
 
 /// A snapshot of the spool for metrics, health checks and `spool stat`.

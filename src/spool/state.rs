@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::SpoolCounters;
 use super::segment::{acks_path, segment_path};
 use super::tail::Tail;
+use super::{SYNC_BUCKETS, SpoolCounters, SyncDurations};
 
 /// A sample is kept at least every this many records, so a reader that must
 /// skip delivered records can seek close to the first one it needs.
@@ -477,6 +477,9 @@ pub(crate) struct Counters {
     pub records_appended: AtomicU64,
     pub write_groups: AtomicU64,
     pub syncs: AtomicU64,
+    /// [`SyncDurations`]' counts, one per bucket.
+    sync_buckets: [AtomicU64; SYNC_BUCKETS.len() + 1],
+    sync_micros: AtomicU64,
     pub dir_syncs: AtomicU64,
     pub full_rejections: AtomicU64,
     pub behind_rejections: AtomicU64,
@@ -500,6 +503,18 @@ impl Counters {
         c.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// One fdatasync of a segment file, which took `took`.
+    pub(crate) fn synced(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = SYNC_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(SYNC_BUCKETS.len());
+        Self::add(&self.sync_buckets[bucket], 1);
+        Self::add(&self.sync_micros, took.as_micros() as u64);
+        Self::add(&self.syncs, 1);
+    }
+
     pub(crate) fn snapshot(&self) -> SpoolCounters {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         SpoolCounters {
@@ -507,6 +522,10 @@ impl Counters {
             records_appended: g(&self.records_appended),
             write_groups: g(&self.write_groups),
             syncs: g(&self.syncs),
+            sync_durations: SyncDurations {
+                counts: std::array::from_fn(|i| g(&self.sync_buckets[i])),
+                sum_micros: g(&self.sync_micros),
+            },
             dir_syncs: g(&self.dir_syncs),
             full_rejections: g(&self.full_rejections),
             behind_rejections: g(&self.behind_rejections),

@@ -869,6 +869,40 @@ async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
     shut(spool, reader).await;
 }
 
+/// The sync-duration histogram counts every sync in the bucket its time
+/// falls in: here a sync the "disk" holds for at least 120 ms, which must
+/// land above the 0.1 s bound (and, when broken into buckets by the wrong
+/// bound or not timed at all, would not).
+#[tokio::test]
+async fn sync_durations_count_a_stalled_sync_as_slow() {
+    let (_dir, mut c) = fresh();
+    c.fsync = FsyncMode::Interval(Duration::from_millis(5));
+    let (spool, reader, _) = open(&c);
+    let hooks = spool.hooks();
+    hooks.hold_syncs(true);
+    spool.append(vec![ev(1)]).await.expect("append");
+    wait_for("no periodic sync started", || {
+        hooks.background_syncs_started.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    let before = spool.stats().counters;
+    // Holding the sync is the stall under test, not a wait for a condition.
+    std::thread::sleep(Duration::from_millis(120));
+    hooks.hold_syncs(false);
+    wait_for("the held sync never finished", || {
+        spool.stats().counters.syncs != before.syncs
+    })
+    .await;
+    let after = spool.stats().counters;
+    let d = after.sync_durations;
+    let slow_from = SYNC_BUCKETS.iter().position(|&le| le > 0.1).unwrap();
+    let slow: u64 = d.counts[slow_from..].iter().sum();
+    let slow_before: u64 = before.sync_durations.counts[slow_from..].iter().sum();
+    assert_eq!(slow - slow_before, 1, "{d:?}");
+    assert!(d.sum_micros >= 120_000, "{d:?}");
+    shut(spool, reader).await;
+}
+
 #[tokio::test]
 async fn never_mode_syncs_only_at_close() {
     let (dir, mut c) = fresh();

@@ -421,10 +421,11 @@ impl Syncer {
             .name("spool-syncer".into())
             .spawn(move || {
                 for (file, path) in rx {
+                    let start = Instant::now();
                     #[cfg(test)]
                     shared.hooks.background_sync_starts();
                     match file.sync_data() {
-                        Ok(()) => Counters::add(&shared.counters.syncs, 1),
+                        Ok(()) => shared.counters.synced(start.elapsed()),
                         Err(e) => {
                             *report.lock().unwrap_or_else(PoisonError::into_inner) =
                                 Some(io_context(e, "sync", &path));
@@ -810,8 +811,7 @@ impl Writer {
         if self.shared.hooks.take_sync_failure() {
             return Err(failed(io::Error::other("injected sync failure")));
         }
-        a.file.sync_data().map_err(failed)?;
-        Counters::add(&self.shared.counters.syncs, 1);
+        sync_timed(&a.file, &self.shared.counters).map_err(failed)?;
         self.dirty = false;
         Ok(())
     }
@@ -825,8 +825,8 @@ impl Writer {
                 continue; // delivered and deleted meanwhile
             }
             let path = segment_path(&self.shared.dir, first_id);
-            match File::open(&path).and_then(|f| f.sync_data()) {
-                Ok(()) => Counters::add(&self.shared.counters.syncs, 1),
+            match File::open(&path).and_then(|f| sync_timed(&f, &self.shared.counters)) {
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
                     first_err.get_or_insert(io_context(e, "sync", &path));
@@ -1011,8 +1011,7 @@ fn create_segment(shared: &Shared, first_id: u64, durable: bool) -> io::Result<F
             .open(&path)?;
         f.write_all_at(&encode_header(first_id), 0)?;
         if durable {
-            f.sync_data()?;
-            Counters::add(&shared.counters.syncs, 1);
+            sync_timed(&f, &shared.counters)?;
             File::open(dir)?.sync_all()?;
             Counters::add(&shared.counters.dir_syncs, 1);
         }
@@ -1022,6 +1021,14 @@ fn create_segment(shared: &Shared, first_id: u64, durable: bool) -> io::Result<F
         let _ = fs::remove_file(&path);
     }
     res.map_err(|e| io_context(e, "create segment", &path))
+}
+
+/// `fdatasync` of a segment file, counted and timed in the spool's counters.
+fn sync_timed(file: &File, counters: &Counters) -> io::Result<()> {
+    let start = Instant::now();
+    file.sync_data()?;
+    counters.synced(start.elapsed());
+    Ok(())
 }
 
 fn remove_if_exists(path: &Path) -> io::Result<()> {
