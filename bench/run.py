@@ -293,6 +293,21 @@ def others_pct(r: dict) -> float | None:
     return 100 * (m["others_s"] + (m["steal_s"] or 0)) / r["window"]["seconds"] / (os.cpu_count() or 1)
 
 
+def sync_window(before: dict | None, after: dict | None) -> dict | None:
+    """The spool's fdatasyncs between two `Run.sync_buckets`: how many, how
+    many took over 10 ms, and the bound the slowest was under (a disk that
+    stalls shows here, where the callbacks' p99 only shows that something
+    did)."""
+    if not before or not after:
+        return None
+    d = {le: after[le] - before.get(le, 0) for le in after}
+    n = d.get("+Inf", 0)
+    bounds = sorted((float(le), v) for le, v in d.items() if le != "+Inf")
+    slowest = next((le for le, v in bounds if v == n), None)
+    over_10ms = n - next((v for le, v in bounds if le >= 0.01), n)
+    return {"count": n, "over_10ms": over_10ms, "slowest_le_ms": None if slowest is None else slowest * 1000}
+
+
 class Run:
     seq = 0
 
@@ -306,6 +321,20 @@ class Run:
         self.loads.append(r)
         return r
 
+    def sync_buckets(self) -> dict[str, float] | None:
+        """The gateway's spool fdatasync histogram: cumulative count by
+        bucket bound (None for the floor, or a build without it)."""
+        if self.server.kind != "gateway":
+            return None
+        try:
+            text = self.server.metrics()
+        except OSError:
+            return None
+        prefix = 'timbridge_spool_sync_duration_seconds_bucket{le="'
+        b = {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+             for line in text.splitlines() if line.startswith(prefix)}
+        return b or None
+
     def open_at(self, rate: float, warmup: float, seconds: float) -> dict:
         return self.load("open", rate=rate, warmup=f"{warmup}s", duration=f"{seconds}s",
                          connections=CONNECTIONS, threads=OPEN_THREADS)
@@ -315,7 +344,9 @@ class Run:
         # Latency first, on a server that has not just absorbed a closed-loop
         # burst (whose disk writeback would land in the open-loop window),
         # then the search, then the closed loop.
+        syncs_before = self.sync_buckets()
         at2k = self.open_at(OPEN_RATE, p["open_warmup"], p["open"])
+        syncs_2k = sync_window(syncs_before, self.sync_buckets())
         max_rate, tried = self.search(at2k)
         closed = self.load("closed", connections=CONNECTIONS, threads=CLOSED_THREADS,
                            warmup=f"{p['closed_warmup']}s", duration=f"{p['closed']}s")
@@ -334,6 +365,7 @@ class Run:
             "broker_cpu_per_1k_closed": 1000 * closed["processes"]["broker"]["cpu_s"] / max(cw["requests"], 1),
             "loadgen_cpu_per_1k_closed": 1000 * closed["processes"]["loadgen"]["cpu_s"] / max(cw["requests"], 1),
             "p99_service": at2k["service_ms"]["p99"],
+            "syncs_2k": syncs_2k,
             "others_pct_closed": others_pct(closed),
             "others_pct_2k": others_pct(at2k),
             "failures": sum(r["failures"] for r in self.loads),
@@ -716,16 +748,21 @@ def table(runs: list[dict]) -> str:
 def runs_table(runs: list[dict]) -> str:
     lines = [
         "| # | server | fsync | req/s | p99 ms @2k (service) | max rate p99<1ms | RSS MiB "
-        "| CPU s/1k (closed) | others' CPU % (closed / 2k) | failures |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU s/1k (closed) | others' CPU % (closed / 2k) | syncs @2k: > 10 ms / all (slowest ≤ ms) "
+        "| failures |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, r in enumerate(runs, 1):
+        sw = r.get("syncs_2k")
+        syncs = "—" if not sw else (
+            f"{sw['over_10ms']:,.0f} / {sw['count']:,.0f} ("
+            + ("> 2500" if sw["slowest_le_ms"] is None else f"{sw['slowest_le_ms']:g}") + ")")
         lines.append(
             f"| {i} | {r['server']} | {r['fsync'] or '—'} | {r['closed_rps']:,.0f} "
             f"| {r['p99']:.3f} ({r['p99_service']:.3f}) "
             f"| {r['max_rate_p99_1ms']:,.0f} | {r['rss_mib']:.1f} | {r['cpu_per_1k_closed']:.3f} "
             f"| {fmt('{:.0f}', r['others_pct_closed'])} / {fmt('{:.0f}', r['others_pct_2k'])} "
-            f"| {r['failures']} |"
+            f"| {syncs} | {r['failures']} |"
         )
     return "\n".join(lines)
 
