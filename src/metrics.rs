@@ -448,8 +448,8 @@ impl SpoolCollector {
             syncs_seen: Mutex::new(()),
             sync_durations: Desc::new(
                 SYNC_DURATIONS.into(),
-                "Time each fdatasync of a spool segment took. With fsync = always every callback waits for one, so a slow or stalling disk shows here first.".into(),
-                vec![],
+                "Time each sync of the spool took, by kind: segment (fdatasync of a segment file) or directory (fsync of spool.dir when a segment is created). With fsync = always every callback waits for these, so a slow or stalling disk shows here first.".into(),
+                vec!["kind".into()],
                 Default::default(),
             )
             .expect("valid metric"),
@@ -494,7 +494,10 @@ impl Collector for SpoolCollector {
         let mut families: Vec<MetricFamily> = self.all.iter().flat_map(|c| c.collect()).collect();
         families.push(sync_histogram(
             &self.sync_durations,
-            &s.counters.sync_durations,
+            &[
+                ("segment", &s.counters.sync_durations),
+                ("directory", &s.counters.dir_sync_durations),
+            ],
         ));
         families
     }
@@ -502,32 +505,44 @@ impl Collector for SpoolCollector {
 
 const SYNC_DURATIONS: &str = "timbridge_spool_sync_duration_seconds";
 
-/// The spool's sync durations as a Prometheus histogram family.
-fn sync_histogram(desc: &Desc, d: &SyncDurations) -> MetricFamily {
-    use prometheus::proto::{Bucket, Histogram, Metric, MetricType};
-    let mut cumulative = 0;
-    let buckets = SYNC_BUCKETS
+/// The spool's sync durations as a Prometheus histogram family, one
+/// series per `kind`.
+fn sync_histogram(desc: &Desc, kinds: &[(&str, &SyncDurations)]) -> MetricFamily {
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricType};
+    let series = kinds
         .iter()
-        .zip(d.counts)
-        .map(|(&le, n)| {
-            cumulative += n;
-            let mut b = Bucket::default();
-            b.set_upper_bound(le);
-            b.set_cumulative_count(cumulative);
-            b
+        .map(|&(kind, d)| {
+            // Bounds, cumulative counts and the total all come from one
+            // snapshot, so they agree with each other in every scrape.
+            let mut cumulative = 0;
+            let buckets = SYNC_BUCKETS
+                .iter()
+                .zip(d.counts)
+                .map(|(&le, n)| {
+                    cumulative += n;
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(le);
+                    b.set_cumulative_count(cumulative);
+                    b
+                })
+                .collect();
+            let mut h = Histogram::default();
+            h.set_bucket(buckets);
+            h.set_sample_count(d.counts.iter().sum());
+            h.set_sample_sum(d.sum_nanos as f64 / 1e9);
+            let mut label = LabelPair::default();
+            label.set_name("kind".into());
+            label.set_value(kind.into());
+            let mut m = Metric::from_label(vec![label]);
+            m.set_histogram(h);
+            m
         })
         .collect();
-    let mut h = Histogram::default();
-    h.set_bucket(buckets);
-    h.set_sample_count(d.counts.iter().sum());
-    h.set_sample_sum(d.sum_micros as f64 / 1e6);
-    let mut m = Metric::default();
-    m.set_histogram(h);
     let mut f = MetricFamily::default();
     f.set_name(desc.fq_name.clone());
     f.set_help(desc.help.clone());
     f.set_field_type(MetricType::HISTOGRAM);
-    f.set_metric(vec![m]);
+    f.set_metric(series);
     f
 }
 

@@ -253,6 +253,8 @@ pub struct SpoolCounters {
     pub syncs: u64,
     /// How long those calls took.
     pub sync_durations: SyncDurations,
+    /// How long the directory fsyncs below took.
+    pub dir_sync_durations: SyncDurations,
     /// fsyncs of the directory, made when a segment is created.
     pub dir_syncs: u64,
     /// Appends refused with [`SpoolError::Full`].
@@ -278,20 +280,21 @@ pub struct SpoolCounters {
 }
 
 /// Upper bounds, in seconds, of the buckets [`SyncDurations`] counts in:
-/// from an SSD's tens of microseconds to a disk stalled for seconds. With
-/// `fsync = always` every callback waits for one of these syncs, so its
-/// answer time can be no better than this histogram.
-pub const SYNC_BUCKETS: [f64; 12] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 2.5,
+/// from an NVMe drive's tens of microseconds to a disk stalled for half a
+/// minute. With `fsync = always` every callback waits for one of these
+/// syncs, so its answer time can be no better than this histogram.
+pub const SYNC_BUCKETS: [f64; 18] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
 ];
 
-/// A histogram of segment fdatasync durations: how many took at most each
-/// of [`SYNC_BUCKETS`] (not cumulative; the last count is those above the
+/// A histogram of sync durations: how many took at most each of
+/// [`SYNC_BUCKETS`] (not cumulative; the last count is those above the
 /// last bound), and their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyncDurations {
     pub counts: [u64; SYNC_BUCKETS.len() + 1],
-    pub sum_micros: u64,
+    pub sum_nanos: u64,
 }
 
 /// A snapshot of the spool for metrics, health checks and `spool stat`.

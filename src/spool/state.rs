@@ -470,6 +470,34 @@ impl State {
     }
 }
 
+/// [`SyncDurations`] as it is counted: atomics, so that a sync never
+/// waits for a scrape.
+#[derive(Debug, Default)]
+struct SyncTimes {
+    buckets: [AtomicU64; SYNC_BUCKETS.len() + 1],
+    nanos: AtomicU64,
+}
+
+impl SyncTimes {
+    fn observe(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        let bucket = SYNC_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(SYNC_BUCKETS.len());
+        Counters::add(&self.buckets[bucket], 1);
+        Counters::add(&self.nanos, took.as_nanos() as u64);
+    }
+
+    fn snapshot(&self) -> SyncDurations {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        SyncDurations {
+            counts: std::array::from_fn(|i| g(&self.buckets[i])),
+            sum_nanos: g(&self.nanos),
+        }
+    }
+}
+
 /// Monotonic counters for metrics; atomics so `stats()` never waits on I/O.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -477,10 +505,9 @@ pub(crate) struct Counters {
     pub records_appended: AtomicU64,
     pub write_groups: AtomicU64,
     pub syncs: AtomicU64,
-    /// [`SyncDurations`]' counts, one per bucket.
-    sync_buckets: [AtomicU64; SYNC_BUCKETS.len() + 1],
-    sync_micros: AtomicU64,
+    sync_times: SyncTimes,
     pub dir_syncs: AtomicU64,
+    dir_sync_times: SyncTimes,
     pub full_rejections: AtomicU64,
     pub behind_rejections: AtomicU64,
     pub io_errors: AtomicU64,
@@ -505,14 +532,14 @@ impl Counters {
 
     /// One fdatasync of a segment file, which took `took`.
     pub(crate) fn synced(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        let bucket = SYNC_BUCKETS
-            .iter()
-            .position(|&le| secs <= le)
-            .unwrap_or(SYNC_BUCKETS.len());
-        Self::add(&self.sync_buckets[bucket], 1);
-        Self::add(&self.sync_micros, took.as_micros() as u64);
+        self.sync_times.observe(took);
         Self::add(&self.syncs, 1);
+    }
+
+    /// One fsync of the spool directory, which took `took`.
+    pub(crate) fn dir_synced(&self, took: Duration) {
+        self.dir_sync_times.observe(took);
+        Self::add(&self.dir_syncs, 1);
     }
 
     pub(crate) fn snapshot(&self) -> SpoolCounters {
@@ -522,10 +549,8 @@ impl Counters {
             records_appended: g(&self.records_appended),
             write_groups: g(&self.write_groups),
             syncs: g(&self.syncs),
-            sync_durations: SyncDurations {
-                counts: std::array::from_fn(|i| g(&self.sync_buckets[i])),
-                sum_micros: g(&self.sync_micros),
-            },
+            sync_durations: self.sync_times.snapshot(),
+            dir_sync_durations: self.dir_sync_times.snapshot(),
             dir_syncs: g(&self.dir_syncs),
             full_rejections: g(&self.full_rejections),
             behind_rejections: g(&self.behind_rejections),
@@ -547,6 +572,40 @@ mod tests {
         let mut s = SegMeta::new(first_id, 24, 24);
         s.extend(n, 24 + n * 30);
         s
+    }
+
+    /// A sync lands in the first bucket whose bound is at least its
+    /// duration (Prometheus' `le`), past the last bound in the overflow
+    /// count, and adds its own nanoseconds to the sum; segment and
+    /// directory syncs are kept apart.
+    #[test]
+    fn sync_times_bucket_by_upper_bound() {
+        let c = Counters::default();
+        let idx = |le: f64| SYNC_BUCKETS.iter().position(|&b| b == le).unwrap();
+        c.synced(Duration::from_micros(250)); // exactly a bound
+        c.synced(Duration::from_micros(251)); // just past it
+        c.synced(Duration::from_nanos(300)); // tmpfs-fast
+        c.synced(Duration::from_secs(45)); // past the last bound
+        c.dir_synced(Duration::from_millis(40));
+        let s = c.snapshot();
+        let d = s.sync_durations;
+        let mut want = [0; SYNC_BUCKETS.len() + 1];
+        want[idx(0.00025)] += 1;
+        want[idx(0.0005)] += 1;
+        want[idx(0.00005)] += 1;
+        want[SYNC_BUCKETS.len()] += 1;
+        assert_eq!(d.counts, want);
+        assert_eq!(d.sum_nanos, 250_000 + 251_000 + 300 + 45_000_000_000);
+        assert_eq!(s.syncs, 4);
+        let mut want = [0; SYNC_BUCKETS.len() + 1];
+        want[idx(0.05)] += 1;
+        assert_eq!(s.dir_sync_durations.counts, want);
+        assert_eq!(s.dir_sync_durations.sum_nanos, 40_000_000);
+        assert_eq!(s.dir_syncs, 1);
+        assert!(
+            SYNC_BUCKETS.windows(2).all(|w| w[0] < w[1]),
+            "bounds out of order"
+        );
     }
 
     #[test]

@@ -1012,8 +1012,9 @@ fn create_segment(shared: &Shared, first_id: u64, durable: bool) -> io::Result<F
         f.write_all_at(&encode_header(first_id), 0)?;
         if durable {
             sync_timed(&f, &shared.counters)?;
+            let start = Instant::now();
             File::open(dir)?.sync_all()?;
-            Counters::add(&shared.counters.dir_syncs, 1);
+            shared.counters.dir_synced(start.elapsed());
         }
         Ok(f)
     })();
