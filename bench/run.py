@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import urllib.error
 import shutil
@@ -303,7 +304,7 @@ def sync_window(before: dict | None, after: dict | None) -> dict | None:
     d = {le: after[le] - before.get(le, 0) for le in after}
     n = d.get("+Inf", 0)
     bounds = sorted((float(le), v) for le, v in d.items() if le != "+Inf")
-    slowest = next((le for le, v in bounds if v == n), None)
+    slowest = next((le for le, v in bounds if v == n), None) if n else None
     over_10ms = n - next((v for le, v in bounds if le >= 0.01), n)
     return {"count": n, "over_10ms": over_10ms, "slowest_le_ms": None if slowest is None else slowest * 1000}
 
@@ -322,17 +323,20 @@ class Run:
         return r
 
     def sync_buckets(self) -> dict[str, float] | None:
-        """The gateway's spool fdatasync histogram: cumulative count by
-        bucket bound (None for the floor, or a build without it)."""
+        """The gateway's spool sync histogram (segment and directory syncs
+        together): cumulative count by bucket bound (None for the floor, or
+        a build without it)."""
         if self.server.kind != "gateway":
             return None
         try:
             text = self.server.metrics()
         except OSError:
             return None
-        prefix = 'timbridge_spool_sync_duration_seconds_bucket{le="'
-        b = {line[len(prefix):].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-             for line in text.splitlines() if line.startswith(prefix)}
+        b: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("timbridge_spool_sync_duration_seconds_bucket{"):
+                le = re.search(r'le="([^"]+)"', line).group(1)
+                b[le] = b.get(le, 0) + float(line.rsplit(" ", 1)[1])
         return b or None
 
     def open_at(self, rate: float, warmup: float, seconds: float) -> dict:
@@ -754,9 +758,9 @@ def runs_table(runs: list[dict]) -> str:
     ]
     for i, r in enumerate(runs, 1):
         sw = r.get("syncs_2k")
-        syncs = "—" if not sw else (
+        syncs = "—" if not sw else "0 / 0" if not sw["count"] else (
             f"{sw['over_10ms']:,.0f} / {sw['count']:,.0f} ("
-            + ("> 2500" if sw["slowest_le_ms"] is None else f"{sw['slowest_le_ms']:g}") + ")")
+            + ("> 30000" if sw["slowest_le_ms"] is None else f"{sw['slowest_le_ms']:g}") + ")")
         lines.append(
             f"| {i} | {r['server']} | {r['fsync'] or '—'} | {r['closed_rps']:,.0f} "
             f"| {r['p99']:.3f} ({r['p99_service']:.3f}) "
