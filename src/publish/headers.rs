@@ -14,14 +14,18 @@ pub fn headers(record: &RecordRef<'_>) -> OwnedHeaders {
         headers = headers
             .insert(Header {
                 key: "timbridge-event-id",
-                value: Some(id.as_str()),
+                // The bytes themselves: they are ASCII hex (checked when the
+                // record was decoded), and a header value is bytes anyway.
+                value: Some(&id.0[..]),
             })
             .insert(Header {
                 key: "timbridge-schema",
                 value: Some(SCHEMA),
             });
     }
-    let sdk_app_id = record.sdk_app_id.to_string();
+    // Formatted on the stack: this runs for every record published.
+    let mut sdk_app_id = itoa::Buffer::new();
+    let sdk_app_id = sdk_app_id.format(record.sdk_app_id);
     headers
         .insert(Header {
             key: "tim-callback-command",
@@ -29,7 +33,7 @@ pub fn headers(record: &RecordRef<'_>) -> OwnedHeaders {
         })
         .insert(Header {
             key: "tim-sdkappid",
-            value: Some(sdk_app_id.as_str()),
+            value: Some(sdk_app_id),
         })
         .insert(Header {
             key: "content-type",
