@@ -136,6 +136,9 @@ pub struct Claim {
     keys: Vec<u64>,
     /// Its number in `Inner::pending` and `Inner::waiters`.
     id: u64,
+    /// The time given to `admit`, in the set's milliseconds: the ids are
+    /// remembered from then.
+    now_ms: u64,
 }
 
 impl Claim {
@@ -145,7 +148,7 @@ impl Claim {
             return;
         }
         let mut inner = lock(&self.inner);
-        let now_ms = inner.now_ms(Instant::now());
+        let now_ms = self.now_ms;
         let keys = std::mem::take(&mut self.keys);
         // At capacity each id inserted removes the oldest one: the slots of
         // both are misses, loaded together here (the ids' were loaded in
@@ -247,6 +250,7 @@ impl Dedup {
             max_entries: self.max_entries,
             keys: Vec::new(),
             id: 0,
+            now_ms: 0,
         };
         if !self.enabled() {
             return (ids.iter().map(|_| Admission::New).collect(), claim);
@@ -267,6 +271,7 @@ impl Dedup {
         let now_ms = inner.now_ms(now);
         inner.expire(now_ms, window_ms, self.max_entries);
         claim.id = inner.next_claim;
+        claim.now_ms = now_ms;
         inner.next_claim += 1;
         let inner = &mut *inner;
         let admissions = ids
