@@ -136,20 +136,19 @@ pub struct Claim {
     keys: Vec<u64>,
     /// Its number in `Inner::pending` and `Inner::waiters`.
     id: u64,
-    /// The time given to `admit`, in the set's milliseconds: the ids are
-    /// remembered from then.
-    now_ms: u64,
 }
 
 impl Claim {
-    /// The append succeeded: remember the ids as accepted.
-    pub fn commit(mut self) {
+    /// The append succeeded: remember the ids as accepted at `now`, which
+    /// must be read after the append (an older time could store them
+    /// already expired under a short window).
+    pub fn commit(mut self, now: Instant) {
         if self.keys.is_empty() {
             return;
         }
         let mut inner = lock(&self.inner);
-        let now_ms = self.now_ms;
-        let keys = std::mem::take(&mut self.keys);
+        let now_ms = inner.now_ms(now);
+        let keys = &self.keys;
         // At capacity each id inserted removes the oldest one: the slots of
         // both are misses, loaded together here (the ids' were loaded in
         // `admit`, but the append since may have evicted them).
@@ -164,11 +163,14 @@ impl Claim {
             self.window_ms,
             self.max_entries.saturating_sub(keys.len()),
         );
-        for key in keys {
+        for &key in keys {
             inner.pending.remove(&key);
             inner.seen.insert(key, now_ms);
         }
         let waiters = inner.take_waiters(self.id);
+        // Only now: had anything above panicked, `Drop` would still have
+        // the keys to clear from `pending` and its waiters to wake.
+        self.keys.clear();
         drop(inner);
         drop(waiters);
     }
@@ -250,7 +252,6 @@ impl Dedup {
             max_entries: self.max_entries,
             keys: Vec::new(),
             id: 0,
-            now_ms: 0,
         };
         if !self.enabled() {
             return (ids.iter().map(|_| Admission::New).collect(), claim);
@@ -271,7 +272,6 @@ impl Dedup {
         let now_ms = inner.now_ms(now);
         inner.expire(now_ms, window_ms, self.max_entries);
         claim.id = inner.next_claim;
-        claim.now_ms = now_ms;
         inner.next_claim += 1;
         let inner = &mut *inner;
         let admissions = ids
@@ -365,7 +365,7 @@ mod tests {
     /// Admits and commits at once, as a request whose append succeeded.
     fn accept(d: &Dedup, ids: &[EventId], t: Instant) -> Vec<bool> {
         let (adm, claim) = d.admit(ids, t);
-        claim.commit();
+        claim.commit(t);
         adm.iter().map(|a| matches!(a, Admission::New)).collect()
     }
 
@@ -472,13 +472,37 @@ mod tests {
             "released before the original finished"
         );
         assert_eq!(d.waiters_len(), 1, "the copy waits on the original's claim");
-        claim.commit();
+        claim.commit(t);
         tokio::time::timeout(Duration::from_secs(5), wait)
             .await
             .expect("the commit woke the copy");
         assert_eq!(accept(&d, &[id(1)], t), vec![false], "committed id is seen");
         assert_eq!(d.pending_len(), 0);
         assert_eq!(d.waiters_len(), 0, "the commit let go of its waiters");
+    }
+
+    /// A request can take longer than a short window from its start to
+    /// its commit (a slow upload, a slow disk): its ids are remembered
+    /// from the commit, so a retry right after it is still caught.
+    #[test]
+    fn ids_are_remembered_from_the_commit_not_the_admission() {
+        let d = dedup(2, 100);
+        // Well after the set's epoch, so that no time clamps to it.
+        let t0 = Instant::now() + Duration::from_secs(100);
+        let (_, claim) = d.admit(&[id(7)], t0);
+        claim.commit(t0 + Duration::from_secs(3));
+        let s = |n| t0 + Duration::from_secs(n);
+        assert_eq!(
+            accept(&d, &[id(7)], s(4)),
+            vec![false],
+            "a retry a second later"
+        );
+        assert_eq!(accept(&d, &[id(8)], s(6)), vec![true]);
+        assert_eq!(
+            accept(&d, &[id(7)], s(6)),
+            vec![true],
+            "gone after the window"
+        );
     }
 
     #[test]
@@ -489,7 +513,7 @@ mod tests {
         let (_, other) = d.admit(&[id(3)], t);
         assert_eq!(d.waiters_len(), 0);
         drop(other);
-        claim.commit();
+        claim.commit(t);
         assert_eq!((d.pending_len(), d.waiters_len()), (0, 0));
     }
 

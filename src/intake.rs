@@ -384,10 +384,12 @@ impl Intake {
         let mut dropped = 0usize;
         loop {
             let ids: Vec<_> = records.iter().filter_map(|r| r.event_id).collect();
-            // The request's start is the dedup set's clock: a window of
-            // seconds or more does not need the milliseconds since, and a
-            // clock read is not free on every host (about 2.8% of the CPU
-            // under load on one with ten of them per callback).
+            // The request's start serves to expire old ids at admission:
+            // an older time only keeps them a little longer, and a clock
+            // read is not free on every host (about 2.8% of the CPU under
+            // load on one with ten of them per callback). The commit reads
+            // the clock: ids must be stamped no earlier than they were
+            // accepted.
             let (admissions, claim) = if ids.len() == records.len() {
                 self.dedup.admit(&ids, started)
             } else {
@@ -419,7 +421,7 @@ impl Intake {
             if !own.is_empty() {
                 // On error the claim is dropped, which releases the ids.
                 self.spool_records(&own).await?;
-                claim.commit();
+                claim.commit(Instant::now());
                 spooled += own.len();
                 self.metrics.spooled(kind, own.len() as u64);
             } else {
