@@ -840,19 +840,27 @@ async fn interval_mode_replies_before_syncing_and_syncs_in_background() {
     shut(spool, reader).await;
 }
 
-#[tokio::test]
-async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
-    let (_dir, mut c) = fresh();
+/// A spool in `Interval` mode with one record appended and the periodic
+/// sync of it started and held on the "disk" (release it with
+/// `spool.hooks().hold_syncs(false)`).
+async fn with_a_periodic_sync_held() -> (tempfile::TempDir, Spool, SpoolReader) {
+    let (dir, mut c) = fresh();
     c.fsync = FsyncMode::Interval(Duration::from_millis(5));
     let (spool, reader, _) = open(&c);
     let hooks = spool.hooks();
     hooks.hold_syncs(true);
     spool.append(vec![ev(1)]).await.expect("append");
-    // Wait until a periodic sync has started and is stuck on the "disk".
     wait_for("no periodic sync started", || {
         hooks.background_syncs_started.load(Ordering::SeqCst) > 0
     })
     .await;
+    (dir, spool, reader)
+}
+
+#[tokio::test]
+async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
+    let (_dir, spool, reader) = with_a_periodic_sync_held().await;
+    let hooks = spool.hooks();
     // Appends are answered while that sync is still running.
     for i in 2..20 {
         tokio::time::timeout(Duration::from_secs(2), spool.append(vec![ev(i)]))
@@ -875,16 +883,8 @@ async fn interval_mode_appends_do_not_wait_for_a_slow_periodic_sync() {
 /// bound or not timed at all, would not).
 #[tokio::test]
 async fn sync_durations_count_a_stalled_sync_as_slow() {
-    let (_dir, mut c) = fresh();
-    c.fsync = FsyncMode::Interval(Duration::from_millis(5));
-    let (spool, reader, _) = open(&c);
+    let (_dir, spool, reader) = with_a_periodic_sync_held().await;
     let hooks = spool.hooks();
-    hooks.hold_syncs(true);
-    spool.append(vec![ev(1)]).await.expect("append");
-    wait_for("no periodic sync started", || {
-        hooks.background_syncs_started.load(Ordering::SeqCst) > 0
-    })
-    .await;
     let before = spool.stats().counters;
     // Holding the sync is the stall under test, not a wait for a condition.
     std::thread::sleep(Duration::from_millis(120));
