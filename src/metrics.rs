@@ -366,6 +366,7 @@ struct SpoolCollector {
     queued_bytes: IntGauge,
     syncs: IntCounter,
     records_lost: IntCounter,
+    read_retries: IntCounter,
     records_read: IntCounterVec,
     /// Concurrent scrapes must not both add the same increase to a counter.
     syncs_seen: Mutex<()>,
@@ -412,6 +413,10 @@ impl SpoolCollector {
             "timbridge_spool_records_lost_total",
             "Spool records skipped because their bytes on disk are corrupt (found at start or while reading); each is logged, none is delivered.",
         );
+        let read_retries = counter(
+            "timbridge_spool_read_retries_total",
+            "Reads of spool segment files that failed for a reason other than damage (no file descriptor left, an I/O error) and are tried again after a pause of 0.1 s doubling to 5 s; nothing is skipped. Each is logged with the file and the error; growing, the publisher is stalled on that read.",
+        );
         let records_read = IntCounterVec::new(
             Opts::new(
                 "timbridge_spool_records_read_total",
@@ -433,6 +438,7 @@ impl SpoolCollector {
             Box::new(queued_bytes.clone()),
             Box::new(syncs.clone()),
             Box::new(records_lost.clone()),
+            Box::new(read_retries.clone()),
             Box::new(records_read.clone()),
         ];
         SpoolCollector {
@@ -444,6 +450,7 @@ impl SpoolCollector {
             queued_bytes,
             syncs,
             records_lost,
+            read_retries,
             records_read,
             syncs_seen: Mutex::new(()),
             sync_durations: Desc::new(
@@ -482,6 +489,9 @@ impl Collector for SpoolCollector {
             let seen = self.records_lost.get();
             self.records_lost
                 .inc_by(s.counters.records_lost.saturating_sub(seen));
+            let seen = self.read_retries.get();
+            self.read_retries
+                .inc_by(s.counters.read_retries.saturating_sub(seen));
             for source in ReadSource::ALL {
                 let total = match source {
                     ReadSource::Disk => s.counters.records_read_disk,

@@ -271,6 +271,10 @@ pub struct SpoolCounters {
     /// recovery at open, and records corrupted on disk while running. Each
     /// is logged; none is delivered.
     pub records_lost: u64,
+    /// Reads of segment files that failed for a reason other than damage
+    /// (no file descriptor left, an I/O error) and were tried again after
+    /// a pause; nothing was skipped.
+    pub read_retries: u64,
     /// Records the reader returned from the segment files: replay after a
     /// restart, and a backlog (Kafka away, or slower than the callbacks).
     pub records_read_disk: u64,

@@ -12,8 +12,17 @@
 //! writer without seeing partial or rolled-back data; the writer fills the
 //! tail in the same step and for the same writes. File reads run on the
 //! blocking pool so a cold disk does not stall the async runtime.
+//!
+//! A read that fails is one of two things. Damage (bytes that do not parse,
+//! a file shorter than its records, a file gone) will be there after any
+//! wait: its records are skipped, logged and counted as lost. Anything else
+//! (no file descriptor left, an I/O error of the device) may pass, and the
+//! records behind it were answered OK: nothing is skipped, the same read is
+//! tried again after a pause. Skipping them would let the segment be
+//! deleted once the rest is delivered, and the data with it.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -40,6 +49,11 @@ enum Ready {
 const MIN_WINDOW: u64 = 64 << 10;
 const MAX_WINDOW: u64 = 16 << 20;
 
+/// The pause before a read that failed for now is tried again; it doubles
+/// up to [`RETRY_MAX`] while the reads keep failing.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// One record as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpooledRecord {
@@ -60,6 +74,8 @@ pub struct SpoolReader {
     pos: Option<ReadPos>,
     /// See [`SpoolReader::gather_after_waiting`].
     gather: Duration,
+    /// The pause before the next retry of a read that failed for now.
+    retry_in: Duration,
 }
 
 /// An open segment and the offset of record `id` in it, so consecutive
@@ -83,12 +99,15 @@ struct ReadPlan {
 }
 
 /// Records that cannot be read although the bookkeeping says they exist.
-struct ReadFailure {
-    at_id: u64,
+pub(super) struct ReadFailure {
+    pub(super) at_id: u64,
     /// First id after the unreadable stretch; None for the rest of the
     /// segment (when the damage hides where the next record starts).
     until_id: Option<u64>,
     reason: String,
+    /// The disk refused the read for now, rather than the data being
+    /// damaged: read it again later (see the module doc).
+    pub(super) retry: bool,
 }
 
 impl SpoolReader {
@@ -100,6 +119,7 @@ impl SpoolReader {
             next_id,
             pos: None,
             gather: Duration::ZERO,
+            retry_in: RETRY_MIN,
         }
     }
 
@@ -141,7 +161,13 @@ impl SpoolReader {
             self.next_id = plan.start_id;
             let mut pos = self.pos.take();
             let dir = self.shared.dir.clone();
+            #[cfg(test)]
+            let injected = self.shared.hooks.take_read_failure();
             let joined = tokio::task::spawn_blocking(move || {
+                #[cfg(test)]
+                if let Some(e) = injected {
+                    return (pos, Err(io_failure(plan.start_id, "open", &e)));
+                }
                 let res = read_plan(&dir, &mut pos, &plan, max_records, max_bytes);
                 (pos, res)
             })
@@ -151,14 +177,17 @@ impl SpoolReader {
                     self.pos = pos;
                     res
                 }
+                // A panic or a runtime shutting down, not the data.
                 Err(e) => Err(ReadFailure {
                     at_id: plan.start_id,
                     until_id: None,
                     reason: format!("read task failed: {e}"),
+                    retry: true,
                 }),
             };
             match res {
                 Ok(mut records) => {
+                    self.retry_in = RETRY_MIN;
                     self.next_id += records.len() as u64;
                     let mut st = self.shared.lock_state();
                     st.tail.set_reader_at(self.next_id);
@@ -171,9 +200,29 @@ impl SpoolReader {
                         return Some(records);
                     }
                 }
+                Err(f) if f.retry => self.pause_before_retry(&plan, &f).await,
                 Err(f) => self.give_up(&plan, f),
             }
         }
+    }
+
+    /// A read the disk refused for now: nothing is skipped and the cursor
+    /// stays at the plan's start, so the next look plans the same records.
+    /// Cancel-safe like `next_batch`: a pause cut short loses nothing.
+    async fn pause_before_retry(&mut self, plan: &ReadPlan, f: &ReadFailure) {
+        // Opened afresh next time: the error may belong to this descriptor.
+        self.pos = None;
+        let shared = &self.shared;
+        Counters::add(&shared.counters.read_retries, 1);
+        tracing::error!(
+            file = %segment_path(&shared.dir, plan.first_id).display(),
+            from_id = f.at_id,
+            reason = %f.reason,
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "cannot read the spool for now; nothing is skipped, the read is tried again (if the file descriptor limit is reached, raise it; if the disk is failing for good, see the README's Guarantees)"
+        );
+        tokio::time::sleep(self.retry_in).await;
+        self.retry_in = (self.retry_in * 2).min(RETRY_MAX);
     }
 
     /// Waits until there is something to return: a batch from the tail,
@@ -328,12 +377,31 @@ fn read_window(
     Ok(split_records(p, plan, &buf, max_records, max_bytes))
 }
 
-/// A failure at `at_id` whose extent is unknown.
+/// Damage at `at_id` whose extent is unknown.
 fn failure(at_id: u64, reason: String) -> ReadFailure {
     ReadFailure {
         at_id,
         until_id: None,
         reason,
+        retry: false,
+    }
+}
+
+/// An error of the file system while doing `what` to a segment at
+/// `at_id` (the log line that reports it names the file). A file that is
+/// gone, or shorter than the records it had (cut by someone else), is
+/// damage; any other error may pass (out of file descriptors, an I/O error
+/// of the device), so it is retried.
+pub(super) fn io_failure(at_id: u64, what: &str, e: &io::Error) -> ReadFailure {
+    let damage = matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
+    );
+    ReadFailure {
+        at_id,
+        until_id: None,
+        reason: format!("cannot {what} the segment: {e}"),
+        retry: !damage,
     }
 }
 
@@ -351,12 +419,7 @@ fn position<'p>(
         .is_some_and(|p| p.first_id == plan.first_id && p.id <= plan.start_id && p.id >= hint_id);
     if !usable {
         let path = segment_path(dir, plan.first_id);
-        let file = File::open(&path).map_err(|e| {
-            failure(
-                plan.start_id,
-                format!("cannot open {}: {e}", path.display()),
-            )
-        })?;
+        let file = File::open(&path).map_err(|e| io_failure(plan.start_id, "open", &e))?;
         let (offset, id) = plan
             .hint
             .map_or((HEADER_LEN, plan.first_id), |h| (h.offset, hint_id));
@@ -383,7 +446,7 @@ fn skip_delivered(p: &mut ReadPos, plan: &ReadPlan) -> Result<(), ReadFailure> {
         }
         p.file
             .read_exact_at(&mut head, p.offset)
-            .map_err(|e| failure(p.id, format!("read error: {e}")))?;
+            .map_err(|e| io_failure(p.id, "read", &e))?;
         let h = RecordHeader::parse(&head);
         h.validate(p.id).map_err(|d| failure(p.id, d.to_string()))?;
         if p.offset + h.total_len() > plan.data_len {
@@ -413,7 +476,7 @@ fn read_buffer(
         let mut b = BytesMut::zeroed(usize::try_from(want).unwrap_or(usize::MAX));
         p.file
             .read_exact_at(&mut b, p.offset)
-            .map_err(|e| failure(p.id, format!("read error: {e}")))?;
+            .map_err(|e| io_failure(p.id, "read", &e))?;
         match parse_record(&b, p.id) {
             Parsed::Record { .. } => return Ok(b.freeze()),
             // A record larger than the window: read exactly that record.
@@ -432,6 +495,7 @@ fn read_buffer(
                     at_id,
                     until_id: Some(p.id),
                     reason: Damage::BadCrc.to_string(),
+                    retry: false,
                 });
             }
             Parsed::Damaged(d) => return Err(failure(p.id, d.to_string())),

@@ -514,6 +514,7 @@ pub(crate) struct Counters {
     pub records_acked: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub records_lost: AtomicU64,
+    pub read_retries: AtomicU64,
     pub records_read_disk: AtomicU64,
     pub records_read_memory: AtomicU64,
 }
@@ -558,6 +559,7 @@ impl Counters {
             records_acked: g(&self.records_acked),
             segments_deleted: g(&self.segments_deleted),
             records_lost: g(&self.records_lost),
+            read_retries: g(&self.read_retries),
             records_read_disk: g(&self.records_read_disk),
             records_read_memory: g(&self.records_read_memory),
         }

@@ -26,6 +26,9 @@ pub(crate) struct TestHooks {
     fail_writes: AtomicU32,
     fail_syncs: AtomicU32,
     fail_truncates: AtomicU32,
+    /// Reads of segment files fail as if the process were out of file
+    /// descriptors.
+    fail_reads: AtomicU32,
     /// Background syncs wait here while true, as if the disk were slow.
     syncs_held: Mutex<bool>,
     syncs_released: Condvar,
@@ -68,6 +71,14 @@ impl TestHooks {
 
     pub(crate) fn take_crash(&self) -> bool {
         self.crash.swap(false, Ordering::SeqCst)
+    }
+
+    pub(crate) fn take_read_failure(&self) -> Option<std::io::Error> {
+        take(&self.fail_reads).then(|| std::io::Error::from_raw_os_error(libc::EMFILE))
+    }
+
+    fn fail_reads(&self, n: u32) {
+        self.fail_reads.store(n, Ordering::SeqCst);
     }
 
     pub(crate) fn take_write_failure(&self) -> bool {
@@ -1300,6 +1311,90 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
     assert_eq!(got, Some(vec![9]), "damaged records were returned");
     assert_eq!(spool.stats().counters.records_lost, 3);
     spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_segment_the_disk_refuses_for_now_is_read_again_not_skipped() {
+    // A backlog over several segments, read from disk after a restart, the
+    // way a run out of file descriptors meets it: the records were
+    // answered OK, so they must all come, and no segment may go.
+    let (dir, mut c) = fresh();
+    c.segment_bytes = 1000;
+    left_behind(&c, (1..=30).map(|i| sized(i, 200))).await;
+    let before = seg_files(dir.path());
+    assert!(before.len() > 3, "the backlog spans several segments");
+    let (spool, mut reader, report) = open(&c);
+    assert_eq!(report.records_pending, 30);
+    spool.hooks().fail_reads(3);
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        let batch = tokio::time::timeout(WAIT, reader.next_batch(1000, 1 << 20))
+            .await
+            .expect("the reader stopped instead of trying again")
+            .expect("the spool is open");
+        got.extend(ids(&batch));
+    }
+    assert_eq!(got, (1..=30).collect::<Vec<_>>());
+    let counters = spool.stats().counters;
+    assert_eq!(counters.records_lost, 0, "records were skipped as lost");
+    assert_eq!(counters.read_retries, 3);
+    assert_eq!(
+        seg_files(dir.path()),
+        before,
+        "a segment went before Kafka had its records"
+    );
+    spool.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn a_segment_moved_out_of_the_spool_dir_is_skipped_and_counted() {
+    // What the README tells an operator to do with a segment the disk will
+    // never give back: delivery goes on past it, and nothing else is lost.
+    let (dir, mut c) = fresh();
+    c.segment_bytes = 1000;
+    left_behind(&c, (1..=30).map(|i| sized(i, 200))).await;
+    let (spool, mut reader, _) = open(&c);
+    let second = seg_files(dir.path())[1].clone();
+    let moved = tempfile::tempdir().expect("tempdir");
+    fs::rename(&second, moved.path().join("kept.seg")).expect("move the segment away");
+    let mut got = Vec::new();
+    while got.len() < 25 {
+        let batch = tokio::time::timeout(WAIT, reader.next_batch(1000, 1 << 20))
+            .await
+            .expect("the reader stopped at the missing segment")
+            .expect("the spool is open");
+        got.extend(ids(&batch));
+    }
+    let lost: Vec<u64> = (1..=30).filter(|id| !got.contains(id)).collect();
+    assert_eq!(
+        lost,
+        (6..=10).collect::<Vec<_>>(),
+        "only the moved segment's records are missing"
+    );
+    let counters = spool.stats().counters;
+    assert_eq!(counters.records_lost, 5);
+    assert_eq!(
+        counters.read_retries, 0,
+        "a file that is gone is not waited for"
+    );
+    spool.close().await.expect("close");
+}
+
+#[test]
+fn a_file_gone_or_cut_short_is_damage_any_other_read_error_is_retried() {
+    use std::io::{Error, ErrorKind};
+    for (e, retried) in [
+        (Error::from(ErrorKind::NotFound), false),
+        (Error::from(ErrorKind::UnexpectedEof), false),
+        (Error::from_raw_os_error(libc::EMFILE), true),
+        (Error::from_raw_os_error(libc::ENFILE), true),
+        (Error::from_raw_os_error(libc::EIO), true),
+        (Error::from_raw_os_error(libc::ENOMEM), true),
+    ] {
+        let f = super::reader::io_failure(7, "read", &e);
+        assert_eq!(f.retry, retried, "{e}");
+        assert_eq!(f.at_id, 7);
+    }
 }
 
 #[tokio::test]
