@@ -72,6 +72,9 @@ pub struct Callback<'a> {
     pub refuse: bool,
     /// Its client and headers, for a proxied or forwarded callback.
     pub origin: Origin,
+    /// The app, when the server checked it (and the Sign) from the query
+    /// before reading the body; `None` has the intake check them.
+    pub app: Option<u64>,
 }
 
 /// Everything a callback needs, shared by all connections.
@@ -212,6 +215,7 @@ impl Intake {
             started,
             refuse,
             origin: Origin::default(),
+            app: None,
         };
         self.handle_from(&live, callback).await
     }
@@ -233,6 +237,7 @@ impl Intake {
             started,
             refuse,
             origin,
+            app,
         } = callback;
         // Kept only when the read receipt may be forwarded after spooling.
         let forward = self
@@ -246,7 +251,7 @@ impl Intake {
                 "gateway is shutting down; retry against another replica",
             ))
         } else {
-            self.check_and_spool(live, raw_query, query, body, &origin, started)
+            self.check_and_spool(live, raw_query, query, body, &origin, app, started)
                 .await
         };
         if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
@@ -295,10 +300,14 @@ impl Intake {
         query: &CallbackQuery<'_>,
         body: Bytes,
         origin: &Origin,
+        app: Option<u64>,
         started: Instant,
     ) -> Result<Accepted, Rejection> {
         let request_bytes = raw_query.len() + body.len();
-        let sdk_app_id = self.authenticate(live, query)?;
+        let sdk_app_id = match app {
+            Some(id) => id,
+            None => self.authenticate(live, query)?,
+        };
         let command = match query.callback_command.as_deref() {
             Some(c) if !c.is_empty() => c,
             _ => {
@@ -522,7 +531,11 @@ impl Intake {
 
     /// The app's SdkAppid once the app is known and, when it has a token,
     /// the Sign matches the current (or, during a rotation, the previous) one.
-    fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
+    /// The app a callback's query names, once its `Sign` checks out (when
+    /// the app has a token). It reads the query only, so the server runs it
+    /// before reading the body: a client that is not the app holds no body
+    /// memory and gets its 403 or 401 at once.
+    pub fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,

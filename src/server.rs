@@ -762,10 +762,17 @@ impl Routes {
         // upstream alike.
         let live = self.handles.intake.live();
         let client = self.client(&live, peer, &head.headers);
-        // Who may post at all comes before which app it claims to be.
+        // Who may post at all comes before which app it claims to be, and
+        // that before a byte of the body is read: otherwise anyone without
+        // the token could fill the body budget with uploads that stall (four
+        // of 1 MiB starve every genuine callback at the defaults).
         if let Err(r) = check_source(&live, client.as_ref()) {
             return self.reject_unread(&query, r, started, true);
         }
+        let app = match self.handles.intake.authenticate(&live, &query) {
+            Ok(app) => app,
+            Err(r) => return self.reject_unread(&query, r, started, true),
+        };
         // Refuse on the declared length before reading a byte of it.
         let declared = declared_length(&head.headers);
         if declared.is_some_and(|n| n > self.max_body_bytes as u64) {
@@ -806,6 +813,7 @@ impl Routes {
                     started,
                     refuse,
                     origin,
+                    app: Some(app),
                 },
             )
             .await
