@@ -251,8 +251,13 @@ impl Intake {
                 "gateway is shutting down; retry against another replica",
             ))
         } else {
-            self.check_and_spool(live, raw_query, query, body, &origin, app, started)
-                .await
+            match app.map_or_else(|| self.authenticate(live, query), Ok) {
+                Ok(sdk_app_id) => {
+                    self.check_and_spool(sdk_app_id, raw_query, query, body, &origin, started)
+                        .await
+                }
+                Err(r) => Err(r),
+            }
         };
         if let (Ok(Accepted::Events), Some((upstream, body))) = (&result, forward) {
             upstream.forward_read_receipt(raw_query, body, origin);
@@ -293,21 +298,19 @@ impl Intake {
             .callback_answered(command, outcome, started.elapsed().as_secs_f64());
     }
 
+    /// The checks after the app's (`sdk_app_id` has passed them): the
+    /// command, the query's limits and the body; then the spool, or the
+    /// upstream for a command that is not a read receipt.
     async fn check_and_spool(
         &self,
-        live: &Live,
+        sdk_app_id: u64,
         raw_query: &str,
         query: &CallbackQuery<'_>,
         body: Bytes,
         origin: &Origin,
-        app: Option<u64>,
         started: Instant,
     ) -> Result<Accepted, Rejection> {
         let request_bytes = raw_query.len() + body.len();
-        let sdk_app_id = match app {
-            Some(id) => id,
-            None => self.authenticate(live, query)?,
-        };
         let command = match query.callback_command.as_deref() {
             Some(c) if !c.is_empty() => c,
             _ => {
