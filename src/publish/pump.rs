@@ -366,7 +366,19 @@ impl Pump {
                     // the records it held come back as failed deliveries.
                     let _ = tokio::task::spawn_blocking(move || drop(old)).await;
                     tracing::info!("a new Kafka producer is running");
-                    return true;
+                    // What the old producer held is in the retry channel now.
+                    // Left to the main loop it would be delayed like any
+                    // failed delivery, and fresh records of the same keys
+                    // would go first: send it, with everything delayed, in
+                    // spool order before any fresh record, so that a key
+                    // keeps its order across a rebuild.
+                    let mut again: Vec<InFlight> =
+                        std::mem::take(&mut self.delayed).into_values().collect();
+                    while let Ok(item) = self.retry_rx.try_recv() {
+                        again.push(item);
+                    }
+                    again.sort_by_key(|item| item.spool_id);
+                    return self.send_all(again).await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, retry_in = ?pause.next, "cannot build a new Kafka producer; trying again")
