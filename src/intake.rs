@@ -93,6 +93,9 @@ pub struct Intake {
     /// Shutting down and past the drain delay: new callbacks get 503.
     refusing: AtomicBool,
     rejection_log: LogThrottle,
+    /// The spool's own write errors: at most one line a second, since while
+    /// a disk fails every callback meets one, and the log may be on it.
+    spool_error_log: LogThrottle,
     /// The app behind the gateway, when `[upstream]` is set.
     upstream: Option<Upstream>,
 }
@@ -108,6 +111,7 @@ impl Intake {
             spool,
             dedup: Dedup::new(DedupSettings::from(&config.spool)),
             rejection_log: LogThrottle::new(config.log.rejections_per_second),
+            spool_error_log: LogThrottle::new(1),
             metrics,
             draining: AtomicBool::new(false),
             refusing: AtomicBool::new(false),
@@ -595,7 +599,10 @@ impl Intake {
                     )
                 }
                 other => {
-                    tracing::error!(error = %other, "cannot write to the spool");
+                    let left_out = &self.metrics.log_lines_suppressed;
+                    if let Some(suppressed) = self.spool_error_log.admit_or_count(left_out) {
+                        tracing::error!(error = %other, suppressed_before = suppressed, "cannot write to the spool");
+                    }
                     Rejection::new(
                         RejectKind::Overloaded,
                         "spool cannot be written (disk full or failing); retry later",

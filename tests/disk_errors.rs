@@ -1,6 +1,8 @@
 //! A disk that fills up under the spool (a 64 KiB tmpfs): callbacks are
 //! answered 503, not a panic, the gateway keeps serving, and it accepts
-//! again by itself once Kafka has taken enough to free the disk.
+//! again by itself once Kafka has taken enough to free the disk. While it
+//! is full, its error is logged once a second, not once per callback: the
+//! log may be on the same disk.
 //!
 //! Mounting a tmpfs needs root (CI runs as root); elsewhere the test says
 //! it was skipped and why.
@@ -9,6 +11,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::process::GatewayProcess;
 use common::tmpfs::Tmpfs;
 use common::*;
 
@@ -50,4 +53,53 @@ async fn a_full_disk_answers_503_and_recovers() {
     .await;
     assert_eq!(get_text(addr, "/readyz").await.0, 200);
     gw.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_logged_once_a_second_not_once_per_callback() {
+    let s = setup();
+    common::broker_down(&s.cluster, 1);
+    let Some(_tmpfs) = Tmpfs::mount_or_skip(s.dir.path(), "64k") else {
+        return;
+    };
+    let text = config_text(
+        &s.bootstrap,
+        s.dir.path(),
+        &[("spool", "max_bytes = 1048576\nsegment_bytes = 8192")],
+    );
+    let mut gw = GatewayProcess::start(s.dir.path(), &text);
+    let (_, refusal) = post_groups_until_refused(gw.addr, "g-disk-log", 2000).await;
+    assert_fail(&refusal, 503);
+    gw.wait_for_log("cannot write to the spool", Duration::from_secs(5));
+    let started = std::time::Instant::now();
+    for i in 0..300 {
+        let body = group_body(&format!("g-disk-log-more-{i}"), 1);
+        assert_fail(
+            &post(gw.addr, &group_callback(), body.as_bytes()).await,
+            503,
+        );
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+    let logged = gw
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("cannot write to the spool"))
+        .count() as u64;
+    assert!(
+        logged <= seconds + 1,
+        "{logged} spool error lines in about {seconds} s"
+    );
+    let (_, metrics) = get_text(gw.addr, "/metrics").await;
+    let suppressed: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("timbridge_log_lines_suppressed_total "))
+        .expect("the suppressed counter")
+        .parse()
+        .expect("a number");
+    assert!(
+        suppressed >= 250.0,
+        "suppressed {suppressed}, logged {logged}"
+    );
 }
