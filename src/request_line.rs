@@ -135,16 +135,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstLineLimit<S> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let arrived = &buf.filled()[before..];
-        if arrived.contains(&b'\n') {
+        // Empty lines before the request line are not its end (hyper skips
+        // them, as HTTP allows), and a line whose end lies past the limit is
+        // over it, however much of it came in one read.
+        let skip = if seen == 0 {
+            arrived
+                .iter()
+                .take_while(|b| **b == b'\r' || **b == b'\n')
+                .count()
+        } else {
+            0
+        };
+        let line = &arrived[skip..];
+        let end = line.iter().position(|b| *b == b'\n');
+        if arrived.is_empty() {
+            self.state = State::Measuring(seen);
+        } else if end.is_some_and(|e| seen + e <= self.limit) {
             self.state = State::Passing;
-        } else if seen + arrived.len() > self.limit {
+        } else if end.is_some() || seen + line.len() > self.limit {
             // hyper never sees these bytes: it gets the end of the stream
             // with a partial head, which it closes without answering.
             buf.set_filled(before);
             self.refused.store(true, Ordering::Relaxed);
             return self.answer(cx, 0);
         } else {
-            self.state = State::Measuring(seen + arrived.len());
+            self.state = State::Measuring(seen + line.len());
         }
         Poll::Ready(Ok(()))
     }
