@@ -208,7 +208,8 @@ impl SpoolReader {
 
     /// A read the disk refused for now: nothing is skipped and the cursor
     /// stays at the plan's start, so the next look plans the same records.
-    /// Cancel-safe like `next_batch`: a pause cut short loses nothing.
+    /// Cancel-safe like `next_batch`: a pause cut short loses nothing, and
+    /// the next one is longer all the same.
     async fn pause_before_retry(&mut self, plan: &ReadPlan, f: &ReadFailure) {
         // Opened afresh next time: the error may belong to this descriptor.
         self.pos = None;
@@ -221,8 +222,9 @@ impl SpoolReader {
             retry_in_ms = self.retry_in.as_millis() as u64,
             "cannot read the spool for now; nothing is skipped, the read is tried again (if the file descriptor limit is reached, raise it; if the disk is failing for good, see the README's Guarantees)"
         );
-        tokio::time::sleep(self.retry_in).await;
-        self.retry_in = (self.retry_in * 2).min(RETRY_MAX);
+        let pause = self.retry_in;
+        self.retry_in = (pause * 2).min(RETRY_MAX);
+        tokio::time::sleep(pause).await;
     }
 
     /// Waits until there is something to return: a batch from the tail,
