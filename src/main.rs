@@ -374,6 +374,8 @@ async fn serve(
     // Before the gateway says it listens: SIGHUP's default action is to exit.
     #[cfg(unix)]
     let hangups = timbridge::reload::hangup_signal()?;
+    // Listening from now on for both stop signals (see `Stops`).
+    let mut stops = Stops::new();
     let gateway = Gateway::start(cfg).await?;
     #[cfg(unix)]
     tokio::spawn(timbridge::reload::on_sighup(
@@ -383,10 +385,10 @@ async fn serve(
     ));
     #[cfg(not(unix))]
     drop(reload);
-    wait_for_signal().await;
+    stops.next().await;
     tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
-    tokio::spawn(async {
-        wait_for_signal().await;
+    tokio::spawn(async move {
+        stops.next().await;
         // Everything answered OK is in the spool already (written, and
         // synced per spool.fsync): exiting now loses nothing acknowledged.
         tracing::warn!("second signal: exiting now; undelivered records stay in the spool");
@@ -412,6 +414,45 @@ fn ignore_hangups() -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// SIGTERM and SIGINT (Ctrl-C), listened to from start until the process
+/// ends. A listener made after the first signal misses a second one sent
+/// before it exists: the gateway ignored a second SIGTERM sent right after
+/// the first (a test caught it, under load), and went on waiting for Kafka.
+struct Stops {
+    #[cfg(unix)]
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Stops {
+    fn new() -> Stops {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            // Without them (no signal handlers: never seen), each wait
+            // falls back to a listener of its own, as before.
+            let streams = signal(SignalKind::terminate())
+                .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+                .ok();
+            Stops { streams }
+        }
+        #[cfg(not(unix))]
+        Stops {}
+    }
+
+    /// The next SIGTERM or SIGINT, counting those since [`Stops::new`].
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = self.streams.as_mut() {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+        wait_for_signal().await;
+    }
 }
 
 async fn wait_for_signal() {
