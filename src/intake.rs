@@ -538,10 +538,9 @@ impl Intake {
 
     /// The app's SdkAppid once the app is known and, when it has a token,
     /// the Sign matches the current (or, during a rotation, the previous) one.
-    /// The app a callback's query names, once its `Sign` checks out (when
-    /// the app has a token). It reads the query only, so the server runs it
-    /// before reading the body: a client that is not the app holds no body
-    /// memory and gets its 403 or 401 at once.
+    /// It reads the query only, so the server runs it before reading the
+    /// body: a client that is not the app holds no body memory and gets its
+    /// 403 or 401 at once.
     pub fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
