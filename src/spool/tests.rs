@@ -1313,27 +1313,27 @@ async fn data_corrupted_while_running_is_skipped_and_counted() {
     spool.close().await.expect("close");
 }
 
-#[tokio::test]
-async fn a_segment_the_disk_refuses_for_now_is_read_again_not_skipped() {
-    // A backlog over several segments, read from disk after a restart, the
-    // way a run out of file descriptors meets it: the records were
-    // answered OK, so they must all come, and no segment may go.
+/// A spool left with records 1..=30 undelivered, five to a segment: the
+/// backlog a restart reads from disk.
+async fn backlog_over_six_segments() -> (tempfile::TempDir, SpoolConfig) {
     let (dir, mut c) = fresh();
     c.segment_bytes = 1000;
     left_behind(&c, (1..=30).map(|i| sized(i, 200))).await;
+    assert_eq!(seg_files(dir.path()).len(), 6, "five records a segment");
+    (dir, c)
+}
+
+#[tokio::test]
+async fn a_segment_the_disk_refuses_for_now_is_read_again_not_skipped() {
+    // The backlog read the way a run out of file descriptors meets it: the
+    // records were answered OK, so they must all come, and no segment may
+    // go.
+    let (dir, c) = backlog_over_six_segments().await;
     let before = seg_files(dir.path());
-    assert!(before.len() > 3, "the backlog spans several segments");
     let (spool, mut reader, report) = open(&c);
     assert_eq!(report.records_pending, 30);
     spool.hooks().fail_reads(3);
-    let mut got = Vec::new();
-    while got.len() < 30 {
-        let batch = tokio::time::timeout(WAIT, reader.next_batch(1000, 1 << 20))
-            .await
-            .expect("the reader stopped instead of trying again")
-            .expect("the spool is open");
-        got.extend(ids(&batch));
-    }
+    let got = ids(&read_n(&mut reader, 30).await);
     assert_eq!(got, (1..=30).collect::<Vec<_>>());
     let counters = spool.stats().counters;
     assert_eq!(counters.records_lost, 0, "records were skipped as lost");
@@ -1350,21 +1350,12 @@ async fn a_segment_the_disk_refuses_for_now_is_read_again_not_skipped() {
 async fn a_segment_moved_out_of_the_spool_dir_is_skipped_and_counted() {
     // What the README tells an operator to do with a segment the disk will
     // never give back: delivery goes on past it, and nothing else is lost.
-    let (dir, mut c) = fresh();
-    c.segment_bytes = 1000;
-    left_behind(&c, (1..=30).map(|i| sized(i, 200))).await;
+    let (dir, c) = backlog_over_six_segments().await;
     let (spool, mut reader, _) = open(&c);
     let second = seg_files(dir.path())[1].clone();
     let moved = tempfile::tempdir().expect("tempdir");
     fs::rename(&second, moved.path().join("kept.seg")).expect("move the segment away");
-    let mut got = Vec::new();
-    while got.len() < 25 {
-        let batch = tokio::time::timeout(WAIT, reader.next_batch(1000, 1 << 20))
-            .await
-            .expect("the reader stopped at the missing segment")
-            .expect("the spool is open");
-        got.extend(ids(&batch));
-    }
+    let got = ids(&read_n(&mut reader, 25).await);
     let lost: Vec<u64> = (1..=30).filter(|id| !got.contains(id)).collect();
     assert_eq!(
         lost,
