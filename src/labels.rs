@@ -146,6 +146,7 @@ label_values! {
         Transport => "transport",
         Fatal => "fatal",
         Purged => "purged",
+        Unconfirmed => "unconfirmed",
         Other => "other",
     }
 }

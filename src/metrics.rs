@@ -102,7 +102,7 @@ series! {
     duplicate_events: IntCounter = counter("timbridge_duplicate_events_total",
         "Events dropped because the same event_id was accepted within the dedup window.");
     log_lines_suppressed: IntCounter = counter("timbridge_log_lines_suppressed_total",
-        "Rejection log lines left out by the rate limit.");
+        "Log lines left out by a rate limit: rejected callbacks, spool write errors, unconfirmed deliveries.");
     callbacks_over_limit: ByLabel<Limit, IntCounterVec> = counters_by("timbridge_callbacks_over_limit_total", &["limit"],
         "Callbacks answered 400 for breaking an input limit, by limit (the [limits] key, or output_bytes).");
     build_info: IntGaugeVec = gauges("timbridge_build_info", &["version"],

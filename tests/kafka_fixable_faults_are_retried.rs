@@ -12,19 +12,6 @@ use common::faults::*;
 use common::*;
 use rdkafka::types::{RDKafkaApiKey as Api, RDKafkaRespErr as E};
 
-/// One produce request at a time, where Produce requests fail while others
-/// follow them. The mock cluster checks no sequence numbers for an
-/// idempotent producer without a transactional id, so a request sent after
-/// one that failed is appended, where a real broker refuses it with
-/// OUT_OF_ORDER_SEQUENCE_NUMBER. librdkafka then (rightly, for a real
-/// broker) acknowledges the failed request's records "implicitly, by a
-/// subsequent batch's success", and they are missing from the mock's log:
-/// the test saw records reported delivered at offset -1001 and never read.
-const ONE_REQUEST_IN_FLIGHT: (&str, &str) = (
-    "kafka.properties",
-    "\"max.in.flight.requests.per.connection\" = 1",
-);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_is_waited_for_until_it_exists() {
     let s = three_brokers();
@@ -59,7 +46,7 @@ async fn a_missing_topic_is_waited_for_until_it_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_authorization_glitch_is_retried_until_the_acl_is_back() {
     let s = three_brokers();
-    let gw = s.gateway(&[ONE_REQUEST_IN_FLIGHT]).await;
+    let gw = s.gateway(&[]).await;
     wait_kafka_up(&gw).await;
     inject(
         &s,
@@ -84,7 +71,7 @@ async fn a_topic_authorization_glitch_is_retried_until_the_acl_is_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_partitions_and_moving_leaders_cost_nothing() {
     let s = three_brokers();
-    let gw = s.gateway(&[ONE_REQUEST_IN_FLIGHT]).await;
+    let gw = s.gateway(&[]).await;
     wait_kafka_up(&gw).await;
     inject(
         &s,

@@ -23,6 +23,7 @@
 //! | `_PURGE_QUEUE`, `_PURGE_INFLIGHT` (a failed producer's leftovers) | `purged` | retry with backoff |
 //! | `_QUEUE_FULL` (from `produce()`) | `queue_full` | wait a moment, hand it over again |
 //! | anything else (`NOT_LEADER_FOR_PARTITION`, `CORRUPT_MESSAGE`, `RECORD_LIST_TOO_LARGE`, …) | `other` | retry with backoff |
+//! | a success report without an offset (librdkafka's "implicit ack"; decided in `delivery.rs`, not here) | `unconfirmed` | retry with backoff |
 //!
 //! The README's "Kafka errors" table is this table; keep them in step.
 

@@ -37,7 +37,24 @@ pub fn producer_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     for (k, v) in &kafka.properties {
         c.set(k, v.to_string());
     }
+    // Two names of one setting would reach librdkafka in no set order:
+    // the user's alias wins over our default.
+    if kafka.properties.contains_key("request.required.acks")
+        && !kafka.properties.contains_key("acks")
+    {
+        c.remove("acks");
+    }
     c
+}
+
+/// Whether the broker answers each produce request with the offsets it
+/// wrote: with `acks = 0` (a user's override) it answers nothing, and
+/// every delivery report comes without an offset.
+pub fn acks_confirm(config: &ClientConfig) -> bool {
+    let acks = config
+        .get("acks")
+        .or_else(|| config.get("request.required.acks"));
+    acks.is_none_or(|v| v.trim() != "0")
 }
 
 /// The configured topic names.
@@ -92,6 +109,25 @@ mod tests {
         }
         let producer: Result<BaseProducer, _> = producer_config(&kafka, "127.0.0.1:9").create();
         assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn only_acks_zero_goes_without_offsets() {
+        let mut kafka = KafkaConfig::default();
+        assert!(acks_confirm(&producer_config(&kafka, "127.0.0.1:9")));
+        for (key, value, confirms) in [
+            ("acks", "0", false),
+            ("request.required.acks", "0", false),
+            ("acks", "1", true),
+            ("acks", "-1", true),
+        ] {
+            kafka.properties.clear();
+            kafka
+                .properties
+                .insert(key.into(), PropertyValue::String(value.into()));
+            let config = producer_config(&kafka, "127.0.0.1:9");
+            assert_eq!(acks_confirm(&config), confirms, "{key} = {value}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use super::classify::{Action, classify};
 use super::{InFlight, Shared};
 use crate::clock::now_ms;
+use crate::labels::KafkaErrorReason as Reason;
 
 /// One producer's life: a fatal error ends it, and the pump builds the
 /// next one with a fresh `Generation`.
@@ -53,6 +54,9 @@ impl Generation {
 pub struct DeliveryContext {
     pub(super) shared: Arc<Shared>,
     pub(super) generation: Arc<Generation>,
+    /// The broker reports an offset for every record it writes (`acks` is
+    /// not 0): a success report without one is not a confirmation.
+    pub(super) offsets_confirm: bool,
 }
 
 impl ClientContext for DeliveryContext {
@@ -124,6 +128,33 @@ impl ProducerContext for DeliveryContext {
         self.generation.reports.fetch_add(1, Ordering::Relaxed);
         let shared = &self.shared;
         match result {
+            // librdkafka reports success without an offset when it did not
+            // hear from the broker about this record but inferred the write
+            // from a later batch's success (an "implicit ack"). The inference
+            // fails for a producer's first batch to a partition: Kafka takes
+            // a new producer id's first batch at any sequence, so a later
+            // batch can be written where this one failed, and librdkafka then
+            // reports records that are not in Kafka as delivered (seen under
+            // injected UNKNOWN_TOPIC_OR_PART errors: 4 of 200 records). Send
+            // them again: if they were written after all, that is a duplicate
+            // with the same event_id, which consumers drop.
+            Ok(msg) if self.offsets_confirm && msg.offset() < 0 => {
+                shared.metrics.kafka_error(Reason::Unconfirmed);
+                if inflight.dead_letter_copy {
+                    return;
+                }
+                let suppressed = &shared.metrics.log_lines_suppressed;
+                if let Some(left_out) = shared.unconfirmed_log.admit_or_count(suppressed) {
+                    tracing::warn!(
+                        topic = msg.topic(),
+                        partition = msg.partition(),
+                        spool_id = inflight.spool_id,
+                        similar_lines_left_out = left_out,
+                        "Kafka did not confirm a record librdkafka reported as delivered (no offset); sending it again, a duplicate if it was written"
+                    );
+                }
+                let _ = shared.retry.send(*inflight);
+            }
             Ok(msg) => {
                 shared.delivered.fetch_add(1, Ordering::Relaxed);
                 if inflight.dead_letter_copy {

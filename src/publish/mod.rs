@@ -112,6 +112,9 @@ struct Shared {
     kafka_log: crate::kafka_log::KafkaLog,
     /// `timbridge_kafka_delivered_total` of each topic role's topic.
     delivered_by_role: [Option<IntCounter>; 3],
+    /// One line a second about success reports without an offset, which
+    /// come a batch at a time.
+    unconfirmed_log: crate::throttle::LogThrottle,
 }
 
 impl Shared {
@@ -176,6 +179,7 @@ impl Publisher {
             dead_letters,
             delivered: AtomicU64::new(0),
             kafka_log: crate::kafka_log::KafkaLog::new(),
+            unconfirmed_log: crate::throttle::LogThrottle::new(1),
         });
         let live = Live::build(kafka, brokers, &shared)?;
         let (stop, stop_rx) = watch::channel(false);

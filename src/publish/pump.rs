@@ -29,7 +29,7 @@ use tokio::sync::{TryAcquireError, mpsc, watch};
 use tokio::time::Instant;
 
 use super::classify::{Action, classify};
-use super::config::{Topics, producer_config};
+use super::config::{Topics, acks_confirm, producer_config};
 use super::delivery::{DeliveryContext, Generation};
 use super::headers::headers;
 use super::{InFlight, MAX_IN_FLIGHT, Shared};
@@ -89,12 +89,14 @@ impl Live {
         shared: &Arc<Shared>,
     ) -> Result<Live, KafkaError> {
         let generation = Generation::new(MAX_IN_FLIGHT);
+        let config = producer_config(kafka, brokers);
         let context = DeliveryContext {
             shared: shared.clone(),
             generation: generation.clone(),
+            offsets_confirm: acks_confirm(&config),
         };
         let producer: Arc<BaseProducer<DeliveryContext>> =
-            Arc::new(producer_config(kafka, brokers).create_with_context(context)?);
+            Arc::new(config.create_with_context(context)?);
         let poller = std::thread::Builder::new()
             .name("timbridge-kafka".into())
             .spawn({
