@@ -72,6 +72,15 @@ impl ProducerContext for Deliveries {
 
     fn delivery(&self, result: &DeliveryResult<'_>, kind: usize) {
         match result {
+            // An implicit ack, which may stand for a state never written
+            // (see `publish::delivery`): a failure, so that the input is
+            // read again rather than committed past it.
+            Ok(m) if m.offset() == crate::publish::OFFSET_INVALID => {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                    "a state record was reported written without an offset (not confirmed)".into(),
+                );
+            }
             Ok(_) => {
                 if let Some(k) = Kind::ALL.get(kind) {
                     self.metrics

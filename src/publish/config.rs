@@ -47,14 +47,16 @@ pub fn producer_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     c
 }
 
-/// Whether the broker answers each produce request with the offsets it
-/// wrote: with `acks = 0` (a user's override) it answers nothing, and
-/// every delivery report comes without an offset.
-pub fn acks_confirm(config: &ClientConfig) -> bool {
-    let acks = config
-        .get("acks")
-        .or_else(|| config.get("request.required.acks"));
-    acks.is_none_or(|v| v.trim() != "0")
+/// Whether librdkafka may report records delivered that it never heard the
+/// broker confirm (an "implicit ack", see `delivery.rs`): only the
+/// idempotent producer does, and it always runs with `acks = all`, so every
+/// record the broker confirms gets an offset. Read back from librdkafka's
+/// own parse of the properties, not from our spelling of them.
+pub fn implicit_acks_possible(config: &ClientConfig) -> bool {
+    config
+        .create_native_config()
+        .and_then(|c| c.get("enable.idempotence"))
+        .is_ok_and(|v| v == "true")
 }
 
 /// The configured topic names.
@@ -112,22 +114,35 @@ mod tests {
     }
 
     #[test]
-    fn only_acks_zero_goes_without_offsets() {
+    fn implicit_acks_are_watched_for_while_idempotence_is_on() {
         let mut kafka = KafkaConfig::default();
-        assert!(acks_confirm(&producer_config(&kafka, "127.0.0.1:9")));
-        for (key, value, confirms) in [
-            ("acks", "0", false),
-            ("request.required.acks", "0", false),
-            ("acks", "1", true),
-            ("acks", "-1", true),
-        ] {
-            kafka.properties.clear();
-            kafka
-                .properties
-                .insert(key.into(), PropertyValue::String(value.into()));
-            let config = producer_config(&kafka, "127.0.0.1:9");
-            assert_eq!(acks_confirm(&config), confirms, "{key} = {value}");
-        }
+        assert!(implicit_acks_possible(&producer_config(
+            &kafka,
+            "127.0.0.1:9"
+        )));
+        kafka.properties.insert(
+            "enable.idempotence".into(),
+            PropertyValue::String("false".into()),
+        );
+        kafka
+            .properties
+            .insert("acks".into(), PropertyValue::String("00".into()));
+        assert!(!implicit_acks_possible(&producer_config(
+            &kafka,
+            "127.0.0.1:9"
+        )));
+    }
+
+    #[test]
+    fn the_users_acks_alias_replaces_our_acks() {
+        let mut kafka = KafkaConfig::default();
+        kafka.properties.insert(
+            "request.required.acks".into(),
+            PropertyValue::String("1".into()),
+        );
+        let c = producer_config(&kafka, "127.0.0.1:9");
+        assert_eq!(c.get("acks"), None);
+        assert_eq!(c.get("request.required.acks"), Some("1"));
     }
 
     #[test]

@@ -21,6 +21,10 @@ use super::{InFlight, Shared};
 use crate::clock::now_ms;
 use crate::labels::KafkaErrorReason as Reason;
 
+/// librdkafka's offset of a record the broker never reported on
+/// (`RD_KAFKA_OFFSET_INVALID`): an implicitly acked one keeps it.
+pub(crate) const OFFSET_INVALID: i64 = -1001;
+
 /// One producer's life: a fatal error ends it, and the pump builds the
 /// next one with a fresh `Generation`.
 pub struct Generation {
@@ -54,9 +58,10 @@ impl Generation {
 pub struct DeliveryContext {
     pub(super) shared: Arc<Shared>,
     pub(super) generation: Arc<Generation>,
-    /// The broker reports an offset for every record it writes (`acks` is
-    /// not 0): a success report without one is not a confirmation.
-    pub(super) offsets_confirm: bool,
+    /// The producer is idempotent (`acks = all`): the broker reports an
+    /// offset for every record it writes, and a success report without one
+    /// is an implicit ack, not a confirmation.
+    pub(super) watch_implicit_acks: bool,
 }
 
 impl ClientContext for DeliveryContext {
@@ -138,9 +143,13 @@ impl ProducerContext for DeliveryContext {
             // injected UNKNOWN_TOPIC_OR_PART errors: 4 of 200 records). Send
             // them again: if they were written after all, that is a duplicate
             // with the same event_id, which consumers drop.
-            Ok(msg) if self.offsets_confirm && msg.offset() < 0 => {
+            Ok(msg) if self.watch_implicit_acks && msg.offset() == OFFSET_INVALID => {
                 shared.metrics.kafka_error(Reason::Unconfirmed);
                 if inflight.dead_letter_copy {
+                    tracing::warn!(
+                        topic = msg.topic(),
+                        "a dead letter's copy in Kafka is not confirmed; it is in the dead-letter file"
+                    );
                     return;
                 }
                 let suppressed = &shared.metrics.log_lines_suppressed;

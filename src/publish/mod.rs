@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, watch};
 
 pub use classify::{Action, classify};
 pub use config::producer_config;
+pub(crate) use delivery::OFFSET_INVALID;
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;

@@ -29,7 +29,7 @@ use tokio::sync::{TryAcquireError, mpsc, watch};
 use tokio::time::Instant;
 
 use super::classify::{Action, classify};
-use super::config::{Topics, acks_confirm, producer_config};
+use super::config::{Topics, implicit_acks_possible, producer_config};
 use super::delivery::{DeliveryContext, Generation};
 use super::headers::headers;
 use super::{InFlight, MAX_IN_FLIGHT, Shared};
@@ -93,7 +93,7 @@ impl Live {
         let context = DeliveryContext {
             shared: shared.clone(),
             generation: generation.clone(),
-            offsets_confirm: acks_confirm(&config),
+            watch_implicit_acks: implicit_acks_possible(&config),
         };
         let producer: Arc<BaseProducer<DeliveryContext>> =
             Arc::new(config.create_with_context(context)?);
