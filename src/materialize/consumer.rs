@@ -114,6 +114,10 @@ struct Shared {
     failure: Mutex<Option<anyhow::Error>>,
     /// Set on assignment, so the lag of new partitions shows at once.
     assignment_changed: AtomicBool,
+    /// Set once a state record failed: from then on this process commits
+    /// no input offset, on any path (the loop's end, the revoke as the
+    /// consumer closes), so that the restart folds that input again.
+    write_failed: AtomicBool,
 }
 
 impl Shared {
@@ -160,6 +164,7 @@ impl Shared {
         }
         let failed = self.producer.context().failed.swap(0, Ordering::SeqCst);
         if failed > 0 {
+            self.write_failed.store(true, Ordering::SeqCst);
             let why = self
                 .producer
                 .context()
@@ -173,6 +178,9 @@ impl Shared {
                 "{failed} state record(s) could not be written to {} ({why}); exiting so that a restart folds their input again",
                 self.settings.state_topic
             );
+        }
+        if self.write_failed.load(Ordering::SeqCst) {
+            bail!("a state record failed earlier: no input offset is committed until a restart");
         }
         let pending: Vec<((InputRole, i32), i64)> = self
             .pending
@@ -329,6 +337,7 @@ pub fn run(
         pending: Mutex::new(HashMap::new()),
         failure: Mutex::new(None),
         assignment_changed: AtomicBool::new(false),
+        write_failed: AtomicBool::new(false),
     });
     let consumer: BaseConsumer<FoldContext> = consumer_config
         .create_with_context(FoldContext {
