@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::process::start_materializer;
+use common::process::{QUICK_REBALANCE, start_materializer};
 use common::*;
 use rdkafka::TopicPartitionList;
 use rdkafka::config::ClientConfig;
@@ -64,11 +64,9 @@ async fn a_refused_state_leaves_its_input_to_the_restart() {
         Api::Produce,
         &[E::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
     );
-    // The mock cluster finishes a rebalance only when max.poll.interval.ms
-    // runs out: short, for the second materializer's join.
+    // Short rebalances, for the second materializer's join.
     let config = format!(
-        "{}\n[read_state]\ntopic = \"{STATE_TOPIC}\"\nlisten = \"127.0.0.1:0\"\n\
-         [read_state.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 8000\n\"heartbeat.interval.ms\" = 500\n",
+        "{}\n[read_state]\ntopic = \"{STATE_TOPIC}\"\nlisten = \"127.0.0.1:0\"\n{QUICK_REBALANCE}",
         s.config_text(&[])
     );
     let mut m = start_materializer(s.dir.path(), "m1", &config);

@@ -10,7 +10,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use common::process::{GatewayProcess, start_materializer};
+use common::process::{GatewayProcess, QUICK_REBALANCE, start_materializer};
 use common::rng::Rng;
 use common::*;
 use serde_json::{Value, json};
@@ -280,11 +280,8 @@ async fn read_state_equals_the_fold_after_one_of_two_materializers_is_killed() {
     let half = all.len() / 2;
     let three_quarters = all.len() * 3 / 4;
 
-    // The mock cluster finishes a rebalance only when max.poll.interval.ms
-    // runs out, and drops a killed member after session.timeout.ms: both short.
     let mat_config = format!(
-        "{}\n[read_state]\ntopic = \"{STATE_TOPIC}\"\ngroup_id = \"read-state-test\"\nlisten = \"127.0.0.1:0\"\n\n\
-         [read_state.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 8000\n\"heartbeat.interval.ms\" = 500\n",
+        "{}\n[read_state]\ntopic = \"{STATE_TOPIC}\"\ngroup_id = \"read-state-test\"\nlisten = \"127.0.0.1:0\"\n\n{QUICK_REBALANCE}",
         config_text(&bootstrap, dirs[0].path(), &[])
     );
 

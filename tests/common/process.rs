@@ -217,6 +217,12 @@ pub fn field(line: &str, name: &str) -> String {
     rest[..end].to_owned()
 }
 
+/// `[read_state.properties]` for a test where a materializer joins or
+/// leaves a running group: the mock cluster finishes a rebalance only when
+/// max.poll.interval.ms runs out, and drops a killed member after
+/// session.timeout.ms, so both are short.
+pub const QUICK_REBALANCE: &str = "[read_state.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 8000\n\"heartbeat.interval.ms\" = 500\n";
+
 /// `timbridge materialize` on `config` (written to `dir/<name>.toml`) as a
 /// child process; returns once it serves its admin listener, whose address
 /// is `addr`.
