@@ -14,6 +14,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use rdkafka::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
@@ -105,7 +107,21 @@ pub fn fetch(
 /// `require` returns an error naming the topics that are missing.
 pub async fn check(kafka: &KafkaConfig, brokers: &str, require: bool) -> anyhow::Result<()> {
     let (k, b) = (kafka.clone(), brokers.to_owned());
-    let found = tokio::task::spawn_blocking(move || fetch(&k, &b, CHECK_TIMEOUT)).await?;
+    // A thread of its own rather than the runtime's blocking pool: the
+    // runtime waits for its blocking tasks when it is dropped, so a gateway
+    // stopped within `CHECK_TIMEOUT` of its start, with Kafka unreachable,
+    // sat for the rest of it after logging that it had stopped. This thread
+    // ends with the process.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("topic-check".into())
+        .spawn(move || {
+            let _ = tx.send(fetch(&k, &b, CHECK_TIMEOUT));
+        })
+        .context("cannot start the thread that checks the Kafka topics")?;
+    let found = rx
+        .await
+        .context("the Kafka topic check stopped without an answer")?;
     let found = match found {
         Ok(f) => f,
         Err(e) => {

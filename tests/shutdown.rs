@@ -133,3 +133,33 @@ async fn a_second_signal_exits_at_once_and_loses_nothing() {
     let _gw = GatewayProcess::start(s.dir.path(), &text);
     assert_groups_arrive(&s.bootstrap, &groups);
 }
+
+/// With Kafka unreachable, the start's check of the topics waits up to 10 s
+/// for an answer. A gateway stopped meanwhile exits as soon as it has
+/// stopped: it used to sit out the rest of the check first, after logging
+/// that it had stopped, which a supervisor sees as a hung stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_right_after_the_start_does_not_wait_for_an_unreachable_kafka() {
+    let s = setup();
+    common::broker_down(&s.cluster, 1);
+    let mut gw = GatewayProcess::start(s.dir.path(), &s.config_text(&[]));
+    gw.signal("TERM");
+    gw.wait_for_log("stopped;", Duration::from_secs(10));
+    let stopped = Instant::now();
+    let status = gw.wait_exit(Duration::from_secs(15));
+    let waited = stopped.elapsed();
+    assert!(status.success(), "{status}\n{}", gw.log_text());
+    // The check was still waiting when the gateway stopped, so this test
+    // measures the exit with a check under way.
+    assert!(
+        !gw.log_text()
+            .contains("could not check that the Kafka topics exist"),
+        "the topic check ended before the stop:\n{}",
+        gw.log_text()
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "exited {waited:?} after logging that it had stopped:\n{}",
+        gw.log_text()
+    );
+}
