@@ -496,7 +496,8 @@ async fn deliver_forwards(inner: Arc<Inner>, mut rx: mpsc::Receiver<Forward>) {
 /// Headers that describe one connection, not the request (RFC 9110 7.6.1),
 /// plus those the client sets itself for the new request, and
 /// `Accept-Encoding`: only the app's Content-Type goes back to Tencent, so
-/// the app must not compress its answer.
+/// the app must not compress its answer. And every header that claims who
+/// sent the request or how ([`is_origin_claim`]).
 fn is_not_forwarded(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -513,17 +514,38 @@ fn is_not_forwarded(name: &HeaderName) -> bool {
             | "content-length"
             | "expect"
             | "accept-encoding"
-            // Who sent the request and how: set by the gateway below, never
-            // taken from the client, who could otherwise claim any address
-            // to an app that trusts them. The gateway has no trusted-proxy
-            // setting, so a chain from in front of it is dropped too.
-            | "x-forwarded-for"
-            | "x-forwarded-host"
-            | "x-forwarded-proto"
-            | "x-forwarded-port"
-            | "x-real-ip"
-            | "forwarded"
-    )
+    ) || is_origin_claim(name.as_str())
+}
+
+/// Who sent the request and how: set by the gateway (`X-Forwarded-For`,
+/// `X-Forwarded-Proto`), never taken from the client, who could otherwise
+/// claim any address, scheme, path prefix or certificate to an app that
+/// trusts such headers. The gateway has no trusted-proxy setting for the
+/// app, so a chain from in front of it is dropped too. Beyond the standard
+/// names, the whole `X-Forwarded-` family (`-Ssl`, `-Scheme`, `-Prefix`,
+/// `-Client-Cert`, ...), the client-address headers of common proxies and
+/// CDNs, and any name with an underscore: CGI-style servers read
+/// `X_Forwarded_For` as `X-Forwarded-For`. Tencent sends none of them.
+fn is_origin_claim(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || name.contains('_')
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "x-cluster-client-ip"
+                | "x-original-forwarded-for"
+                | "true-client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "x-appengine-user-ip"
+                | "client-ip"
+                | "x-original-url"
+                | "x-rewrite-url"
+                | "x-original-host"
+                | "x-host"
+        )
 }
 
 /// The request's headers minus hop-by-hop ones (also those named in
@@ -654,6 +676,23 @@ mod tests {
         );
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("x-forwarded-port", HeaderValue::from_static("443"));
+        for claim in [
+            "x-forwarded-ssl",
+            "x-forwarded-scheme",
+            "x-forwarded-prefix",
+            "x-forwarded-uri",
+            "x-forwarded-server",
+            "x-forwarded-client-cert",
+            "x_forwarded_for",
+            "x-original-forwarded-for",
+            "true-client-ip",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "x-cluster-client-ip",
+            "x-original-url",
+        ] {
+            h.insert(claim, HeaderValue::from_static("1"));
+        }
         let out = forwarded_headers(&h, Some("10.0.0.7".parse().unwrap()), false);
         let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
         for gone in [
@@ -667,6 +706,19 @@ mod tests {
             "x-real-ip",
             "x-forwarded-host",
             "x-forwarded-port",
+            "x-forwarded-ssl",
+            "x-forwarded-scheme",
+            "x-forwarded-prefix",
+            "x-forwarded-uri",
+            "x-forwarded-server",
+            "x-forwarded-client-cert",
+            "x_forwarded_for",
+            "x-original-forwarded-for",
+            "true-client-ip",
+            "x-client-ip",
+            "cf-connecting-ip",
+            "x-cluster-client-ip",
+            "x-original-url",
         ] {
             assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
         }
