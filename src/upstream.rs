@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
@@ -412,22 +412,11 @@ impl Inner {
             .map_err(|e| Failure::Unreachable(client_error(&e)))?;
         let status = resp.status();
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let max = self.max_response_bytes;
-        let body = Limited::new(resp.into_body(), max)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    Failure::BadAnswer(format!(
-                        "body over {max} bytes (upstream.max_response_bytes)"
-                    ))
-                } else {
-                    Failure::BadAnswer(format!("body broke off: {e}"))
-                }
-            })?
-            .to_bytes();
+        let declared = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+        let body = read_answer(resp.into_body(), declared, self.max_response_bytes).await?;
         Ok(UpstreamAnswer {
             status,
             content_type,
@@ -587,6 +576,38 @@ fn address_value(ip: IpAddr) -> Option<HeaderValue> {
     write!(out, "{ip}").ok()?;
     let len = out.position() as usize;
     HeaderValue::from_bytes(&buf[..len]).ok()
+}
+
+/// The app's answer, copied frame by frame into one buffer of at most
+/// `max` bytes. Collected as hyper hands it over, each frame stayed a
+/// buffer of its own that kept its share of the connection's read buffer
+/// alive: an answer of 65,536 one-byte chunks, within a 64 KiB limit, held
+/// 3.4 MB (a review measured 53 times the limit).
+async fn read_answer(
+    mut body: hyper::body::Incoming,
+    declared: Option<usize>,
+    max: usize,
+) -> Result<Bytes, Failure> {
+    let too_large = || {
+        Failure::BadAnswer(format!(
+            "body over {max} bytes (upstream.max_response_bytes)"
+        ))
+    };
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(declared.unwrap_or(0));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Failure::BadAnswer(format!("body broke off: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        if buf.len() + data.len() > max {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// The client's error with its root cause ("cannot connect: Connection

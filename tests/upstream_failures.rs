@@ -160,3 +160,67 @@ async fn an_answer_over_max_response_bytes_is_a_502() {
     .await;
     gw.shutdown().await.unwrap();
 }
+
+/// An app that answers `chunks` chunks of one byte each, chunked, to every
+/// request on a connection; returns its URL.
+async fn tiny_chunk_app(chunks: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/app", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                // Read the head and body the gateway sends (small here),
+                // then answer: no request of the test needs more than one.
+                let mut buf = vec![0u8; 64 << 10];
+                let _ = s.read(&mut buf).await;
+                let mut answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                   transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                    .to_vec();
+                for _ in 0..chunks {
+                    answer.extend_from_slice(b"1\r\n \r\n");
+                }
+                answer.extend_from_slice(b"1\r\n{\r\n1\r\n}\r\n0\r\n\r\n");
+                let _ = s.write_all(&answer).await;
+            });
+        }
+    });
+    url
+}
+
+/// The app's answer in thousands of one-byte chunks is taken whole, the
+/// bytes in order, while it is within `max_response_bytes`, and refused
+/// past it, with no Content-Length to refuse it by in advance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_tiny_chunks_is_taken_whole_within_the_limit() {
+    let s = setup();
+    let url = tiny_chunk_app(4000).await;
+    let gw = s
+        .gateway_proxying_to(&url, "max_response_bytes = 4002")
+        .await;
+    let a = post(
+        gw.local_addr(),
+        &callback_path("Tiny.Command"),
+        br#"{"CallbackCommand":"Tiny.Command"}"#,
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.json);
+    assert_eq!(a.json, serde_json::json!({}));
+    gw.shutdown().await.unwrap();
+
+    let gw = s
+        .gateway_proxying_to(&url, "max_response_bytes = 4001")
+        .await;
+    let a = post(
+        gw.local_addr(),
+        &callback_path("Tiny.Command"),
+        br#"{"CallbackCommand":"Tiny.Command"}"#,
+    )
+    .await;
+    let info = assert_fail(&a, 502);
+    assert!(info.contains("max_response_bytes"), "{info}");
+    gw.shutdown().await.unwrap();
+}
