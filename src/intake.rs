@@ -542,6 +542,19 @@ impl Intake {
     /// body: a client that is not the app holds no body memory and gets its
     /// 403 or 401 at once.
     pub fn authenticate(&self, live: &Live, query: &CallbackQuery<'_>) -> Result<u64, Rejection> {
+        if let Some(name) = query.repeated {
+            // The kind of the parameter's own check: 403 for the app, 401
+            // for the signature, 400 for the rest.
+            let kind = match name {
+                "SdkAppid" => RejectKind::UnknownApp,
+                "Sign" | "RequestTime" => RejectKind::Unauthorized,
+                _ => RejectKind::Invalid,
+            };
+            return Err(Rejection::new(
+                kind,
+                format!("{name} appears more than once in the query string; Tencent sends it once"),
+            ));
+        }
         let id = query.sdk_app_id.as_deref().ok_or_else(|| {
             Rejection::new(
                 RejectKind::UnknownApp,

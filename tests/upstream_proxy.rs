@@ -149,3 +149,63 @@ async fn a_bad_sign_is_refused_and_nothing_is_forwarded() {
     assert_eq!(app.connections(), 0);
     gw.shutdown().await.unwrap();
 }
+
+/// The gateway reads a parameter's first value; many app frameworks read the
+/// last (PHP, Rack, Django's `QueryDict.get`). A query that names the
+/// token-less app first and the signed app after it, with a made-up Sign,
+/// would pass here and reach the app as the signed app's callback: a
+/// repeated Tencent parameter is refused before anything is forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_repeating_a_tencent_parameter_is_refused_and_not_forwarded() {
+    let s = setup();
+    let app = TestUpstream::start().await;
+    let gw = s.gateway_proxying_to(&app.url(), "").await;
+    let cases = [
+        (
+            format!(
+                "/callback?SdkAppid={OPEN_APP}&CallbackCommand=C2C.CallbackBeforeSendMsg&SdkAppid={APP}&Sign={}&RequestTime={}",
+                "0".repeat(64),
+                now_s()
+            ),
+            403,
+            "SdkAppid",
+        ),
+        (
+            format!(
+                "{}&Sign={}",
+                callback_path("C2C.CallbackBeforeSendMsg"),
+                "0".repeat(64)
+            ),
+            401,
+            "Sign",
+        ),
+        (
+            format!(
+                "/callback?SdkAppid={OPEN_APP}&CallbackCommand=C2C.CallbackBeforeSendMsg&CallbackCommand=Group.CallbackAfterReadReceipt"
+            ),
+            400,
+            "CallbackCommand",
+        ),
+    ];
+    for (q, status, name) in cases {
+        let info = assert_fail(
+            &post(gw.local_addr(), &q, BEFORE_SEND.as_bytes()).await,
+            status,
+        );
+        assert!(
+            info.contains(name) && info.contains("more than once"),
+            "{q}: {info}"
+        );
+    }
+    assert!(app.seen().is_empty(), "{:?}", app.seen());
+    // Once each, the same callback goes through.
+    let q = format!("/callback?SdkAppid={OPEN_APP}&CallbackCommand=C2C.CallbackBeforeSendMsg");
+    assert_eq!(
+        post(gw.local_addr(), &q, BEFORE_SEND.as_bytes())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.seen().len(), 1);
+    gw.shutdown().await.unwrap();
+}

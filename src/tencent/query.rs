@@ -16,6 +16,12 @@ pub struct CallbackQuery<'a> {
     pub request_time: Option<Cow<'a, str>>,
     pub client_ip: Option<Cow<'a, str>>,
     pub platform: Option<Cow<'a, str>>,
+    /// The first of these parameters that came more than once. Tencent
+    /// sends each once; a repeat is refused (see `Intake::authenticate`),
+    /// because timbridge reads the first value and many app frameworks the
+    /// last: `SdkAppid=<app without a token>&...&SdkAppid=<app with one>`
+    /// would pass here as one app and reach the app behind it as another.
+    pub repeated: Option<&'static str>,
 }
 
 impl<'a> CallbackQuery<'a> {
@@ -23,18 +29,21 @@ impl<'a> CallbackQuery<'a> {
     /// A repeated parameter keeps its first value.
     pub fn parse(raw: &'a str) -> CallbackQuery<'a> {
         let mut q = CallbackQuery::default();
+        let mut repeated = None;
         let mut put = |name: &str, value: Cow<'a, str>| {
-            let slot = match name {
-                "SdkAppid" => &mut q.sdk_app_id,
-                "CallbackCommand" => &mut q.callback_command,
-                "Sign" => &mut q.sign,
-                "RequestTime" => &mut q.request_time,
-                "ClientIP" => &mut q.client_ip,
-                "OptPlatform" => &mut q.platform,
+            let (slot, name) = match name {
+                "SdkAppid" => (&mut q.sdk_app_id, "SdkAppid"),
+                "CallbackCommand" => (&mut q.callback_command, "CallbackCommand"),
+                "Sign" => (&mut q.sign, "Sign"),
+                "RequestTime" => (&mut q.request_time, "RequestTime"),
+                "ClientIP" => (&mut q.client_ip, "ClientIP"),
+                "OptPlatform" => (&mut q.platform, "OptPlatform"),
                 _ => return,
             };
             if slot.is_none() {
                 *slot = Some(value);
+            } else if repeated.is_none() {
+                repeated = Some(name);
             }
         };
         // Tencent's values need no decoding (digits, hex, dotted names, IPs):
@@ -49,6 +58,7 @@ impl<'a> CallbackQuery<'a> {
                 put(name, Cow::Borrowed(value));
             }
         }
+        q.repeated = repeated;
         q
     }
 }
@@ -71,6 +81,23 @@ mod tests {
         assert_eq!(q.platform.as_deref(), Some("iOS"));
         assert_eq!(q.sign.as_deref(), Some("abc"));
         assert_eq!(q.request_time.as_deref(), Some("1669872112"));
+    }
+
+    #[test]
+    fn a_repeated_parameter_is_named_escaped_or_not() {
+        for raw in [
+            "SdkAppid=1&CallbackCommand=X&SdkAppid=2",
+            "SdkAppid=1&CallbackCommand=X&Sdk%41ppid=2",
+        ] {
+            let q = CallbackQuery::parse(raw);
+            assert_eq!(q.repeated, Some("SdkAppid"), "{raw}");
+            assert_eq!(q.sdk_app_id.as_deref(), Some("1"), "{raw}");
+        }
+        let q = CallbackQuery::parse("Sign=a&RequestTime=1&Sign=b&RequestTime=2");
+        assert_eq!(q.repeated, Some("Sign"));
+        // Parameters timbridge does not read may repeat.
+        let q = CallbackQuery::parse("SdkAppid=1&contenttype=json&contenttype=json&x=1&x=2");
+        assert_eq!(q.repeated, None);
     }
 
     #[test]
