@@ -2233,3 +2233,34 @@ async fn an_append_that_starts_a_segment_is_left_to_the_writer_thread() {
     hooks.resume();
     shut(spool, reader).await;
 }
+
+/// `never` mode remembers the segments it retired unsynced, to sync them at
+/// close. Once delivered and deleted they need no sync: the list stays as
+/// short as the spool (it grew by one id per roll for the life of the
+/// process).
+#[tokio::test]
+async fn never_mode_forgets_deleted_segments_it_would_sync_at_close() {
+    let (_dir, mut c) = fresh();
+    c.segment_bytes = 400;
+    c.fsync = FsyncMode::Never;
+    let (spool, mut reader, _) = open(&c);
+    for round in 0..40u64 {
+        append_each(&spool, (0..4).map(|i| sized(round * 4 + i + 1, 90))).await;
+        for r in read_n(&mut reader, 4).await {
+            spool.ack(r.id);
+        }
+    }
+    let remembered = spool
+        .inner
+        .writer
+        .lock()
+        .expect("writer")
+        .retired_unsynced
+        .len();
+    let segments = spool.inner.shared.lock_state().segments.len();
+    assert!(
+        remembered <= segments,
+        "{remembered} retired ids remembered for {segments} segments"
+    );
+    shut(spool, reader).await;
+}

@@ -127,7 +127,7 @@ pub(crate) struct Writer {
     /// The active file is suspect (after a failed write); start a new one.
     roll_needed: bool,
     /// Segments retired with unsynced data in `Never` mode, synced at close.
-    retired_unsynced: Vec<u64>,
+    pub(super) retired_unsynced: Vec<u64>,
     /// `Interval` mode: where the periodic syncs run.
     syncer: Option<Syncer>,
     closed: bool,
@@ -939,6 +939,13 @@ impl Writer {
         } else if self.dirty
             && let Some(a) = &self.active
         {
+            // Segments delivered and deleted since need no sync at close:
+            // forgetting them here keeps the list as short as the spool,
+            // where it grew by one id per roll for the life of the process.
+            let st = self.shared.lock_state();
+            self.retired_unsynced
+                .retain(|id| st.segments.contains_key(id));
+            drop(st);
             self.retired_unsynced.push(a.first_id);
         }
         self.dirty = false;
