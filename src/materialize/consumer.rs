@@ -34,7 +34,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::admin::Readiness;
-use super::fold::{Kind, ReadEvent};
+use super::fold::{self, Kind, ReadEvent};
 use super::metrics::MaterializeMetrics;
 use super::store::{Folded, PartitionStore};
 use super::{InputRole, rebuild, value};
@@ -478,7 +478,13 @@ fn fold_event(
         Folded::Unchanged => {}
         Folded::TooOld => s.metrics.events_too_old.inc(),
         Folded::Changed(state) => {
-            let bytes = value::encode(state, value::now_ms());
+            // Checked only when the value is large: the readers alone are
+            // under the cap whenever the whole value is.
+            let mut bytes = value::encode(state, value::now_ms());
+            if bytes.len() > fold::READERS_MAX_JSON_BYTES && state.cap_reader_bytes() {
+                s.metrics.readers_cut_for_size.inc();
+                bytes = value::encode(state, value::now_ms());
+            }
             let kind = Kind::ALL.iter().position(|k| *k == state.kind).unwrap_or(0);
             send(
                 &s.producer,

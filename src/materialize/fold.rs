@@ -121,6 +121,24 @@ fn push_key_part(key: &mut String, id: &str, group: bool) {
     }
 }
 
+/// The most bytes `readers` may take in a state record's JSON value: with
+/// the other fields (ids within the input limits) the value stays well
+/// under librdkafka's default `message.max.bytes` (1,000,000) and Kafka's
+/// default `max.message.bytes` (1,048,588).
+pub const READERS_MAX_JSON_BYTES: usize = 768 * 1024;
+
+/// `s` as a JSON string, quotes included, as serde_json writes it.
+fn json_string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// One message's read state (or one reader's watermark): a value of
 /// `read_state.v1` without `updated_at_ms`, which is added at emission.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -222,6 +240,33 @@ impl ReadState {
     /// be written).
     pub fn fold(&mut self, e: &ReadEvent, max_readers: usize) -> bool {
         self.join(&ReadState::of_event(e, max_readers), max_readers)
+    }
+
+    /// Keeps the smallest readers whose JSON (quoted, escaped, a comma each)
+    /// fits in [`READERS_MAX_JSON_BYTES`]; true when that dropped any. Only
+    /// needed for a value near Kafka's record limit: `max_readers` may allow
+    /// 100,000 readers, over a megabyte, which Kafka refuses, and the
+    /// materializer then exits on it at every restart. Like the count, the
+    /// cut keeps a prefix of the sorted readers, so the join stays
+    /// order-independent: whatever the order, the readers kept are the
+    /// smallest of all readers seen that fit.
+    pub fn cap_reader_bytes(&mut self) -> bool {
+        // The brackets, and a comma after each but the last reader.
+        let mut used = 1usize;
+        let mut cut = None;
+        for r in &self.readers {
+            used += json_string_len(r) + 1;
+            if used > READERS_MAX_JSON_BYTES {
+                cut = Some(r.clone());
+                break;
+            }
+        }
+        let Some(first_out) = cut else {
+            return false;
+        };
+        self.readers.split_off(&first_out);
+        self.readers_truncated = true;
+        true
     }
 
     /// Keeps the `max` smallest readers: the n smallest of a union are the n
@@ -340,5 +385,35 @@ mod tests {
         assert!(ReadEvent::parse(b"{").is_err());
         let v2 = br#"{"schema":"read_receipt.v2","kind":"group_message","sdk_app_id":1,"conversation_id":"g","msg_seq":1,"event_time_ms":1}"#;
         assert!(matches!(ReadEvent::parse(v2), Err(InvalidEvent::Schema(_))));
+    }
+
+    #[test]
+    fn the_byte_cap_keeps_the_same_readers_in_any_order() {
+        let names: Vec<String> = (0..40_000)
+            .map(|i| format!("reader-{i:08}-\"q\""))
+            .collect();
+        let refs = |r: std::ops::Range<usize>| -> Vec<&str> {
+            names[r].iter().map(String::as_str).collect()
+        };
+        let a = group(1, 1, 0, &refs(0..20_000), 1);
+        let b = group(1, 2, 0, &refs(20_000..40_000), 2);
+        let capped = |first: &ReadEvent, second: &ReadEvent| {
+            let mut s = ReadState::of_event(first, 100_000);
+            s.cap_reader_bytes();
+            s.fold(second, 100_000);
+            s.cap_reader_bytes();
+            s
+        };
+        let (ab, ba) = (capped(&a, &b), capped(&b, &a));
+        assert_eq!(ab.readers, ba.readers);
+        assert!(ab.readers_truncated);
+        let json = serde_json::to_string(&ab.readers).unwrap();
+        assert!(json.len() <= READERS_MAX_JSON_BYTES, "{}", json.len());
+        // The smallest ones: a prefix of all the names, sorted.
+        assert!(ab.readers.iter().zip(&names).all(|(x, y)| x == y));
+        // Nothing to cut: nothing changes.
+        let mut small = ReadState::of_event(&group(1, 1, 0, &["a"], 1), 10);
+        assert!(!small.cap_reader_bytes());
+        assert!(!small.readers_truncated);
     }
 }

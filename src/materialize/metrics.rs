@@ -14,6 +14,7 @@ pub struct MaterializeMetrics {
     pub events_folded: IntCounterVec,
     pub events_invalid: IntCounter,
     pub events_too_old: IntCounter,
+    pub readers_cut_for_size: IntCounter,
     pub states_emitted: IntCounterVec,
     pub states_evicted: IntCounter,
     pub states_in_memory: IntGauge,
@@ -44,6 +45,10 @@ impl MaterializeMetrics {
             events_too_old: counter(
                 "timbridge_read_state_events_too_old_total",
                 "Events for a message already evicted, older than read_state.evict_after; skipped.",
+            ),
+            readers_cut_for_size: counter(
+                "timbridge_read_state_readers_cut_for_size_total",
+                "State records whose readers were cut to keep the value under Kafka's record limit (768 KiB of readers); readers_truncated is set.",
             ),
             states_emitted: by_kind(
                 "timbridge_read_state_states_emitted_total",
@@ -104,6 +109,7 @@ impl MaterializeMetrics {
             Box::new(m.events_folded.clone()),
             Box::new(m.events_invalid.clone()),
             Box::new(m.events_too_old.clone()),
+            Box::new(m.readers_cut_for_size.clone()),
             Box::new(m.states_emitted.clone()),
             Box::new(m.states_evicted.clone()),
             Box::new(m.states_in_memory.clone()),

@@ -31,7 +31,7 @@ pub struct PartitionStore {
 /// What folding an event did.
 pub enum Folded<'a> {
     /// The state changed: write it.
-    Changed(&'a ReadState),
+    Changed(&'a mut ReadState),
     /// A duplicate or an older count: nothing to write.
     Unchanged,
     /// Older than the eviction horizon and not held: it would be evicted at
