@@ -417,8 +417,12 @@ fn fold_loop(
             }
         }
         s.producer.poll(Duration::ZERO);
-        if since_commit > 0
-            && (since_commit >= COMMIT_RECORDS || last_commit.elapsed() >= COMMIT_INTERVAL)
+        // A refused write is acted on at once, also when no input follows
+        // it (an eviction's tombstones have none): flush_and_commit exits.
+        let refused = s.producer.context().failed.load(Ordering::SeqCst) > 0;
+        if refused
+            || since_commit > 0
+                && (since_commit >= COMMIT_RECORDS || last_commit.elapsed() >= COMMIT_INTERVAL)
         {
             s.flush_and_commit(consumer)?;
             since_commit = 0;
