@@ -11,11 +11,14 @@
 //! own: the records come back through the retry channel and are sent
 //! again.
 //!
-//! Each failed record waits on its own clock: a record that keeps failing
-//! (an ACL missing on one topic only) never delays fresh records. While the
-//! delay queue (or the dead-letter thread's parked records) holds
-//! [`MAX_IN_FLIGHT`] records, no fresh ones are read: during an outage of
-//! every topic the backlog waits on disk, not in memory.
+//! Each failed record waits on its own clock: a few records that keep
+//! failing do not delay fresh records. While the delay queue (or the
+//! dead-letter thread's parked records) holds [`MAX_IN_FLIGHT`] records, no
+//! fresh ones are read: during an outage the backlog waits on disk, not in
+//! memory. That hold, like the permits for records with librdkafka, is
+//! shared by every topic: a fault that fails every record of one topic (an
+//! ACL missing on it alone) fills it within seconds and stops the others
+//! too until it is fixed. Nothing is lost; the README says what shows.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
