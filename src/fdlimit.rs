@@ -14,14 +14,26 @@ use crate::config::Config;
 pub const HEADROOM: u64 = 128;
 
 /// File descriptors the configuration may use at once: every connection of
-/// both listeners, the refusals in flight, and [`HEADROOM`].
+/// both listeners, the refusals in flight, with `[upstream]` the
+/// connections to the app (one per proxied callback, each of which holds a
+/// connection of its own, and the read-receipt forwarders), and
+/// [`HEADROOM`].
 pub fn needed(config: &Config) -> u64 {
     let admin = if config.server.admin_listen.is_some() {
         crate::server::ADMIN_MAX_CONNECTIONS
     } else {
         0
     };
-    (config.server.max_connections + admin + crate::server::REFUSALS_AT_ONCE) as u64 + HEADROOM
+    let upstream = config.upstream.as_ref().map_or(0, |u| {
+        let forwarders = if u.forward_read_receipts {
+            crate::upstream::FORWARD_CONCURRENCY
+        } else {
+            0
+        };
+        u.max_in_flight.min(config.server.max_connections) + forwarders
+    });
+    (config.server.max_connections + admin + crate::server::REFUSALS_AT_ONCE + upstream) as u64
+        + HEADROOM
 }
 
 /// What to tell the operator when `limit` descriptors are not enough for
@@ -30,7 +42,7 @@ pub fn shortfall(needed: u64, limit: u64, max_connections: usize) -> Option<Stri
     (needed > limit).then(|| {
         format!(
             "the open-file limit is {limit} but server.max_connections = {max_connections} with the admin \
-             listener, refusals and files needs up to {needed}: past the limit new connections \
+             listener, refusals, connections to the [upstream] app and files needs up to {needed}: past the limit new connections \
              (health probes included) and spool files fail; raise the limit (ulimit -n, LimitNOFILE=, \
              the container runtime's nofile ulimit) or lower server.max_connections"
         )
@@ -116,6 +128,17 @@ mod tests {
         assert_eq!(needed(&plain), 100 + 256 + HEADROOM);
         let admin = Config::parse(&text("admin_listen = \"127.0.0.1:0\"")).unwrap();
         assert_eq!(needed(&admin), 100 + 64 + 256 + HEADROOM);
+        // A connection to the app per proxied callback (at most one per
+        // client connection), and the forwarders.
+        let proxy = |up: &str| {
+            Config::parse(&(text("") + &format!("[upstream]\nurl = \"http://127.0.0.1:9\"\n{up}")))
+                .unwrap()
+        };
+        assert_eq!(needed(&proxy("")), 100 + 256 + 100 + HEADROOM);
+        assert_eq!(
+            needed(&proxy("max_in_flight = 10\nforward_read_receipts = true")),
+            100 + 256 + 10 + 8 + HEADROOM
+        );
     }
 
     #[test]

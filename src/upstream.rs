@@ -50,7 +50,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Read receipts being delivered to the upstream at once, with
 /// `forward_read_receipts`; the rest wait in the queue.
-const FORWARD_CONCURRENCY: usize = 8;
+pub(crate) const FORWARD_CONCURRENCY: usize = 8;
 
 /// How long a forwarded read receipt is retried. The app checks `Sign` and
 /// `RequestTime` within Tencent's 60-second window; after that a delivery
