@@ -54,8 +54,9 @@ const QUERY: &str = "SdkAppid=1400000000&CallbackCommand=Group.CallbackAfterRead
                      &RequestTime=1670574414";
 
 /// `CallbackQuery::parse` on any query string: the same parameters as the
-/// standard `application/x-www-form-urlencoded` reading (first value wins),
-/// whichever of its two paths it takes, and no value longer than the query.
+/// standard `application/x-www-form-urlencoded` reading (first value wins,
+/// and the first parameter to come twice named as repeated), whichever of
+/// its two paths it takes, and no value longer than the query.
 pub fn query(data: &[u8]) {
     // A request line's query is always a str by the time intake sees it.
     let Ok(raw) = std::str::from_utf8(data) else {
@@ -63,7 +64,24 @@ pub fn query(data: &[u8]) {
     };
     let q = CallbackQuery::parse(raw);
     let mut want = CallbackQuery::default();
+    // The first known parameter to come a second time, in query order.
+    let mut seen: Vec<String> = Vec::new();
     for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+        let known = [
+            "SdkAppid",
+            "CallbackCommand",
+            "Sign",
+            "RequestTime",
+            "ClientIP",
+            "OptPlatform",
+        ];
+        if let Some(&k) = known.iter().find(|k| **k == name) {
+            if seen.iter().any(|s| s == k) {
+                want.repeated = want.repeated.or(Some(k));
+            } else {
+                seen.push(k.to_owned());
+            }
+        }
         let slot = match name.as_ref() {
             "SdkAppid" => &mut want.sdk_app_id,
             "CallbackCommand" => &mut want.callback_command,
