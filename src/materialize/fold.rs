@@ -127,6 +127,20 @@ fn push_key_part(key: &mut String, id: &str, group: bool) {
 /// default `max.message.bytes` (1,048,588).
 pub const READERS_MAX_JSON_BYTES: usize = 768 * 1024;
 
+/// The readers a state may keep: `max_readers`, or fewer when that many
+/// accounts of `account_bytes` (quoted, a comma each) would not fit in
+/// [`READERS_MAX_JSON_BYTES`]. A count cap keeps the fold order-independent
+/// (the n smallest of a union are the n smallest of each side's n
+/// smallest); the byte cut of [`ReadState::cap_reader_bytes`] then only
+/// catches accounts longer than the limit or full of escaped characters,
+/// where which readers are listed near the cut can depend on the order of
+/// the events.
+pub fn readers_that_fit(max_readers: usize, account_bytes: usize) -> usize {
+    max_readers
+        .min(READERS_MAX_JSON_BYTES / (account_bytes + 3))
+        .max(1)
+}
+
 /// `s` as a JSON string, quotes included, as serde_json writes it.
 fn json_string_len(s: &str) -> usize {
     2 + s
@@ -243,13 +257,13 @@ impl ReadState {
     }
 
     /// Keeps the smallest readers whose JSON (quoted, escaped, a comma each)
-    /// fits in [`READERS_MAX_JSON_BYTES`]; true when that dropped any. Only
-    /// needed for a value near Kafka's record limit: `max_readers` may allow
-    /// 100,000 readers, over a megabyte, which Kafka refuses, and the
-    /// materializer then exits on it at every restart. Like the count, the
-    /// cut keeps a prefix of the sorted readers, so the join stays
-    /// order-independent: whatever the order, the readers kept are the
-    /// smallest of all readers seen that fit.
+    /// fits in [`READERS_MAX_JSON_BYTES`]; true when that dropped any. The
+    /// last resort against a value Kafka refuses (the materializer would
+    /// exit on it at every restart): [`readers_that_fit`] keeps the count
+    /// within it for accounts within `limits.account_bytes`. Unlike the
+    /// count cap, this cut is not order-independent in every case (a short
+    /// reader may fit after a long one was dropped), so it is kept for
+    /// inputs that pass the limits.
     pub fn cap_reader_bytes(&mut self) -> bool {
         // The brackets, and a comma after each but the last reader.
         let mut used = 1usize;
@@ -388,7 +402,18 @@ mod tests {
     }
 
     #[test]
-    fn the_byte_cap_keeps_the_same_readers_in_any_order() {
+    fn the_count_of_readers_fits_their_bytes() {
+        assert_eq!(readers_that_fit(1000, 128), 1000);
+        assert_eq!(readers_that_fit(100_000, 128), READERS_MAX_JSON_BYTES / 131);
+        assert_eq!(readers_that_fit(100_000, 1 << 30), 1);
+        // Readers at the limit, that many, fit.
+        let n = readers_that_fit(100_000, 128);
+        let readers: Vec<String> = (0..n).map(|i| format!("{i:0128}")).collect();
+        assert!(serde_json::to_string(&readers).unwrap().len() <= READERS_MAX_JSON_BYTES);
+    }
+
+    #[test]
+    fn the_byte_cap_keeps_the_same_readers_of_one_length_in_any_order() {
         let names: Vec<String> = (0..40_000)
             .map(|i| format!("reader-{i:08}-\"q\""))
             .collect();

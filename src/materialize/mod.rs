@@ -157,9 +157,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         group_topic: config.kafka.group_topic.clone(),
         c2c_topic: config.kafka.c2c_topic.clone(),
         state_topic: rs.topic.clone(),
-        max_readers: rs.max_readers,
+        max_readers: fold::readers_that_fit(rs.max_readers, config.limits.account_bytes),
         evict_after: rs.evict_after,
     };
+    if settings.max_readers < rs.max_readers {
+        tracing::warn!(
+            configured = rs.max_readers,
+            kept = settings.max_readers,
+            account_bytes = config.limits.account_bytes,
+            "read_state.max_readers accounts of up to limits.account_bytes would not fit in one Kafka record; each state keeps at most {} readers (readers_truncated says when more are known)",
+            settings.max_readers
+        );
+    }
     let mut worker = tokio::task::spawn_blocking({
         let stop = stop.clone();
         move || {
