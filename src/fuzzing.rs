@@ -64,9 +64,11 @@ pub fn query(data: &[u8]) {
     };
     let q = CallbackQuery::parse(raw);
     let mut want = CallbackQuery::default();
-    // The first known parameter to come a second time, in query order.
+    // The first known parameter to come a second time, in query order,
+    // names compared without case.
     let mut seen: Vec<String> = Vec::new();
     for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
+        let lower = name.to_ascii_lowercase();
         let known = [
             "SdkAppid",
             "CallbackCommand",
@@ -75,11 +77,11 @@ pub fn query(data: &[u8]) {
             "ClientIP",
             "OptPlatform",
         ];
-        if let Some(&k) = known.iter().find(|k| **k == name) {
-            if seen.iter().any(|s| s == k) {
+        if let Some(&k) = known.iter().find(|k| k.to_ascii_lowercase() == lower) {
+            if seen.contains(&lower) {
                 want.repeated = want.repeated.or(Some(k));
             } else {
-                seen.push(k.to_owned());
+                seen.push(lower);
             }
         }
         let slot = match name.as_ref() {

@@ -24,26 +24,44 @@ pub struct CallbackQuery<'a> {
     pub repeated: Option<&'static str>,
 }
 
+/// The parameters whose repeats are refused, as Tencent spells them.
+pub const KNOWN: [&str; 6] = [
+    "SdkAppid",
+    "CallbackCommand",
+    "Sign",
+    "RequestTime",
+    "ClientIP",
+    "OptPlatform",
+];
+
 impl<'a> CallbackQuery<'a> {
     /// Parses a raw query string (without the `?`), percent-decoding values.
     /// A repeated parameter keeps its first value.
     pub fn parse(raw: &'a str) -> CallbackQuery<'a> {
         let mut q = CallbackQuery::default();
         let mut repeated = None;
+        // Which of the parameters came already, their names compared without
+        // case: an app framework that reads names that way (ASP.NET) would
+        // take `sdkappid=` after `SdkAppid=` as the same parameter.
+        let mut seen = [false; KNOWN.len()];
         let mut put = |name: &str, value: Cow<'a, str>| {
-            let (slot, name) = match name {
-                "SdkAppid" => (&mut q.sdk_app_id, "SdkAppid"),
-                "CallbackCommand" => (&mut q.callback_command, "CallbackCommand"),
-                "Sign" => (&mut q.sign, "Sign"),
-                "RequestTime" => (&mut q.request_time, "RequestTime"),
-                "ClientIP" => (&mut q.client_ip, "ClientIP"),
-                "OptPlatform" => (&mut q.platform, "OptPlatform"),
+            let Some(i) = KNOWN.iter().position(|k| k.eq_ignore_ascii_case(name)) else {
+                return;
+            };
+            if std::mem::replace(&mut seen[i], true) {
+                repeated = repeated.or(Some(KNOWN[i]));
+            }
+            let slot = match name {
+                "SdkAppid" => &mut q.sdk_app_id,
+                "CallbackCommand" => &mut q.callback_command,
+                "Sign" => &mut q.sign,
+                "RequestTime" => &mut q.request_time,
+                "ClientIP" => &mut q.client_ip,
+                "OptPlatform" => &mut q.platform,
                 _ => return,
             };
             if slot.is_none() {
                 *slot = Some(value);
-            } else if repeated.is_none() {
-                repeated = Some(name);
             }
         };
         // Tencent's values need no decoding (digits, hex, dotted names, IPs):
@@ -95,6 +113,13 @@ mod tests {
         }
         let q = CallbackQuery::parse("Sign=a&RequestTime=1&Sign=b&RequestTime=2");
         assert_eq!(q.repeated, Some("Sign"));
+        // Names compared without case, as some frameworks read them; the
+        // value is still only the exact name's.
+        let q = CallbackQuery::parse("sdkappid=2&SdkAppid=1");
+        assert_eq!(q.repeated, Some("SdkAppid"));
+        assert_eq!(q.sdk_app_id.as_deref(), Some("1"));
+        let q = CallbackQuery::parse("sdkappid=2&CallbackCommand=X");
+        assert_eq!((q.repeated, q.sdk_app_id), (None, None));
         // Parameters timbridge does not read may repeat.
         let q = CallbackQuery::parse("SdkAppid=1&contenttype=json&contenttype=json&x=1&x=2");
         assert_eq!(q.repeated, None);
