@@ -26,7 +26,7 @@ use crate::spool::{
     recover_bytes,
 };
 use crate::tencent::payload::{self, BodyError, Callback};
-use crate::tencent::query::CallbackQuery;
+use crate::tencent::query::{CallbackQuery, KNOWN};
 use crate::tencent::{C2C_READ_RECEIPT, C2C_REPORT, GROUP_READ_RECEIPT};
 
 /// The most bytes a callback may add to the spool per byte of its request
@@ -69,15 +69,7 @@ pub fn query(data: &[u8]) {
     let mut seen: Vec<String> = Vec::new();
     for (name, value) in form_urlencoded::parse(raw.as_bytes()) {
         let lower = name.to_ascii_lowercase();
-        let known = [
-            "SdkAppid",
-            "CallbackCommand",
-            "Sign",
-            "RequestTime",
-            "ClientIP",
-            "OptPlatform",
-        ];
-        if let Some(&k) = known.iter().find(|k| k.to_ascii_lowercase() == lower) {
+        if let Some(&k) = KNOWN.iter().find(|k| k.to_ascii_lowercase() == lower) {
             if seen.contains(&lower) {
                 want.repeated = want.repeated.or(Some(k));
             } else {

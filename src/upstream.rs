@@ -671,6 +671,24 @@ fn tls_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
 mod tests {
     use super::*;
 
+    /// Headers beyond the standard forwarding ones that frameworks trust for
+    /// the client's address, scheme, path or certificate.
+    const ORIGIN_CLAIMS: [&str; 13] = [
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-forwarded-prefix",
+        "x-forwarded-uri",
+        "x-forwarded-server",
+        "x-forwarded-client-cert",
+        "x_forwarded_for",
+        "x-original-forwarded-for",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+    ];
+
     #[test]
     fn hop_by_hop_and_client_forwarding_headers_are_dropped_and_the_peer_set() {
         let mut h = HeaderMap::new();
@@ -697,21 +715,7 @@ mod tests {
         );
         h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
         h.insert("x-forwarded-port", HeaderValue::from_static("443"));
-        for claim in [
-            "x-forwarded-ssl",
-            "x-forwarded-scheme",
-            "x-forwarded-prefix",
-            "x-forwarded-uri",
-            "x-forwarded-server",
-            "x-forwarded-client-cert",
-            "x_forwarded_for",
-            "x-original-forwarded-for",
-            "true-client-ip",
-            "x-client-ip",
-            "cf-connecting-ip",
-            "x-cluster-client-ip",
-            "x-original-url",
-        ] {
+        for claim in ORIGIN_CLAIMS {
             h.insert(claim, HeaderValue::from_static("1"));
         }
         let out = forwarded_headers(&h, Some("10.0.0.7".parse().unwrap()), false);
@@ -727,20 +731,10 @@ mod tests {
             "x-real-ip",
             "x-forwarded-host",
             "x-forwarded-port",
-            "x-forwarded-ssl",
-            "x-forwarded-scheme",
-            "x-forwarded-prefix",
-            "x-forwarded-uri",
-            "x-forwarded-server",
-            "x-forwarded-client-cert",
-            "x_forwarded_for",
-            "x-original-forwarded-for",
-            "true-client-ip",
-            "x-client-ip",
-            "cf-connecting-ip",
-            "x-cluster-client-ip",
-            "x-original-url",
-        ] {
+        ]
+        .into_iter()
+        .chain(ORIGIN_CLAIMS)
+        {
             assert!(!names.contains(&gone), "{gone} forwarded: {names:?}");
         }
         assert_eq!(out["content-type"], "application/json");

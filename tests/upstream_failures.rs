@@ -198,29 +198,26 @@ async fn tiny_chunk_app(chunks: usize) -> String {
 async fn an_answer_in_tiny_chunks_is_taken_whole_within_the_limit() {
     let s = setup();
     let url = tiny_chunk_app(4000).await;
-    let gw = s
-        .gateway_proxying_to(&url, "max_response_bytes = 4002")
-        .await;
-    let a = post(
-        gw.local_addr(),
-        &callback_path("Tiny.Command"),
-        br#"{"CallbackCommand":"Tiny.Command"}"#,
-    )
-    .await;
+    // The app's answer is 4,002 bytes: 4,000 spaces, then `{}`.
+    let ask = |limit: usize| {
+        let (s, url) = (&s, &url);
+        async move {
+            let gw = s
+                .gateway_proxying_to(url, &format!("max_response_bytes = {limit}"))
+                .await;
+            let a = post(
+                gw.local_addr(),
+                &callback_path("Tiny.Command"),
+                br#"{"CallbackCommand":"Tiny.Command"}"#,
+            )
+            .await;
+            gw.shutdown().await.unwrap();
+            a
+        }
+    };
+    let a = ask(4002).await;
     assert_eq!(a.status, 200, "{}", a.json);
     assert_eq!(a.json, serde_json::json!({}));
-    gw.shutdown().await.unwrap();
-
-    let gw = s
-        .gateway_proxying_to(&url, "max_response_bytes = 4001")
-        .await;
-    let a = post(
-        gw.local_addr(),
-        &callback_path("Tiny.Command"),
-        br#"{"CallbackCommand":"Tiny.Command"}"#,
-    )
-    .await;
-    let info = assert_fail(&a, 502);
+    let info = assert_fail(&ask(4001).await, 502);
     assert!(info.contains("max_response_bytes"), "{info}");
-    gw.shutdown().await.unwrap();
 }

@@ -24,7 +24,8 @@ pub struct CallbackQuery<'a> {
     pub repeated: Option<&'static str>,
 }
 
-/// The parameters whose repeats are refused, as Tencent spells them.
+/// The parameters timbridge reads, as Tencent spells them; a repeat of any
+/// is refused. `parse` fills the fields in this order.
 pub const KNOWN: [&str; 6] = [
     "SdkAppid",
     "CallbackCommand",
@@ -51,14 +52,17 @@ impl<'a> CallbackQuery<'a> {
             if std::mem::replace(&mut seen[i], true) {
                 repeated = repeated.or(Some(KNOWN[i]));
             }
-            let slot = match name {
-                "SdkAppid" => &mut q.sdk_app_id,
-                "CallbackCommand" => &mut q.callback_command,
-                "Sign" => &mut q.sign,
-                "RequestTime" => &mut q.request_time,
-                "ClientIP" => &mut q.client_ip,
-                "OptPlatform" => &mut q.platform,
-                _ => return,
+            // The value is only the name as Tencent spells it.
+            if name != KNOWN[i] {
+                return;
+            }
+            let slot = match i {
+                0 => &mut q.sdk_app_id,
+                1 => &mut q.callback_command,
+                2 => &mut q.sign,
+                3 => &mut q.request_time,
+                4 => &mut q.client_ip,
+                _ => &mut q.platform,
             };
             if slot.is_none() {
                 *slot = Some(value);
